@@ -1,0 +1,241 @@
+//! Typed configuration: a TOML file, overridden by `STRONGROOM_*` environment variables,
+//! overridden by flags. Relative paths in the file are relative to the file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::hsm::{KeyCopy, TokenSelector};
+use crate::policy::RuleConfig;
+
+/// The whole configuration of `strongroomd`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The client listener and its TLS.
+    pub server: ServerConfig,
+    /// The token.
+    pub hsm: HsmConfig,
+    /// The store.
+    pub store: StoreConfig,
+    /// Size limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Authorisation rules (deny by default).
+    #[serde(default)]
+    pub policy: Vec<RuleConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the client listener (`STRONGROOM_LISTEN`); port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM.
+    pub key: PathBuf,
+    /// CA that client certificates must chain to, PEM.
+    pub client_ca: PathBuf,
+}
+
+/// `[hsm]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// PKCS#11 module path (`STRONGROOM_PKCS11_MODULE`).
+    pub module: PathBuf,
+    /// Token label, `serial:<serial>` or an RFC 7512 URI (`STRONGROOM_TOKEN`).
+    pub token: String,
+    /// File holding the user PIN (`STRONGROOM_USER_PIN_FILE`); else `STRONGROOM_USER_PIN`.
+    pub pin_file: Option<PathBuf>,
+    /// HSM worker threads, one session each (1 is fastest on SoftHSM2).
+    #[serde(default = "one")]
+    pub workers: usize,
+    /// Requests that may queue for a worker.
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    /// Master key object used for operations: `session` copy (faster) or `token` object.
+    #[serde(default)]
+    pub key_copy: KeyCopy,
+    /// Deadline for an HSM call when the request carries none, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Data-key wraps allowed per master key version before writes are refused until a
+    /// rotation (AES-GCM with random 96-bit IVs must stay well below 2^32).
+    #[serde(default = "default_max_wraps")]
+    pub max_wraps_per_key: u64,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Directory of the sled store (`STRONGROOM_STORE_PATH`).
+    pub path: PathBuf,
+}
+
+/// `[limits]`: every size the service accepts.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest secret value in bytes.
+    pub max_value_bytes: usize,
+    /// Longest secret name in bytes (at most 1024).
+    pub max_name_bytes: usize,
+    /// Largest ListSecrets page.
+    pub max_page_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_value_bytes: 64 * 1024,
+            max_name_bytes: 256,
+            max_page_size: 1000,
+        }
+    }
+}
+
+/// The hard ceiling on `max_value_bytes`.
+pub const MAX_VALUE_BYTES_CEILING: usize = 16 * 1024 * 1024;
+/// The safe default ceiling on AES-GCM wraps per master key (2^31, half of NIST's 2^32).
+pub const DEFAULT_MAX_WRAPS: u64 = 1 << 31;
+
+fn one() -> usize {
+    1
+}
+fn default_queue_depth() -> usize {
+    1024
+}
+fn default_timeout_ms() -> u64 {
+    5000
+}
+fn default_max_wraps() -> u64 {
+    DEFAULT_MAX_WRAPS
+}
+
+/// A configuration that cannot be used, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("configuration file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parse error.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or malformed.
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the file, applies `STRONGROOM_*` overrides and checks every value.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })?;
+        config.apply_env()?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self) -> Result<(), ConfigError> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(v) = var("STRONGROOM_LISTEN") {
+            self.server.listen = v
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("STRONGROOM_LISTEN={v}: {e}")))?;
+        }
+        if let Some(v) = var("STRONGROOM_PKCS11_MODULE") {
+            self.hsm.module = v.into();
+        }
+        if let Some(v) = var("STRONGROOM_TOKEN") {
+            self.hsm.token = v;
+        }
+        if let Some(v) = var("STRONGROOM_USER_PIN_FILE") {
+            self.hsm.pin_file = Some(v.into());
+        }
+        if let Some(v) = var("STRONGROOM_STORE_PATH") {
+            self.store.path = v.into();
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [
+            &mut self.server.cert,
+            &mut self.server.key,
+            &mut self.server.client_ca,
+            &mut self.store.path,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(p) = self.hsm.pin_file.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_value_bytes == 0 || l.max_value_bytes > MAX_VALUE_BYTES_CEILING {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_value_bytes must be 1..={MAX_VALUE_BYTES_CEILING}"
+            )));
+        }
+        if l.max_name_bytes == 0 || l.max_name_bytes > crate::secret::MAX_NAME_BYTES_CEILING {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_name_bytes must be 1..={}",
+                crate::secret::MAX_NAME_BYTES_CEILING
+            )));
+        }
+        if l.max_page_size == 0 || l.max_page_size > 100_000 {
+            return Err(ConfigError::Invalid(
+                "limits.max_page_size must be 1..=100000".into(),
+            ));
+        }
+        if self.hsm.workers == 0 || self.hsm.workers > 256 {
+            return Err(ConfigError::Invalid("hsm.workers must be 1..=256".into()));
+        }
+        if self.hsm.max_wraps_per_key == 0 || self.hsm.max_wraps_per_key > 1 << 32 {
+            return Err(ConfigError::Invalid(
+                "hsm.max_wraps_per_key must be 1..=2^32 (NIST SP 800-38D)".into(),
+            ));
+        }
+        self.token_selector()?;
+        crate::policy::Policy::from_rules(&self.policy, l.max_name_bytes)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The token selector.
+    pub fn token_selector(&self) -> Result<TokenSelector, ConfigError> {
+        self.hsm
+            .token
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("hsm.token: {e}")))
+    }
+}

@@ -1,0 +1,185 @@
+//! Seal and open secret values: the in-process layer of the envelope.
+//!
+//! A value is encrypted with AES-256-GCM under its own data key (DEK); the DEK is wrapped by
+//! the token's master key (see `hsm`). Both layers take the same additional authenticated
+//! data, the canonical encoding of (name, version, master key version), so a record moved to
+//! another name or version, or given another record's wrapped DEK, fails to open.
+
+use ring::aead::{AES_128_GCM, AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+use crate::secret::{SecretName, SecretValue};
+
+/// Length of a data key in bytes (AES-256).
+pub const DEK_LEN: usize = 32;
+/// Length of the AES-GCM nonce.
+pub const GCM_NONCE_LEN: usize = NONCE_LEN;
+/// Length of the AES-GCM tag.
+pub const GCM_TAG_LEN: usize = 16;
+
+/// Domain separation for the AAD encoding; bump if the encoding ever changes.
+const AAD_DOMAIN: &[u8] = b"strongroom/record/v1";
+
+/// A data key in the clear: zeroized on drop, never printed or cloned.
+pub struct DataKey(Zeroizing<[u8; DEK_LEN]>);
+
+impl DataKey {
+    /// Takes a key from bytes the token produced or unwrapped; `None` if the length is wrong.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let mut key = Zeroizing::new([0u8; DEK_LEN]);
+        if bytes.len() != DEK_LEN {
+            return None;
+        }
+        key.copy_from_slice(bytes);
+        Some(Self(key))
+    }
+
+    /// The key bytes; used only to hand the key to the token for wrapping and to the cipher.
+    pub fn expose(&self) -> &[u8; DEK_LEN] {
+        &self.0
+    }
+}
+
+/// The AAD that binds a sealed record to its identity.
+pub fn record_aad(name: &SecretName, version: u64, master_key_version: u32) -> Vec<u8> {
+    let name = name.as_str().as_bytes();
+    let mut aad = Vec::with_capacity(AAD_DOMAIN.len() + 2 + name.len() + 12);
+    aad.extend_from_slice(AAD_DOMAIN);
+    // Names are at most 1024 bytes (MAX_NAME_BYTES_CEILING), so the length fits in u16.
+    aad.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    aad.extend_from_slice(name);
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad.extend_from_slice(&master_key_version.to_be_bytes());
+    aad
+}
+
+/// Why a value could not be sealed or opened. Deliberately carries no detail: a failed
+/// authentication must not say which byte was wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Tag mismatch, wrong key, wrong AAD, or a malformed nonce or ciphertext.
+    #[error("authentication failed: the record does not match its key or identity")]
+    Authentication,
+    /// The system random generator failed.
+    #[error("the system random generator failed")]
+    Random,
+    /// Key length not supported.
+    #[error("unsupported key length")]
+    KeyLength,
+}
+
+/// A value sealed under a DEK.
+pub struct Sealed {
+    /// The random nonce.
+    pub nonce: [u8; GCM_NONCE_LEN],
+    /// Ciphertext followed by the tag.
+    pub ciphertext: Vec<u8>,
+}
+
+/// Encrypts `plaintext` under `dek` with a fresh random nonce.
+pub fn seal(dek: &DataKey, aad: &[u8], plaintext: &[u8]) -> Result<Sealed, EnvelopeError> {
+    let mut nonce = [0u8; GCM_NONCE_LEN];
+    SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| EnvelopeError::Random)?;
+    let ciphertext = gcm_encrypt(dek.expose(), &nonce, aad, plaintext)?;
+    Ok(Sealed { nonce, ciphertext })
+}
+
+/// Decrypts a sealed value; any mismatch is [`EnvelopeError::Authentication`].
+pub fn open(
+    dek: &DataKey,
+    nonce: &[u8],
+    aad: &[u8],
+    ciphertext: &[u8],
+) -> Result<SecretValue, EnvelopeError> {
+    gcm_decrypt(dek.expose(), nonce, aad, ciphertext).map(SecretValue::new)
+}
+
+/// AES-GCM encryption (AES-128 or AES-256 by key length, 96-bit nonce, 128-bit tag):
+/// returns ciphertext || tag. Exposed for the known-answer tests.
+pub fn gcm_encrypt(
+    key: &[u8],
+    nonce: &[u8],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, EnvelopeError> {
+    let key = gcm_key(key)?;
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| EnvelopeError::KeyLength)?;
+    let mut buf = plaintext.to_vec();
+    key.seal_in_place_append_tag(nonce, Aad::from(aad), &mut buf)
+        .map_err(|_| EnvelopeError::Authentication)?;
+    Ok(buf)
+}
+
+/// AES-GCM decryption of ciphertext || tag into a zeroizing buffer. Exposed for the
+/// known-answer tests.
+pub fn gcm_decrypt(
+    key: &[u8],
+    nonce: &[u8],
+    aad: &[u8],
+    ciphertext: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+    let key = gcm_key(key)?;
+    let nonce =
+        Nonce::try_assume_unique_for_key(nonce).map_err(|_| EnvelopeError::Authentication)?;
+    let mut buf = Zeroizing::new(ciphertext.to_vec());
+    let len = key
+        .open_in_place(nonce, Aad::from(aad), &mut buf)
+        .map_err(|_| EnvelopeError::Authentication)?
+        .len();
+    buf.truncate(len);
+    Ok(buf)
+}
+
+fn gcm_key(key: &[u8]) -> Result<LessSafeKey, EnvelopeError> {
+    let alg = match key.len() {
+        16 => &AES_128_GCM,
+        32 => &AES_256_GCM,
+        _ => return Err(EnvelopeError::KeyLength),
+    };
+    let key = UnboundKey::new(alg, key).map_err(|_| EnvelopeError::KeyLength)?;
+    Ok(LessSafeKey::new(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> SecretName {
+        SecretName::parse(s, 256).unwrap()
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_aad_binding() {
+        let dek = DataKey::from_slice(&[7u8; 32]).unwrap();
+        let aad = record_aad(&name("a/b"), 3, 1);
+        let sealed = seal(&dek, &aad, b"hello").unwrap();
+        let opened = open(&dek, &sealed.nonce, &aad, &sealed.ciphertext).unwrap();
+        assert_eq!(opened.expose(), b"hello");
+
+        for other in [
+            record_aad(&name("a/c"), 3, 1),
+            record_aad(&name("a/b"), 4, 1),
+            record_aad(&name("a/b"), 3, 2),
+        ] {
+            assert_eq!(
+                open(&dek, &sealed.nonce, &other, &sealed.ciphertext).err(),
+                Some(EnvelopeError::Authentication)
+            );
+        }
+        let wrong = DataKey::from_slice(&[8u8; 32]).unwrap();
+        assert!(open(&wrong, &sealed.nonce, &aad, &sealed.ciphertext).is_err());
+    }
+
+    #[test]
+    fn aad_encoding_is_unambiguous() {
+        // A name that ends in digits must not collide with a shorter name and another version.
+        assert_ne!(record_aad(&name("a1"), 1, 1), record_aad(&name("a"), 1, 1));
+        assert_ne!(
+            record_aad(&name("ab"), 0x0100, 1),
+            record_aad(&name("a"), 0x0100, 1)
+        );
+    }
+}

@@ -1,0 +1,211 @@
+//! Master keys: AES-256 token objects born in the token, labelled `strongroom-mk-<version>`.
+//!
+//! Every master key is created with CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE=true,
+//! CKA_EXTRACTABLE=false and CKA_MODIFIABLE=false set explicitly (token defaults differ
+//! between implementations and SoftHSM2's are permissive). CKA_COPYABLE is true so the
+//! service can make a faster session-object copy, which inherits SENSITIVE and
+//! !EXTRACTABLE and can never be made readable.
+
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism as CkMechanism;
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+
+use super::HsmError;
+
+/// The label prefix of master keys; the version follows in decimal.
+pub const LABEL_PREFIX: &str = "strongroom-mk-";
+/// The CKA_ID prefix of master keys; the version follows as 4 big-endian bytes.
+pub const ID_PREFIX: &[u8] = b"SRMK";
+
+/// The label of master key `version`.
+pub fn label(version: u32) -> String {
+    format!("{LABEL_PREFIX}{version}")
+}
+
+/// The CKA_ID of master key `version`.
+pub fn id(version: u32) -> Vec<u8> {
+    let mut id = ID_PREFIX.to_vec();
+    id.extend_from_slice(&version.to_be_bytes());
+    id
+}
+
+/// The template of a new master key.
+pub fn template(version: u32) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(true),
+        Attribute::Destroyable(true),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        // For the AES-KW (strict) mechanism to come.
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Label(label(version).into_bytes()),
+        Attribute::Id(id(version)),
+    ]
+}
+
+/// Finds every master key in the token: `(version, handle)`, lowest version first.
+pub fn find(session: &Session) -> Result<Vec<(u32, ObjectHandle)>, HsmError> {
+    let handles = session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+    ])?;
+    let mut keys = Vec::new();
+    for handle in handles {
+        let attrs = session.get_attributes(handle, &[AttributeType::Label])?;
+        let version = attrs.iter().find_map(|a| match a {
+            Attribute::Label(l) => std::str::from_utf8(l)
+                .ok()
+                .and_then(|l| l.strip_prefix(LABEL_PREFIX))
+                .and_then(|v| v.parse::<u32>().ok()),
+            _ => None,
+        });
+        if let Some(version) = version {
+            keys.push((version, handle));
+        }
+    }
+    keys.sort_by_key(|(v, _)| *v);
+    keys.dedup_by_key(|(v, _)| *v);
+    Ok(keys)
+}
+
+/// Generates the next master key version inside the token; returns its version.
+///
+/// SoftHSM2 does not fsync new token objects: the officer should back up the token
+/// directory afterwards (the admin tool says so).
+pub fn generate(session: &Session) -> Result<u32, HsmError> {
+    let next = find(session)?.last().map_or(1, |(v, _)| v + 1);
+    session.generate_key(&CkMechanism::AesKeyGen, &template(next))?;
+    Ok(next)
+}
+
+/// Makes a session-object copy of a master key (CKA_TOKEN=false); it stays sensitive and
+/// non-extractable, and lives as long as the session that made it.
+pub fn session_copy(session: &Session, key: ObjectHandle) -> Result<ObjectHandle, HsmError> {
+    Ok(session.copy_object(key, &[Attribute::Token(false)])?)
+}
+
+/// The security attributes of a key as the token reports them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyReport {
+    /// Master key version.
+    pub version: u32,
+    /// CKA_LABEL.
+    pub label: String,
+    /// CKA_ID in hex.
+    pub id: String,
+    /// CKA_TOKEN.
+    pub token: Option<bool>,
+    /// CKA_PRIVATE.
+    pub private: Option<bool>,
+    /// CKA_SENSITIVE.
+    pub sensitive: Option<bool>,
+    /// CKA_EXTRACTABLE.
+    pub extractable: Option<bool>,
+    /// CKA_ALWAYS_SENSITIVE.
+    pub always_sensitive: Option<bool>,
+    /// CKA_NEVER_EXTRACTABLE.
+    pub never_extractable: Option<bool>,
+    /// CKA_MODIFIABLE.
+    pub modifiable: Option<bool>,
+    /// CKA_VALUE_LEN in bytes.
+    pub value_len: Option<u64>,
+    /// Whether the token would hand out CKA_VALUE (it must not).
+    pub value_readable: bool,
+}
+
+impl KeyReport {
+    /// What is wrong with this key's attributes; empty when it is sound.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut want = |name: &str, got: Option<bool>, want: bool| {
+            if got != Some(want) {
+                out.push(format!("{name} is {got:?}, must be {want}"));
+            }
+        };
+        want("CKA_TOKEN", self.token, true);
+        want("CKA_PRIVATE", self.private, true);
+        want("CKA_SENSITIVE", self.sensitive, true);
+        want("CKA_EXTRACTABLE", self.extractable, false);
+        want("CKA_ALWAYS_SENSITIVE", self.always_sensitive, true);
+        want("CKA_NEVER_EXTRACTABLE", self.never_extractable, true);
+        want("CKA_MODIFIABLE", self.modifiable, false);
+        if self.value_readable {
+            out.push("CKA_VALUE is readable".into());
+        }
+        out
+    }
+}
+
+/// Reads back the security attributes of a key, and whether CKA_VALUE can be read (asked
+/// with a raw C_GetAttributeValue: `get_attributes` silently omits sensitive attributes).
+pub fn report(session: &Session, version: u32, key: ObjectHandle) -> Result<KeyReport, HsmError> {
+    let attrs = session.get_attributes(
+        key,
+        &[
+            AttributeType::Label,
+            AttributeType::Id,
+            AttributeType::Token,
+            AttributeType::Private,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::AlwaysSensitive,
+            AttributeType::NeverExtractable,
+            AttributeType::Modifiable,
+            AttributeType::ValueLen,
+        ],
+    )?;
+    let mut r = KeyReport {
+        version,
+        label: String::new(),
+        id: String::new(),
+        token: None,
+        private: None,
+        sensitive: None,
+        extractable: None,
+        always_sensitive: None,
+        never_extractable: None,
+        modifiable: None,
+        value_len: None,
+        value_readable: true,
+    };
+    for a in attrs {
+        match a {
+            Attribute::Label(l) => r.label = String::from_utf8_lossy(&l).into_owned(),
+            Attribute::Id(i) => r.id = hex::encode(i),
+            Attribute::Token(b) => r.token = Some(b),
+            Attribute::Private(b) => r.private = Some(b),
+            Attribute::Sensitive(b) => r.sensitive = Some(b),
+            Attribute::Extractable(b) => r.extractable = Some(b),
+            Attribute::AlwaysSensitive(b) => r.always_sensitive = Some(b),
+            Attribute::NeverExtractable(b) => r.never_extractable = Some(b),
+            Attribute::Modifiable(b) => r.modifiable = Some(b),
+            Attribute::ValueLen(n) => r.value_len = Some(n.into()),
+            _ => {}
+        }
+    }
+    r.value_readable = value_readable(session, key)?;
+    Ok(r)
+}
+
+/// Whether C_GetAttributeValue(CKA_VALUE) answers with a value.
+pub fn value_readable(session: &Session, key: ObjectHandle) -> Result<bool, HsmError> {
+    match session.get_attribute_info(key, &[AttributeType::Value]) {
+        Ok(info) => Ok(matches!(info.first(), Some(AttributeInfo::Available(_)))),
+        Err(CkError::Pkcs11(RvError::AttributeSensitive, _)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,50 @@
+//! strongroom: a hardware-backed secret service.
+//!
+//! Master keys are born in a PKCS#11 token and never leave it. Each secret version is
+//! encrypted under its own data key; the token wraps that key; the store keeps only the
+//! wrapped key and the ciphertext. Clients reach the service over mutual TLS and are
+//! authorised by policy, deny by default.
+//!
+//! # Layout
+//!
+//! The modules follow the path of a request:
+//!
+//! - [`tls`]: TLS settings and the caller's [`tls::Identity`] from its verified certificate.
+//! - [`secret`]: [`secret::SecretName`] (parsed), [`secret::SecretValue`] (zeroizing, no
+//!   `Debug`), the sealed record.
+//! - [`policy`]: pure authorisation decisions.
+//! - [`store`]: the [`store::Store`] trait and its sled backend.
+//! - [`hsm`]: the PKCS#11 token, master keys, the worker pool, fault classes.
+//! - [`envelope`]: sealing and opening values under data keys, with AAD.
+//! - [`audit`]: the audit hook every decision passes through.
+//! - [`service`]: the tonic services; [`error`]: one error enum and its gRPC mapping.
+//! - [`config`]: typed configuration.
+//!
+//! # The path of one GetSecret
+//!
+//! TLS (client certificate chains to the client CA) → identity (URI or DNS SAN) → parse the
+//! name → policy (may this identity read it? if not, NOT_FOUND, as for an absent name) →
+//! store (load the sealed record) → hsm (unwrap the data key under the record's master key
+//! version, AAD = name, version, master key version) → envelope (decrypt with the same AAD;
+//! the data key is zeroized) → audit (fail closed) → response.
+
+pub mod audit;
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod hsm;
+pub mod policy;
+pub mod secret;
+pub mod service;
+pub mod store;
+pub mod tls;
+
+/// Generated protobuf and gRPC types of `strongroom.v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("strongroom.v1");
+
+    /// The encoded file descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("strongroom_descriptor");
+}

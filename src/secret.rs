@@ -1,0 +1,306 @@
+//! Secret names, secret values and the sealed record the store keeps.
+//!
+//! `SecretName` is parsed, never validated after the fact: once a value of the type exists,
+//! it obeys the grammar below. `SecretValue` and `DataKey` zeroize on drop and print nothing.
+
+use std::fmt;
+
+use zeroize::Zeroizing;
+
+use crate::proto;
+
+/// The hard ceiling on a name's length in bytes; the configured limit may only be lower.
+pub const MAX_NAME_BYTES_CEILING: usize = 1024;
+/// The longest a single path segment may be.
+pub const MAX_SEGMENT_BYTES: usize = 128;
+
+/// A secret's name: path-like segments joined by `/`, e.g. `payments/db/password`.
+///
+/// Grammar: `segment ("/" segment)*`, each segment 1–128 bytes of `A–Z a–z 0–9 . _ -`, not
+/// `.` or `..`; no leading, trailing or doubled `/`; at most the configured maximum length
+/// (default 256 bytes, never more than 1024). Names are case-sensitive.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SecretName(String);
+
+/// Why a name or prefix was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("secret name is empty")]
+    Empty,
+    /// Longer than the limit.
+    #[error("secret name is {len} bytes, longer than max_name_bytes ({max})")]
+    TooLong {
+        /// The name's length.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A segment is empty (leading, trailing or doubled `/`).
+    #[error("secret name has an empty segment (leading, trailing or doubled '/')")]
+    EmptySegment,
+    /// A segment is `.` or `..`.
+    #[error("secret name has a '.' or '..' segment")]
+    DotSegment,
+    /// A segment is longer than [`MAX_SEGMENT_BYTES`].
+    #[error("a secret name segment is longer than {MAX_SEGMENT_BYTES} bytes")]
+    SegmentTooLong,
+    /// A character outside the grammar.
+    #[error("secret name has a character outside A-Z a-z 0-9 . _ - / at byte {at}")]
+    BadCharacter {
+        /// Byte offset of the first bad character.
+        at: usize,
+    },
+}
+
+impl SecretName {
+    /// Parses a name, refusing anything outside the grammar or longer than `max_len` bytes.
+    pub fn parse(s: &str, max_len: usize) -> Result<Self, NameError> {
+        let max = max_len.min(MAX_NAME_BYTES_CEILING);
+        if s.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if s.len() > max {
+            return Err(NameError::TooLong { len: s.len(), max });
+        }
+        if let Some(at) = s.bytes().position(|b| !is_name_byte(b) && b != b'/') {
+            return Err(NameError::BadCharacter { at });
+        }
+        for segment in s.split('/') {
+            match segment {
+                "" => return Err(NameError::EmptySegment),
+                "." | ".." => return Err(NameError::DotSegment),
+                s if s.len() > MAX_SEGMENT_BYTES => return Err(NameError::SegmentTooLong),
+                _ => {}
+            }
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this name lies under `prefix` (see [`NamePrefix`]).
+    pub fn is_under(&self, prefix: &NamePrefix) -> bool {
+        prefix.matches(self.as_str())
+    }
+}
+
+impl fmt::Display for SecretName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretName({:?})", self.0)
+    }
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
+/// A name prefix for listing and policy: `""` (everything) or a name, optionally ending in `/`.
+///
+/// Prefixes are segment-aware: `payments` and `payments/` both match `payments/db` and
+/// `payments/db/password`; `payments` also matches the name `payments` itself; neither
+/// matches `payments-eu/x`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamePrefix(String);
+
+impl NamePrefix {
+    /// The prefix that matches every name.
+    pub fn all() -> Self {
+        Self(String::new())
+    }
+
+    /// Parses a prefix; `*` is accepted as a synonym for everything.
+    pub fn parse(s: &str, max_len: usize) -> Result<Self, NameError> {
+        let trimmed = s.strip_suffix('/').unwrap_or(s);
+        if trimmed.is_empty() || trimmed == "*" {
+            return Ok(Self::all());
+        }
+        let name = SecretName::parse(trimmed, max_len)?;
+        Ok(Self(name.0))
+    }
+
+    /// The prefix without a trailing `/` (empty for everything).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `name` lies under this prefix.
+    pub fn matches(&self, name: &str) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        match name.strip_prefix(self.0.as_str()) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    }
+}
+
+/// A secret value in the clear: zeroized on drop, never printed, cloned or serialised.
+pub struct SecretValue(Zeroizing<Vec<u8>>);
+
+impl SecretValue {
+    /// Takes ownership of plaintext bytes.
+    pub fn new(bytes: Zeroizing<Vec<u8>>) -> Self {
+        Self(bytes)
+    }
+
+    /// The plaintext. Callers keep it in zeroizing buffers too.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the value is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Hands the plaintext over, e.g. to the response that carries it to the client.
+    pub fn into_inner(self) -> Zeroizing<Vec<u8>> {
+        self.0
+    }
+}
+
+/// The encryption scheme of a sealed record. Recorded in every record so that later
+/// mechanisms (AES-KW, strict in-token decryption) can coexist with old records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// DEK wrapped by C_Encrypt AES-GCM (96-bit random IV, 128-bit tag, AAD) under the master
+    /// key; value encrypted in process with AES-256-GCM under the DEK with the same AAD.
+    AesGcmEnvelopeV1,
+}
+
+impl Mechanism {
+    /// The id stored in records.
+    pub fn id(self) -> u32 {
+        match self {
+            Mechanism::AesGcmEnvelopeV1 => 1,
+        }
+    }
+
+    /// The mechanism for a stored id.
+    pub fn from_id(id: u32) -> Option<Self> {
+        match id {
+            1 => Some(Mechanism::AesGcmEnvelopeV1),
+            _ => None,
+        }
+    }
+
+    /// A short human name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::AesGcmEnvelopeV1 => "aes-gcm-envelope-v1",
+        }
+    }
+}
+
+/// One sealed secret version, as kept in the store. Contains no plaintext.
+pub type SealedRecord = proto::SealedRecordV1;
+
+impl fmt::Debug for proto::SealedRecordV1 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Ciphertext and wrapped keys are not secret, but they are noise in logs.
+        f.debug_struct("SealedRecord")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("master_key_version", &self.master_key_version)
+            .field("mechanism", &self.mechanism)
+            .field("wrapped_dek_len", &self.wrapped_dek.len())
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for proto::PutSecretRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutSecretRequest")
+            .field("name", &self.name)
+            .field("value", &format_args!("<{} bytes redacted>", self.value.len()))
+            .field("expected_version", &self.expected_version)
+            .field("expires_at_unix", &self.expires_at_unix)
+            .finish()
+    }
+}
+
+impl fmt::Debug for proto::GetSecretResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GetSecretResponse")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("value", &format_args!("<{} bytes redacted>", self.value.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_grammar() {
+        for ok in ["a", "payments/db/password", "A-b_c.d/e", "x/..y"] {
+            assert!(SecretName::parse(ok, 256).is_ok(), "{ok}");
+        }
+        let cases = [
+            ("", NameError::Empty),
+            ("/a", NameError::EmptySegment),
+            ("a/", NameError::EmptySegment),
+            ("a//b", NameError::EmptySegment),
+            ("a/../b", NameError::DotSegment),
+            (".", NameError::DotSegment),
+            ("a b", NameError::BadCharacter { at: 1 }),
+            ("a\0b", NameError::BadCharacter { at: 1 }),
+            ("é", NameError::BadCharacter { at: 0 }),
+        ];
+        for (bad, want) in cases {
+            assert_eq!(SecretName::parse(bad, 256), Err(want), "{bad:?}");
+        }
+        let long = "a".repeat(257);
+        assert_eq!(
+            SecretName::parse(&long, 256),
+            Err(NameError::TooLong { len: 257, max: 256 })
+        );
+        assert_eq!(
+            SecretName::parse(&"a".repeat(129), 1024),
+            Err(NameError::SegmentTooLong)
+        );
+    }
+
+    #[test]
+    fn prefixes_are_segment_aware() {
+        let p = NamePrefix::parse("payments/", 256).unwrap();
+        assert!(p.matches("payments/db"));
+        assert!(p.matches("payments"));
+        assert!(!p.matches("payments-eu/db"));
+        assert!(!p.matches("pay"));
+        assert!(NamePrefix::parse("", 256).unwrap().matches("anything"));
+        assert!(NamePrefix::parse("a//", 256).is_err());
+    }
+
+    #[test]
+    fn redacted_debug_prints_no_value() {
+        let req = proto::PutSecretRequest {
+            name: "n".into(),
+            value: b"canary-7f3a".to_vec(),
+            expected_version: None,
+            expires_at_unix: None,
+        };
+        let shown = format!("{req:?}");
+        assert!(!shown.contains("canary-7f3a"), "{shown}");
+        assert!(shown.contains("redacted"));
+    }
+}

@@ -1,0 +1,541 @@
+//! SecretService: authenticate, parse, authorise, touch the store, use the token, audit,
+//! answer — in that order, for every call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tonic::{Code, Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::State;
+use crate::audit::AuditEvent;
+use crate::envelope::{self, record_aad};
+use crate::error::Error;
+use crate::hsm::HsmError;
+use crate::policy::Capability;
+use crate::proto::{
+    DeleteSecretRequest, DeleteSecretResponse, DescribeSecretRequest, DescribeSecretResponse,
+    GetSecretRequest, GetSecretResponse, ListSecretsRequest, ListSecretsResponse,
+    PutSecretRequest, PutSecretResponse, VersionInfo, secret_service_server::SecretService,
+};
+use crate::secret::{Mechanism, NamePrefix, SealedRecord, SecretName};
+use crate::store::{Store, StoreError};
+use crate::tls::Identity;
+
+/// How many times a write without check-and-set retries after losing a race.
+const MAX_WRITE_ATTEMPTS: usize = 8;
+/// The ListSecrets page size when the request gives 0.
+const DEFAULT_PAGE_SIZE: usize = 100;
+
+/// The SecretService implementation.
+pub struct SecretsService {
+    state: Arc<State>,
+    next_request_id: AtomicU64,
+}
+
+impl SecretsService {
+    pub(crate) fn new(state: Arc<State>) -> Self {
+        Self {
+            state,
+            next_request_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// What every handler knows about its caller.
+struct Ctx {
+    identity: Identity,
+    deadline: Duration,
+    request_id: u64,
+}
+
+#[tonic::async_trait]
+impl SecretService for SecretsService {
+    async fn put_secret(
+        &self,
+        request: Request<PutSecretRequest>,
+    ) -> Result<Response<PutSecretResponse>, Status> {
+        let ctx = self.begin(&request, "PutSecret")?;
+        let req = request.into_inner();
+        let name = req.name.clone();
+        let result = put(&self.state, &ctx, req).await;
+        self.finish(&ctx, "PutSecret", &name, result, |r| Some(r.version))
+    }
+
+    async fn get_secret(
+        &self,
+        request: Request<GetSecretRequest>,
+    ) -> Result<Response<GetSecretResponse>, Status> {
+        let ctx = self.begin(&request, "GetSecret")?;
+        let req = request.into_inner();
+        let result = get(&self.state, &ctx, &req).await;
+        self.finish(&ctx, "GetSecret", &req.name, result, |r| Some(r.version))
+    }
+
+    async fn describe_secret(
+        &self,
+        request: Request<DescribeSecretRequest>,
+    ) -> Result<Response<DescribeSecretResponse>, Status> {
+        let ctx = self.begin(&request, "DescribeSecret")?;
+        let req = request.into_inner();
+        let result = describe(&self.state, &ctx, &req).await;
+        self.finish(&ctx, "DescribeSecret", &req.name, result, |_| None)
+    }
+
+    async fn list_secrets(
+        &self,
+        request: Request<ListSecretsRequest>,
+    ) -> Result<Response<ListSecretsResponse>, Status> {
+        let ctx = self.begin(&request, "ListSecrets")?;
+        let req = request.into_inner();
+        let result = list(&self.state, &ctx, &req).await;
+        self.finish(&ctx, "ListSecrets", &req.prefix, result, |_| None)
+    }
+
+    async fn delete_secret(
+        &self,
+        request: Request<DeleteSecretRequest>,
+    ) -> Result<Response<DeleteSecretResponse>, Status> {
+        let ctx = self.begin(&request, "DeleteSecret")?;
+        let req = request.into_inner();
+        let result = delete(&self.state, &ctx, &req).await;
+        self.finish(&ctx, "DeleteSecret", &req.name, result, |_| None)
+    }
+}
+
+impl SecretsService {
+    /// Authenticates the caller from its verified certificate and reads the deadline.
+    fn begin<T>(&self, request: &Request<T>, operation: &'static str) -> Result<Ctx, Status> {
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let identity = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| Identity::from_certificate(c.as_ref())))
+            .unwrap_or(Err(crate::tls::TlsError::NoIdentity));
+        let identity = match identity {
+            Ok(id) => id,
+            Err(e) => {
+                let status = Status::unauthenticated(format!("no client identity: {e}"));
+                self.audit(None, operation, None, None, status.code(), request_id)?;
+                return Err(status);
+            }
+        };
+        let deadline = grpc_timeout(request.metadata())
+            .map_or(self.state.hsm_timeout, |d| d.min(self.state.hsm_timeout));
+        Ok(Ctx {
+            identity,
+            deadline,
+            request_id,
+        })
+    }
+
+    /// Audits the outcome, then answers. If the audit entry cannot be written, the request
+    /// fails and nothing it produced leaves.
+    fn finish<T>(
+        &self,
+        ctx: &Ctx,
+        operation: &'static str,
+        name: &str,
+        result: Result<T, Error>,
+        version: impl Fn(&T) -> Option<u64>,
+    ) -> Result<Response<T>, Status> {
+        let (code, v) = match &result {
+            Ok(r) => (Code::Ok, version(r)),
+            Err(e) => (e.code(), None),
+        };
+        self.audit(Some(&ctx.identity), operation, Some(name), v, code, ctx.request_id)?;
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    fn audit(
+        &self,
+        identity: Option<&Identity>,
+        operation: &'static str,
+        name: Option<&str>,
+        version: Option<u64>,
+        status: Code,
+        request_id: u64,
+    ) -> Result<(), Status> {
+        let event = AuditEvent {
+            plane: "client",
+            identity,
+            operation,
+            name,
+            version,
+            status,
+            request_id,
+        };
+        self.state
+            .audit
+            .record(&event)
+            .map_err(|e| Status::from(Error::Audit(e.to_string())))
+    }
+}
+
+async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecretResponse, Error> {
+    // Own the plaintext in a zeroizing buffer from here on.
+    let value = Zeroizing::new(req.value);
+    let name = parse_name(state, &req.name)?;
+    if value.len() > state.limits.max_value_bytes {
+        return Err(Error::InvalidArgument(format!(
+            "secret value is {} bytes, larger than max_value_bytes ({})",
+            value.len(),
+            state.limits.max_value_bytes
+        )));
+    }
+    let now = unix_now();
+    if let Some(exp) = req.expires_at_unix
+        && exp <= now
+    {
+        return Err(Error::InvalidArgument(
+            "expires_at_unix must be in the future".into(),
+        ));
+    }
+    if !state.policy.allows(&ctx.identity, Capability::Write, &name) {
+        return Err(Error::PermissionDenied);
+    }
+    let mk = current_master_key(state).await?;
+
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let head = blocking(state, {
+            let name = name.clone();
+            move |s| s.head(&name)
+        })
+        .await?;
+        let live = head.map_or(0, |h| h.live());
+        if let Some(expected) = req.expected_version
+            && expected != live
+        {
+            return Err(Error::VersionConflict {
+                expected,
+                actual: live,
+            });
+        }
+        let version = head.map_or(0, |h| h.latest) + 1;
+
+        // Count the wrap before it happens: a crash can only over-count.
+        let wraps = blocking(state, move |s| s.count_wraps(mk, 1)).await?;
+        if wraps > state.max_wraps {
+            return Err(Error::FailedPrecondition(format!(
+                "master key version {mk} has reached its wrap limit ({}); an officer must rotate the master key",
+                state.max_wraps
+            )));
+        }
+        let aad = record_aad(&name, version, mk);
+        let (dek, wrapped) = state
+            .hsm
+            .new_data_key(mk, aad.clone(), ctx.deadline)
+            .await?;
+        let sealed = envelope::seal(&dek, &aad, &value)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        drop(dek);
+        let record = SealedRecord {
+            name: name.as_str().to_owned(),
+            version,
+            master_key_version: mk,
+            mechanism: Mechanism::AesGcmEnvelopeV1.id(),
+            wrapped_dek: wrapped,
+            nonce: sealed.nonce.to_vec(),
+            ciphertext: sealed.ciphertext,
+            created_at_unix: now,
+            created_by: ctx.identity.as_str().to_owned(),
+            expires_at_unix: req.expires_at_unix,
+        };
+        let committed = blocking(state, move |s| s.commit(&record, head)).await?;
+        match committed {
+            Ok(()) => {
+                return Ok(PutSecretResponse {
+                    version,
+                    master_key_version: mk,
+                });
+            }
+            Err(conflict) => {
+                if let Some(expected) = req.expected_version {
+                    return Err(Error::VersionConflict {
+                        expected,
+                        actual: conflict.actual,
+                    });
+                }
+                // Another writer won the race: seal again under the next version.
+            }
+        }
+    }
+    Err(Error::VersionConflict {
+        expected: 0,
+        actual: 0,
+    })
+}
+
+async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecretResponse, Error> {
+    let name = parse_name(state, &req.name)?;
+    // A name the caller may not read looks exactly like an absent one.
+    if !state.policy.allows(&ctx.identity, Capability::Read, &name) {
+        return Err(Error::NotFound);
+    }
+    let record = blocking(state, {
+        let name = name.clone();
+        let version = req.version;
+        move |s| {
+            let version = if version == 0 {
+                match s.head(&name)? {
+                    Some(h) if h.live() > 0 => h.live(),
+                    _ => return Ok(None),
+                }
+            } else {
+                version
+            };
+            s.get(&name, version)
+        }
+    })
+    .await?
+    .ok_or(Error::NotFound)?;
+
+    let version = record.version;
+    check_identity(&record, &name, (req.version != 0).then_some(req.version))?;
+    if is_expired(&record, unix_now()) {
+        return Err(Error::NotFound);
+    }
+    let value = open_record(state, ctx, &name, &record).await?;
+    let mut value = value.into_inner();
+    Ok(GetSecretResponse {
+        name: name.as_str().to_owned(),
+        version,
+        // Moved, not copied, into the response; tonic encodes and drops it.
+        value: std::mem::take(&mut *value),
+        created_at_unix: record.created_at_unix,
+        expires_at_unix: record.expires_at_unix,
+    })
+}
+
+async fn describe(
+    state: &State,
+    ctx: &Ctx,
+    req: &DescribeSecretRequest,
+) -> Result<DescribeSecretResponse, Error> {
+    let name = parse_name(state, &req.name)?;
+    if !state.policy.allows(&ctx.identity, Capability::Read, &name) {
+        return Err(Error::NotFound);
+    }
+    let records = blocking(state, {
+        let name = name.clone();
+        move |s| s.versions(&name)
+    })
+    .await?;
+    if records.is_empty() {
+        return Err(Error::NotFound);
+    }
+    let now = unix_now();
+    let mut versions = Vec::with_capacity(records.len());
+    for r in &records {
+        check_identity(r, &name, None)?;
+        versions.push(VersionInfo {
+            version: r.version,
+            master_key_version: r.master_key_version,
+            mechanism: Mechanism::from_id(r.mechanism)
+                .map_or_else(|| format!("unknown({})", r.mechanism), |m| m.name().to_owned()),
+            created_at_unix: r.created_at_unix,
+            created_by: r.created_by.clone(),
+            expires_at_unix: r.expires_at_unix,
+            expired: is_expired(r, now),
+        });
+    }
+    Ok(DescribeSecretResponse {
+        name: name.as_str().to_owned(),
+        latest_version: versions.last().map_or(0, |v| v.version),
+        versions,
+    })
+}
+
+async fn list(state: &State, ctx: &Ctx, req: &ListSecretsRequest) -> Result<ListSecretsResponse, Error> {
+    let max_name = state.limits.max_name_bytes;
+    let prefix = NamePrefix::parse(&req.prefix, max_name)
+        .map_err(|e| Error::InvalidArgument(format!("prefix: {e}")))?;
+    let page_size = match req.page_size as usize {
+        0 => DEFAULT_PAGE_SIZE.min(state.limits.max_page_size),
+        n if n > state.limits.max_page_size => {
+            return Err(Error::InvalidArgument(format!(
+                "page_size {n} is larger than max_page_size ({})",
+                state.limits.max_page_size
+            )));
+        }
+        n => n,
+    };
+    let after = match req.page_token.as_str() {
+        "" => None,
+        token => Some(decode_page_token(token, max_name)?),
+    };
+    let identity = ctx.identity.clone();
+    let policy = state.policy.clone();
+    let page = blocking(state, move |s| {
+        // Deny by default: a caller sees only names it may list.
+        let visible = |n: &SecretName| policy.allows(&identity, Capability::List, n);
+        s.list(&prefix, after.as_ref().map(SecretName::as_str), page_size, &visible)
+    })
+    .await?;
+    Ok(ListSecretsResponse {
+        names: page.names.into_iter().map(|n| n.as_str().to_owned()).collect(),
+        next_page_token: page.next_after.map(|a| hex::encode(a.as_bytes())).unwrap_or_default(),
+    })
+}
+
+async fn delete(
+    state: &State,
+    ctx: &Ctx,
+    req: &DeleteSecretRequest,
+) -> Result<DeleteSecretResponse, Error> {
+    let name = parse_name(state, &req.name)?;
+    // Decided before the store is touched, so the answer says nothing about existence.
+    if !state.policy.allows(&ctx.identity, Capability::Delete, &name) {
+        return Err(Error::PermissionDenied);
+    }
+    let destroyed = blocking(state, move |s| s.delete(&name)).await?;
+    if destroyed == 0 {
+        return Err(Error::NotFound);
+    }
+    Ok(DeleteSecretResponse {
+        versions_destroyed: destroyed,
+    })
+}
+
+fn parse_name(state: &State, name: &str) -> Result<SecretName, Error> {
+    SecretName::parse(name, state.limits.max_name_bytes)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
+fn decode_page_token(token: &str, max_name: usize) -> Result<SecretName, Error> {
+    let bad = || Error::InvalidArgument("page_token is not a token this service issued".into());
+    let bytes = hex::decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    SecretName::parse(&text, max_name).map_err(|_| bad())
+}
+
+/// The master key for new writes; looks in the token again if none was known.
+async fn current_master_key(state: &State) -> Result<u32, Error> {
+    if let Some(mk) = state.hsm.current_master_key() {
+        return Ok(mk);
+    }
+    state.hsm.reload_keys().await?;
+    update_health(state).await;
+    state
+        .hsm
+        .current_master_key()
+        .ok_or(Error::Hsm(HsmError::NoMasterKey))
+}
+
+/// Reports SERVING when the token holds a master key.
+pub(crate) async fn update_health(state: &State) {
+    super::set_health(&state.health, state.hsm.current_master_key().is_some()).await;
+}
+
+/// Runs a store call off the async runtime.
+async fn blocking<R: Send + 'static>(
+    state: &State,
+    f: impl FnOnce(&dyn Store) -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, Error> {
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| Error::Internal(format!("store task failed: {e}")))?
+        .map_err(Error::from)
+}
+
+/// A record must be the one its key says it is; the AAD check would refuse it anyway, but a
+/// mismatch here is reported as what it is: a moved or altered record.
+fn check_identity(record: &SealedRecord, name: &SecretName, version: Option<u64>) -> Result<(), Error> {
+    if record.name != name.as_str() || version.is_some_and(|v| v != record.version) {
+        return Err(Error::DataLoss(format!(
+            "record stored under {name} claims to be {}",
+            record.name
+        )));
+    }
+    Ok(())
+}
+
+fn is_expired(record: &SealedRecord, now: i64) -> bool {
+    record.expires_at_unix.is_some_and(|e| e <= now)
+}
+
+/// Unwraps the data key in the token and decrypts the value, binding both to the identity
+/// the caller asked for (not the one the record claims).
+async fn open_record(
+    state: &State,
+    ctx: &Ctx,
+    name: &SecretName,
+    record: &SealedRecord,
+) -> Result<crate::secret::SecretValue, Error> {
+    match Mechanism::from_id(record.mechanism) {
+        Some(Mechanism::AesGcmEnvelopeV1) => {}
+        None => {
+            return Err(Error::DataLoss(format!(
+                "unknown mechanism {} in record {name} v{}",
+                record.mechanism, record.version
+            )));
+        }
+    }
+    let aad = record_aad(name, record.version, record.master_key_version);
+    let dek = state
+        .hsm
+        .unwrap_data_key(
+            record.master_key_version,
+            record.wrapped_dek.clone(),
+            aad.clone(),
+            ctx.deadline,
+        )
+        .await?;
+    envelope::open(&dek, &record.nonce, &aad, &record.ciphertext).map_err(|_| {
+        Error::DataLoss(format!(
+            "record {name} v{} failed authentication",
+            record.version
+        ))
+    })
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Parses the `grpc-timeout` header (e.g. `100m`, `5S`).
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        m.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(250)));
+        m.insert("grpc-timeout", "2S".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_secs(2)));
+        m.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let t = hex::encode("payments/db");
+        assert_eq!(decode_page_token(&t, 256).unwrap().as_str(), "payments/db");
+        assert!(decode_page_token("zz", 256).is_err());
+        assert!(decode_page_token(&hex::encode("a//b"), 256).is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! The secret store: sealed records and per-name bookkeeping, never plaintext.
+//!
+//! [`Store`] is the seam for other backends (etcd comes later); [`SledStore`] is the
+//! embedded default. Calls block (they may fsync): the service runs them off the runtime.
+
+mod sled_store;
+
+pub use sled_store::SledStore;
+
+use crate::secret::{NamePrefix, SealedRecord, SecretName};
+
+/// Errors of the store itself (not expected outcomes like a version conflict).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed (I/O, corruption it detected).
+    #[error("store backend error: {0}")]
+    Backend(#[from] sled::Error),
+    /// A stored record or head did not decode.
+    #[error("stored data for {key} is corrupt: {reason}")]
+    Corrupt {
+        /// Which key.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The write lock was poisoned by a panic in another writer.
+    #[error("the store's write lock is poisoned")]
+    Poisoned,
+}
+
+/// The current latest version did not match the expected one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionConflict {
+    /// The latest live version (0 when the secret does not exist).
+    pub actual: u64,
+}
+
+/// Per-name bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Head {
+    /// The highest version ever assigned to the name (kept after deletion).
+    pub latest: u64,
+    /// Whether the secret was deleted since its latest version.
+    pub deleted: bool,
+}
+
+impl Head {
+    /// The latest live version: 0 when the secret does not exist.
+    pub fn live(&self) -> u64 {
+        if self.deleted { 0 } else { self.latest }
+    }
+}
+
+/// One page of names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Names, lexically ordered.
+    pub names: Vec<SecretName>,
+    /// Where the next page starts (exclusive), if there is one.
+    pub next_after: Option<String>,
+}
+
+/// What a secret store does.
+pub trait Store: Send + Sync + 'static {
+    /// The head of `name`, if it ever existed.
+    fn head(&self, name: &SecretName) -> Result<Option<Head>, StoreError>;
+
+    /// Stores `record` as version `record.version` if the head still says `expected`
+    /// (the head read before sealing); returns only once the write is durable.
+    fn commit(
+        &self,
+        record: &SealedRecord,
+        expected: Option<Head>,
+    ) -> Result<Result<(), VersionConflict>, StoreError>;
+
+    /// One version of a secret.
+    fn get(&self, name: &SecretName, version: u64) -> Result<Option<SealedRecord>, StoreError>;
+
+    /// Every live version of a secret, oldest first.
+    fn versions(&self, name: &SecretName) -> Result<Vec<SealedRecord>, StoreError>;
+
+    /// Live names under `prefix`, after `after`, for which `visible` holds; at most `limit`.
+    fn list(
+        &self,
+        prefix: &NamePrefix,
+        after: Option<&str>,
+        limit: usize,
+        visible: &dyn Fn(&SecretName) -> bool,
+    ) -> Result<Page, StoreError>;
+
+    /// Destroys every version of `name`; returns how many. Durable on return.
+    fn delete(&self, name: &SecretName) -> Result<u64, StoreError>;
+
+    /// Counts `n` more data-key wraps under master key `mk`; returns the new total. Called
+    /// before the wrap, so a crash can only over-count.
+    fn count_wraps(&self, mk: u32, n: u64) -> Result<u64, StoreError>;
+
+    /// Number of live secrets.
+    fn secret_count(&self) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,310 @@
+//! The embedded store: one sled tree, keys laid out by kind.
+//!
+//! Keys: `h` + name → [`HeadV1`](crate::proto::HeadV1); `r` + name + `\0` + version (8 bytes
+//! big-endian) → [`SealedRecordV1`](crate::proto::SealedRecordV1); `w` + master key version
+//! (4 bytes big-endian) → wrap count (8 bytes big-endian). Names never contain `\0`, so a
+//! name's records are exactly the keys under `r` + name + `\0`.
+//!
+//! Writes take one process-wide lock for check-and-set, apply one atomic batch, and return
+//! after `flush` (fsync). sled is single-process: the directory is locked while open.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use prost::Message;
+use sled::{Batch, IVec};
+
+use super::{Head, Page, Store, StoreError, VersionConflict};
+use crate::proto::HeadV1;
+use crate::secret::{NamePrefix, SealedRecord, SecretName};
+
+const HEAD: u8 = b'h';
+const RECORD: u8 = b'r';
+const WRAPS: u8 = b'w';
+
+/// The sled-backed store.
+pub struct SledStore {
+    db: sled::Db,
+    write_lock: Mutex<()>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(path).open()?;
+        Ok(Self {
+            db,
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    fn read_head(&self, name: &SecretName) -> Result<Option<Head>, StoreError> {
+        self.db
+            .get(head_key(name))?
+            .map(|v| decode_head(name, &v))
+            .transpose()
+    }
+}
+
+impl Store for SledStore {
+    fn head(&self, name: &SecretName) -> Result<Option<Head>, StoreError> {
+        self.read_head(name)
+    }
+
+    fn commit(
+        &self,
+        record: &SealedRecord,
+        expected: Option<Head>,
+    ) -> Result<Result<(), VersionConflict>, StoreError> {
+        let name = SecretName::parse(&record.name, crate::secret::MAX_NAME_BYTES_CEILING)
+            .map_err(|e| StoreError::Corrupt {
+                key: record.name.clone(),
+                reason: e.to_string(),
+            })?;
+        {
+            let _guard = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+            let current = self.read_head(&name)?;
+            if current != expected {
+                return Ok(Err(VersionConflict {
+                    actual: current.map_or(0, |h| h.live()),
+                }));
+            }
+            let head = HeadV1 {
+                latest_version: record.version,
+                deleted: false,
+            };
+            let mut batch = Batch::default();
+            batch.insert(head_key(&name), head.encode_to_vec());
+            batch.insert(record_key(&name, record.version), record.encode_to_vec());
+            self.db.apply_batch(batch)?;
+        }
+        // Acknowledge only once durable. Flushing outside the lock lets concurrent writers
+        // share one fsync.
+        self.db.flush()?;
+        Ok(Ok(()))
+    }
+
+    fn get(&self, name: &SecretName, version: u64) -> Result<Option<SealedRecord>, StoreError> {
+        let key = record_key(name, version);
+        self.db
+            .get(&key)?
+            .map(|v| decode_record(&key, &v))
+            .transpose()
+    }
+
+    fn versions(&self, name: &SecretName) -> Result<Vec<SealedRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(record_prefix(name)) {
+            let (k, v) = kv?;
+            out.push(decode_record(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn list(
+        &self,
+        prefix: &NamePrefix,
+        after: Option<&str>,
+        limit: usize,
+        visible: &dyn Fn(&SecretName) -> bool,
+    ) -> Result<Page, StoreError> {
+        let mut scan_prefix = vec![HEAD];
+        scan_prefix.extend_from_slice(prefix.as_str().as_bytes());
+        let start = match after {
+            Some(after) => {
+                let mut k = vec![HEAD];
+                k.extend_from_slice(after.as_bytes());
+                k.push(0);
+                k.max(scan_prefix.clone())
+            }
+            None => scan_prefix.clone(),
+        };
+        let mut names = Vec::new();
+        let mut next_after = None;
+        for kv in self.db.range(start..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&scan_prefix) {
+                break;
+            }
+            let text = std::str::from_utf8(&k[1..]).map_err(|e| corrupt(&k, e))?;
+            let name = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING)
+                .map_err(|e| corrupt(&k, e))?;
+            if !prefix.matches(name.as_str()) || decode_head(&name, &v)?.deleted {
+                continue;
+            }
+            if !visible(&name) {
+                continue;
+            }
+            if names.len() == limit {
+                next_after = names.last().map(|n: &SecretName| n.as_str().to_owned());
+                break;
+            }
+            names.push(name);
+        }
+        Ok(Page { names, next_after })
+    }
+
+    fn delete(&self, name: &SecretName) -> Result<u64, StoreError> {
+        let destroyed = {
+            let _guard = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+            let Some(head) = self.read_head(name)? else {
+                return Ok(0);
+            };
+            let mut batch = Batch::default();
+            let mut destroyed = 0;
+            for k in self.db.scan_prefix(record_prefix(name)).keys() {
+                batch.remove(k?);
+                destroyed += 1;
+            }
+            let tomb = HeadV1 {
+                latest_version: head.latest,
+                deleted: true,
+            };
+            batch.insert(head_key(name), tomb.encode_to_vec());
+            self.db.apply_batch(batch)?;
+            destroyed
+        };
+        self.db.flush()?;
+        Ok(destroyed)
+    }
+
+    fn count_wraps(&self, mk: u32, n: u64) -> Result<u64, StoreError> {
+        let mut key = vec![WRAPS];
+        key.extend_from_slice(&mk.to_be_bytes());
+        let total = self.db.update_and_fetch(&key, |old| {
+            let old = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some(old.saturating_add(n).to_be_bytes().to_vec())
+        })?;
+        let total = total
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        Ok(total)
+    }
+
+    fn secret_count(&self) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for kv in self.db.scan_prefix([HEAD]) {
+            let (k, v) = kv?;
+            let head = HeadV1::decode(v.as_ref()).map_err(|e| corrupt(&k, e))?;
+            if !head.deleted {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn head_key(name: &SecretName) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.as_str().len());
+    k.push(HEAD);
+    k.extend_from_slice(name.as_str().as_bytes());
+    k
+}
+
+fn record_prefix(name: &SecretName) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + name.as_str().len());
+    k.push(RECORD);
+    k.extend_from_slice(name.as_str().as_bytes());
+    k.push(0);
+    k
+}
+
+fn record_key(name: &SecretName, version: u64) -> Vec<u8> {
+    let mut k = record_prefix(name);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn decode_head(name: &SecretName, v: &IVec) -> Result<Head, StoreError> {
+    let h = HeadV1::decode(v.as_ref()).map_err(|e| corrupt(&head_key(name), e))?;
+    Ok(Head {
+        latest: h.latest_version,
+        deleted: h.deleted,
+    })
+}
+
+fn decode_record(key: &[u8], v: &IVec) -> Result<SealedRecord, StoreError> {
+    SealedRecord::decode(v.as_ref()).map_err(|e| corrupt(key, e))
+}
+
+fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> SecretName {
+        SecretName::parse(s, 256).unwrap()
+    }
+
+    fn record(n: &str, version: u64) -> SealedRecord {
+        SealedRecord {
+            name: n.into(),
+            version,
+            master_key_version: 1,
+            mechanism: 1,
+            wrapped_dek: vec![1; 60],
+            nonce: vec![2; 12],
+            ciphertext: vec![3; 20],
+            created_at_unix: 0,
+            created_by: "t".into(),
+            expires_at_unix: None,
+        }
+    }
+
+    #[test]
+    fn check_and_set_versions_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let n = name("a/b");
+        assert_eq!(store.head(&n).unwrap(), None);
+        store.commit(&record("a/b", 1), None).unwrap().unwrap();
+        let h1 = store.head(&n).unwrap();
+        assert_eq!(h1, Some(Head { latest: 1, deleted: false }));
+        // A writer that read the head before version 1 loses.
+        assert_eq!(
+            store.commit(&record("a/b", 1), None).unwrap(),
+            Err(VersionConflict { actual: 1 })
+        );
+        store.commit(&record("a/b", 2), h1).unwrap().unwrap();
+        assert_eq!(store.versions(&n).unwrap().len(), 2);
+        assert_eq!(store.delete(&n).unwrap(), 2);
+        assert_eq!(store.versions(&n).unwrap().len(), 0);
+        // Versions are never reused after deletion.
+        assert_eq!(store.head(&n).unwrap(), Some(Head { latest: 2, deleted: true }));
+        assert_eq!(store.head(&n).unwrap().unwrap().live(), 0);
+    }
+
+    #[test]
+    fn list_is_segment_aware_and_paginated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        for n in ["p/a", "p/b", "p/c", "p-x/a", "q"] {
+            store.commit(&record(n, 1), None).unwrap().unwrap();
+        }
+        let p = NamePrefix::parse("p", 256).unwrap();
+        let all = |_: &SecretName| true;
+        let page = store.list(&p, None, 2, &all).unwrap();
+        assert_eq!(page.names, vec![name("p/a"), name("p/b")]);
+        let page2 = store.list(&p, page.next_after.as_deref(), 2, &all).unwrap();
+        assert_eq!(page2.names, vec![name("p/c")]);
+        assert_eq!(page2.next_after, None);
+        let only_b = |n: &SecretName| n.as_str() == "p/b";
+        assert_eq!(store.list(&p, None, 10, &only_b).unwrap().names, vec![name("p/b")]);
+        assert_eq!(store.secret_count().unwrap(), 5);
+        assert_eq!(store.count_wraps(1, 1).unwrap(), 1);
+        assert_eq!(store.count_wraps(1, 2).unwrap(), 3);
+    }
+}
