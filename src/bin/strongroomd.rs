@@ -1,1 +1,103 @@
-fn main(){}
+//! `strongroomd`: the secret service.
+//!
+//! Reads its configuration (TOML file, `STRONGROOM_*` env, flags), opens the token and the
+//! store, and serves SecretService over mutual TLS until SIGTERM or SIGINT, draining
+//! in-flight requests. Prints `listening on ADDR` on stdout once the port is bound.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use strongroom::config::Config;
+use strongroom::hsm::pin::read_pin;
+use strongroom::service::Server;
+
+/// The strongroom secret service.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short, env = "STRONGROOM_CONFIG")]
+    config: PathBuf,
+    /// Listen address, overriding the file and STRONGROOM_LISTEN.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "STRONGROOM_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("STRONGROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("strongroomd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let pin = read_pin(
+        "user PIN",
+        config.hsm.pin_file.as_deref(),
+        "STRONGROOM_USER_PIN",
+        interactive,
+    )?;
+    let server = Server::start(&config, pin)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(config.server.listen).await?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "strongroomd listening");
+        let mut out = std::io::stdout();
+        writeln!(out, "listening on {addr}")?;
+        out.flush()?;
+        server.run(listener, shutdown_signal()).await?;
+        tracing::info!("strongroomd stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+}

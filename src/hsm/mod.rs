@@ -5,6 +5,7 @@
 //! off without it). The token is chosen by label, serial or RFC 7512 URI, never by slot
 //! number. Master keys live in [`keys`]; the worker pool that serves requests in [`pool`].
 
+pub mod admin;
 pub mod keys;
 pub mod pin;
 pub mod pool;

@@ -13,6 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use cryptoki::context::Pkcs11;
+use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism as CkMechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::ObjectHandle;
@@ -29,10 +30,12 @@ use crate::envelope::{DEK_LEN, DataKey, GCM_NONCE_LEN, GCM_TAG_LEN};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyCopy {
-    /// A session-object copy made at start (CKA_TOKEN=false): ~1.7× faster on SoftHSM2.
-    #[default]
+    /// A session-object copy made at start (CKA_TOKEN=false): ~1.7× faster on SoftHSM2,
+    /// but SoftHSM2 refuses it for keys with CKA_MODIFIABLE=false (the service then falls
+    /// back to the token object and says so in the log).
     Session,
     /// The token object itself.
+    #[default]
     Token,
 }
 
@@ -52,7 +55,7 @@ impl Default for HsmOptions {
         Self {
             workers: 1,
             queue_depth: 1024,
-            key_copy: KeyCopy::Session,
+            key_copy: KeyCopy::Token,
         }
     }
 }
@@ -211,14 +214,32 @@ impl Shared {
         for (version, handle) in keys::find(&anchor)? {
             let working = match self.key_copy {
                 KeyCopy::Token => handle,
-                KeyCopy::Session => keys::session_copy(&anchor, handle)?,
+                KeyCopy::Session => match keys::session_copy(&anchor, handle) {
+                    Ok(copy) => copy,
+                    // SoftHSM2 refuses C_CopyObject with a template on a key that has
+                    // CKA_MODIFIABLE=false, as our master keys do: use the token object.
+                    Err(HsmError::Pkcs11 {
+                        rv: RvError::AttributeReadOnly,
+                        ..
+                    }) => {
+                        tracing::warn!(
+                            version,
+                            "the token refuses a session copy of this master key; using the token object"
+                        );
+                        handle
+                    }
+                    Err(e) => return Err(e),
+                },
             };
             ring.insert(version, working);
         }
         let mut current = self.keyring.write().map_err(|_| HsmError::Closed)?;
         if self.key_copy == KeyCopy::Session {
-            // Old session copies are no longer referenced once the ring is replaced.
-            for (_, old) in current.iter() {
+            // Old session copies are no longer referenced once the ring is replaced; token
+            // objects (used where no copy could be made) are never destroyed here.
+            let token_objects: Vec<ObjectHandle> =
+                keys::find(&anchor)?.into_iter().map(|(_, h)| h).collect();
+            for old in current.values().filter(|h| !token_objects.contains(h)) {
                 let _ = anchor.destroy_object(*old);
             }
         }

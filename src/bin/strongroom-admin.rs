@@ -1,0 +1,305 @@
+//! `strongroom-admin`: the security officers' tool.
+//!
+//! This version works directly against the PKCS#11 module on the officer's host: token
+//! listing and initialisation, master key generation and inspection, and `doctor`. It also
+//! writes a development PKI. PINs come from files, environment variables or a prompt, never
+//! from argv. Exit codes: 0 success, 1 local or usage error, 2 token-side error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use strongroom::hsm::admin::{self, InitError};
+use strongroom::hsm::pin::read_pin;
+use strongroom::hsm::{self, HsmError, TokenSelector, keys};
+
+/// Security officers' tool for strongroom.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// PKCS#11 module.
+    #[arg(
+        long,
+        env = "STRONGROOM_PKCS11_MODULE",
+        default_value = "/usr/lib/softhsm/libsofthsm2.so",
+        global = true
+    )]
+    module: PathBuf,
+    /// Token: label, `serial:<serial>` or an RFC 7512 `pkcs11:` URI.
+    #[arg(long, env = "STRONGROOM_TOKEN", default_value = "strongroom", global = true)]
+    token: String,
+    /// File holding the user PIN (else STRONGROOM_USER_PIN, else a prompt).
+    #[arg(long, env = "STRONGROOM_USER_PIN_FILE", global = true)]
+    user_pin_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table", env = "STRONGROOM_FORMAT", global = true)]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokens and slots.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Master keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Check that the module, token, login, mechanisms and master keys are in order.
+    Doctor,
+    /// Write a development PKI (server, client and admin CAs and certificates).
+    DevPki {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Client certificates to issue, as STEM=IDENTITY (e.g. client=spiffe://strongroom.dev/demo).
+        #[arg(long = "client", default_value = "client=spiffe://strongroom.dev/demo")]
+        clients: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Every slot and token the module reports.
+    List,
+    /// Initialise a fresh token: SO PIN and user PIN from files, env or prompt.
+    Init {
+        /// Label of the new token (1–32 bytes).
+        #[arg(long)]
+        label: String,
+        /// File holding the SO PIN (else STRONGROOM_SO_PIN, else a prompt).
+        #[arg(long, env = "STRONGROOM_SO_PIN_FILE")]
+        so_pin_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Generate the next master key version inside the token.
+    Generate,
+    /// Master key versions with the security attributes the token reports.
+    List,
+}
+
+enum Failure {
+    Local(String),
+    Token(String),
+}
+
+impl From<HsmError> for Failure {
+    fn from(e: HsmError) -> Self {
+        match e {
+            HsmError::Load { .. } => Failure::Local(e.to_string()),
+            e => Failure::Token(e.to_string()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(1),
+            };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Local(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Token(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn interactive() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stdin())
+}
+
+fn user_pin(cli: &Cli) -> Result<cryptoki::types::AuthPin, Failure> {
+    read_pin(
+        "user PIN",
+        cli.user_pin_file.as_deref(),
+        "STRONGROOM_USER_PIN",
+        interactive(),
+    )
+    .map_err(|e| Failure::Local(e.to_string()))
+}
+
+fn selector(cli: &Cli) -> Result<TokenSelector, Failure> {
+    cli.token
+        .parse()
+        .map_err(|e| Failure::Local(format!("--token: {e}")))
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Token(TokenCmd::List) => {
+            let pkcs11 = hsm::load_module(&cli.module)?;
+            let tokens = admin::list_tokens(&pkcs11)?;
+            if cli.format == Format::Json {
+                println!("{}", json!(tokens));
+                return Ok(());
+            }
+            println!(
+                "{:>12}  {:<32}  {:<18}  {:<5}  {:<8}  MODEL",
+                "SLOT", "LABEL", "SERIAL", "INIT", "USER PIN"
+            );
+            for t in tokens {
+                if !t.present {
+                    println!("{:>12}  (no token)", t.slot);
+                    continue;
+                }
+                let pin = if t.user_pin_locked {
+                    "locked"
+                } else if t.user_pin_initialized {
+                    "set"
+                } else {
+                    "unset"
+                };
+                println!(
+                    "{:>12}  {:<32}  {:<18}  {:<5}  {:<8}  {}",
+                    t.slot, t.label, t.serial, t.initialized, pin, t.model
+                );
+            }
+            Ok(())
+        }
+        Command::Token(TokenCmd::Init { label, so_pin_file }) => {
+            let so_pin = read_pin("SO PIN", so_pin_file.as_deref(), "STRONGROOM_SO_PIN", interactive())
+                .map_err(|e| Failure::Local(e.to_string()))?;
+            let user = user_pin(&cli)?;
+            let pkcs11 = hsm::load_module(&cli.module)?;
+            let serial = admin::init_token(&pkcs11, label, &so_pin, &user).map_err(|e| match e {
+                InitError::Hsm(h) => Failure::from(h),
+                InitError::BadLabel => Failure::Local(e.to_string()),
+                other => Failure::Token(other.to_string()),
+            })?;
+            if cli.format == Format::Json {
+                println!("{}", json!({"label": label, "serial": serial}));
+            } else {
+                println!("initialised token '{label}' (serial {serial})");
+                println!("next: strongroom-admin --token {label} key generate");
+            }
+            Ok(())
+        }
+        Command::Key(cmd) => {
+            let pin = user_pin(&cli)?;
+            let pkcs11 = hsm::load_module(&cli.module)?;
+            let slot = hsm::find_token(&pkcs11, &selector(&cli)?)?;
+            let session = match cmd {
+                KeyCmd::Generate => pkcs11.open_rw_session(slot),
+                KeyCmd::List => pkcs11.open_ro_session(slot),
+            }
+            .map_err(HsmError::from)?;
+            hsm::login(&session, &pin)?;
+            match cmd {
+                KeyCmd::Generate => {
+                    let version = keys::generate(&session)?;
+                    let handle = keys::find(&session)?
+                        .into_iter()
+                        .find(|(v, _)| *v == version)
+                        .map(|(_, h)| h)
+                        .ok_or_else(|| Failure::Token("the new key is not visible in the token".into()))?;
+                    let report = keys::report(&session, version, handle)?;
+                    if cli.format == Format::Json {
+                        println!("{}", json!(report));
+                    } else {
+                        println!("generated master key version {version} ({})", report.label);
+                        println!(
+                            "back up the token now: SoftHSM2 does not fsync new keys, and records sealed under a lost key cannot be read"
+                        );
+                    }
+                    let problems = report.problems();
+                    if !problems.is_empty() {
+                        return Err(Failure::Token(format!(
+                            "the token did not honour the key template: {}",
+                            problems.join("; ")
+                        )));
+                    }
+                    Ok(())
+                }
+                KeyCmd::List => {
+                    let mut reports = Vec::new();
+                    for (version, handle) in keys::find(&session)? {
+                        reports.push(keys::report(&session, version, handle)?);
+                    }
+                    if cli.format == Format::Json {
+                        println!("{}", json!(reports));
+                        return Ok(());
+                    }
+                    println!(
+                        "{:>7}  {:<20}  {:<9}  {:<11}  {:<16}  {:<17}  {:<10}  VALUE",
+                        "VERSION", "LABEL", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "MODIFIABLE"
+                    );
+                    let show = |b: Option<bool>| b.map_or("?".to_owned(), |b| b.to_string());
+                    for r in &reports {
+                        println!(
+                            "{:>7}  {:<20}  {:<9}  {:<11}  {:<16}  {:<17}  {:<10}  {}",
+                            r.version,
+                            r.label,
+                            show(r.sensitive),
+                            show(r.extractable),
+                            show(r.always_sensitive),
+                            show(r.never_extractable),
+                            show(r.modifiable),
+                            if r.value_readable { "READABLE" } else { "unreadable" }
+                        );
+                    }
+                    if reports.is_empty() {
+                        eprintln!("no master keys; run `strongroom-admin key generate`");
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Command::Doctor => {
+            let pin = user_pin(&cli).ok();
+            let checks = admin::doctor(&cli.module, &selector(&cli)?, pin.as_ref());
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            if cli.format == Format::Json {
+                println!("{}", json!({"ok": failed == 0, "checks": checks}));
+            } else {
+                for c in &checks {
+                    println!("[{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+                    if let Some(fix) = &c.fix {
+                        println!("       fix: {fix}");
+                    }
+                }
+            }
+            if failed > 0 {
+                return Err(Failure::Token(format!("{failed} check(s) failed")));
+            }
+            Ok(())
+        }
+        Command::DevPki { out, clients } => {
+            let mut parsed = Vec::new();
+            for c in clients {
+                let (stem, identity) = c.split_once('=').ok_or_else(|| {
+                    Failure::Local(format!("--client {c}: expected STEM=IDENTITY"))
+                })?;
+                parsed.push((stem, identity));
+            }
+            strongroom::tls::write_dev_pki(out, &parsed).map_err(|e| Failure::Local(e.to_string()))?;
+            println!("wrote a development PKI to {}", out.display());
+            Ok(())
+        }
+    }
+}
