@@ -2,9 +2,7 @@
 //! everything the service needs is in place (`doctor`).
 
 use cryptoki::context::Pkcs11;
-use cryptoki::mechanism::Mechanism as CkMechanism;
 use cryptoki::mechanism::MechanismType;
-use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use serde::Serialize;
@@ -293,12 +291,9 @@ fn gcm_round_trip(
     let data = [0x5au8; 32];
     let mut iv = [0u8; 12];
     session.generate_random_slice(&mut iv)?;
-    let mut iv_enc = iv;
-    let params = GcmParams::new(&mut iv_enc, aad, 128.into())?;
-    let ct = session.encrypt(&CkMechanism::AesGcm(params), key, &data)?;
-    let params = GcmParams::new(&mut iv, aad, 128.into())?;
-    let pt = session.decrypt(&CkMechanism::AesGcm(params), key, &ct)?;
-    if pt != data {
+    let ct = super::gcm::encrypt(session, key, &iv, aad, 128, &data)?;
+    let pt = super::gcm::decrypt(session, key, &iv, aad, 128, &ct)?;
+    if pt.as_slice() != data {
         return Err(HsmError::UnwrapAuthentication);
     }
     Ok(())

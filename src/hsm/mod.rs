@@ -6,6 +6,7 @@
 //! number. Master keys live in [`keys`]; the worker pool that serves requests in [`pool`].
 
 pub mod admin;
+pub mod gcm;
 pub mod keys;
 pub mod pin;
 pub mod pool;

@@ -14,8 +14,6 @@ use std::time::Duration;
 
 use cryptoki::context::Pkcs11;
 use cryptoki::error::RvError;
-use cryptoki::mechanism::Mechanism as CkMechanism;
-use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
@@ -23,7 +21,7 @@ use cryptoki::types::AuthPin;
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
-use super::{FaultClass, HsmError, TokenSelector, keys};
+use super::{FaultClass, HsmError, TokenSelector, gcm, keys};
 use crate::envelope::{DEK_LEN, DataKey, GCM_NONCE_LEN, GCM_TAG_LEN};
 
 /// Which object the workers use for master key operations.
@@ -303,6 +301,7 @@ impl Worker {
     }
 
     fn execute(&self, op: &Op) -> Result<Reply, HsmError> {
+        const TAG_BITS: u64 = GCM_TAG_LEN as u64 * 8;
         match op {
             Op::NewDek { mk, aad } => {
                 let key = self.shared.key(*mk)?;
@@ -310,10 +309,7 @@ impl Worker {
                 self.session.generate_random_slice(dek.as_mut())?;
                 let mut iv = [0u8; GCM_NONCE_LEN];
                 self.session.generate_random_slice(&mut iv)?;
-                let params = GcmParams::new(&mut iv, aad, (GCM_TAG_LEN as u64 * 8).into())?;
-                let ct = self
-                    .session
-                    .encrypt(&CkMechanism::AesGcm(params), key, dek.as_ref())?;
+                let ct = gcm::encrypt(&self.session, key, &iv, aad, TAG_BITS, dek.as_ref())?;
                 let mut wrapped = Vec::with_capacity(GCM_NONCE_LEN + ct.len());
                 wrapped.extend_from_slice(&iv);
                 wrapped.extend_from_slice(&ct);
@@ -326,25 +322,7 @@ impl Worker {
                     return Err(HsmError::UnwrapAuthentication);
                 }
                 let (iv, ct) = wrapped.split_at(GCM_NONCE_LEN);
-                let mut iv = <[u8; GCM_NONCE_LEN]>::try_from(iv)
-                    .map_err(|_| HsmError::UnwrapAuthentication)?;
-                let params = GcmParams::new(&mut iv, aad, (GCM_TAG_LEN as u64 * 8).into())?;
-                let plain = match self.session.decrypt(&CkMechanism::AesGcm(params), key, ct) {
-                    Ok(p) => Zeroizing::new(p),
-                    Err(e) => {
-                        let e = HsmError::from(e);
-                        return Err(match &e {
-                            // SoftHSM2 reports a failed GCM tag as CKR_GENERAL_ERROR.
-                            HsmError::Pkcs11 { rv, .. }
-                                if *rv == cryptoki::error::RvError::GeneralError
-                                    || e.class() == FaultClass::Authentication =>
-                            {
-                                HsmError::UnwrapAuthentication
-                            }
-                            _ => e,
-                        });
-                    }
-                };
+                let plain = gcm::decrypt(&self.session, key, iv, aad, TAG_BITS, ct)?;
                 let dek = DataKey::from_slice(&plain).ok_or(HsmError::BadKeyLength)?;
                 Ok(Reply::Dek(dek))
             }

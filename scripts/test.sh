@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: format, lints, docs, then every test against real SoftHSM2 tokens,
+# real mutual TLS on loopback and real sled stores. cargo-nextest runs each test in its own
+# process (PKCS#11 allows one C_Initialize per process, and each test has its own token).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo doc"
+RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --locked --quiet
+echo "== tests"
+cargo nextest run --locked --all-targets --no-fail-fast "$@"

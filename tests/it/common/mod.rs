@@ -1,0 +1,371 @@
+//! The shared fixture: a fresh SoftHSM2 token (its own directory), a provisioned master key,
+//! a test PKI, a sled store directory, and `strongroomd` as a real process on 127.0.0.1:0.
+//!
+//! The PKCS#11 module, PINs and token label come from the environment so the same suite can
+//! run against another token implementation:
+//! `STRONGROOM_TEST_PKCS11_MODULE` (default SoftHSM2), `STRONGROOM_TEST_TOKEN_LABEL`,
+//! `STRONGROOM_TEST_SO_PIN`, `STRONGROOM_TEST_USER_PIN`.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strongroom::proto::secret_service_client::SecretServiceClient;
+use strongroom::tls::DevCa;
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint};
+
+/// Identities of the test PKI, by certificate file stem.
+pub const PAYMENTS: &str = "spiffe://strongroom.test/payments";
+pub const READER: &str = "spiffe://strongroom.test/reader";
+pub const OPS: &str = "spiffe://strongroom.test/ops";
+pub const STRANGER: &str = "spiffe://strongroom.test/stranger";
+
+/// The default policy of the tests:
+/// - payments: everything under `payments`;
+/// - reader: read under `payments/db`;
+/// - ops: list everything, read nothing;
+/// - stranger: nothing.
+pub const POLICY: &str = r#"
+[[policy]]
+identity = "spiffe://strongroom.test/payments"
+prefix = "payments"
+capabilities = ["read", "write", "list", "delete"]
+
+[[policy]]
+identity = "spiffe://strongroom.test/reader"
+prefix = "payments/db"
+capabilities = ["read"]
+
+[[policy]]
+identity = "spiffe://strongroom.test/ops"
+prefix = ""
+capabilities = ["list"]
+"#;
+
+pub struct TestEnv {
+    pub dir: TempDir,
+    pub module: PathBuf,
+    pub label: String,
+    pub so_pin: String,
+    pub user_pin: String,
+    pub pki: PathBuf,
+    pub store: PathBuf,
+}
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+impl TestEnv {
+    /// A fresh token with one master key, and a fresh PKI.
+    pub fn new() -> Self {
+        let env = Self::with_token();
+        env.admin(&["key", "generate"]).assert_ok();
+        env
+    }
+
+    /// A fresh, initialised token without a master key.
+    pub fn with_token() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir_all(&tokens).expect("token dir");
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-config/softhsm2.conf.template"),
+        )
+        .expect("softhsm template");
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(&conf, template.replace("@TOKENDIR@", tokens.to_str().unwrap()))
+            .expect("softhsm conf");
+        // This process may load the module too (invariant tests): point it at our token.
+        // SAFETY: set before any thread of this test process reads the environment; each
+        // test runs in its own process under nextest.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
+        let env = TestEnv {
+            module: env_or(
+                "STRONGROOM_TEST_PKCS11_MODULE",
+                "/usr/lib/softhsm/libsofthsm2.so",
+            )
+            .into(),
+            label: env_or("STRONGROOM_TEST_TOKEN_LABEL", "strongroom-test"),
+            so_pin: env_or("STRONGROOM_TEST_SO_PIN", "so-pin-0000"),
+            user_pin: env_or("STRONGROOM_TEST_USER_PIN", "user-pin-0000"),
+            pki: dir.path().join("pki"),
+            store: dir.path().join("store"),
+            dir,
+        };
+        env.write_pki();
+        env.admin(&["token", "init", "--label", &env.label]).assert_ok();
+        env
+    }
+
+    fn write_pki(&self) {
+        std::fs::create_dir_all(&self.pki).unwrap();
+        let server_ca = DevCa::new("test server CA").unwrap();
+        let client_ca = DevCa::new("test client CA").unwrap();
+        let foreign_ca = DevCa::new("foreign CA").unwrap();
+        let write = |name: &str, body: &str| std::fs::write(self.pki.join(name), body).unwrap();
+        write("server-ca.pem", &server_ca.cert_pem());
+        write("client-ca.pem", &client_ca.cert_pem());
+        let server = server_ca
+            .issue_server(&["localhost", "127.0.0.1"])
+            .unwrap();
+        write("server.pem", &server.cert_pem);
+        write("server-key.pem", &server.key_pem);
+        for (stem, id, ca) in [
+            ("payments", PAYMENTS, &client_ca),
+            ("reader", READER, &client_ca),
+            ("ops", OPS, &client_ca),
+            ("stranger", STRANGER, &client_ca),
+            // Same identity as payments, issued by a CA the server does not trust.
+            ("foreign", PAYMENTS, &foreign_ca),
+        ] {
+            let c = ca.issue_client(id).unwrap();
+            write(&format!("{stem}.pem"), &c.cert_pem);
+            write(&format!("{stem}-key.pem"), &c.key_pem);
+        }
+    }
+
+    /// Environment shared by the binaries.
+    fn apply_env(&self, cmd: &mut Command) {
+        cmd.env("SOFTHSM2_CONF", self.dir.path().join("softhsm2.conf"))
+            .env("STRONGROOM_PKCS11_MODULE", &self.module)
+            .env("STRONGROOM_TOKEN", &self.label)
+            .env("STRONGROOM_SO_PIN", &self.so_pin)
+            .env("STRONGROOM_USER_PIN", &self.user_pin)
+            .env_remove("STRONGROOM_USER_PIN_FILE")
+            .env_remove("STRONGROOM_CONFIG")
+            .stdin(Stdio::null());
+    }
+
+    /// Runs `strongroom-admin` with `args`.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom-admin"));
+        self.apply_env(&mut cmd);
+        Output::of(cmd.args(args))
+    }
+
+    /// Writes a service configuration with `extra` appended (policy, limits).
+    pub fn config(&self, extra: &str) -> PathBuf {
+        let path = self.dir.path().join("strongroomd.toml");
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+client_ca = "pki/client-ca.pem"
+
+[hsm]
+module = "{module}"
+token = "{label}"
+request_timeout_ms = 5000
+
+[store]
+path = "store"
+{extra}
+"#,
+            module = self.module.display(),
+            label = self.label,
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts `strongroomd` with the default policy.
+    pub fn start(&self) -> Server {
+        self.start_with(&self.config(POLICY), &[])
+    }
+
+    /// Starts `strongroomd` with a configuration and extra environment.
+    pub fn start_with(&self, config: &Path, env: &[(&str, &str)]) -> Server {
+        let log = self.dir.path().join(format!(
+            "strongroomd-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroomd"));
+        self.apply_env(&mut cmd);
+        cmd.arg("--config")
+            .arg(config)
+            .env("STRONGROOM_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn strongroomd");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = match lines.next() {
+            Some(Ok(line)) if line.starts_with("listening on ") => {
+                line["listening on ".len()..].to_owned()
+            }
+            other => {
+                let _ = child.wait();
+                panic!(
+                    "strongroomd did not start ({other:?}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        Server {
+            child,
+            addr,
+            log,
+            pki: self.pki.clone(),
+        }
+    }
+
+    /// A `strongroom` CLI command for `server`, as the client `stem`.
+    pub fn cli(&self, server: &Server, stem: &str) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom"));
+        cmd.env("STRONGROOM_ADDR", format!("https://{}", server.addr))
+            .env("STRONGROOM_CACERT", self.pki.join("server-ca.pem"))
+            .env("STRONGROOM_CLIENT_CERT", self.pki.join(format!("{stem}.pem")))
+            .env("STRONGROOM_CLIENT_KEY", self.pki.join(format!("{stem}-key.pem")))
+            .env("STRONGROOM_SERVER_NAME", "localhost")
+            .env_remove("STRONGROOM_FORMAT");
+        cmd
+    }
+}
+
+/// A running `strongroomd`; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+    pki: PathBuf,
+}
+
+impl Server {
+    /// A gRPC client authenticated as `stem` (a certificate of the test PKI).
+    pub async fn client(&self, stem: &str) -> SecretServiceClient<Channel> {
+        self.try_client(Some(stem)).await.expect("connect")
+    }
+
+    /// A client with the given certificate stem, or none; the error if the handshake fails.
+    pub async fn try_client(
+        &self,
+        stem: Option<&str>,
+    ) -> Result<SecretServiceClient<Channel>, tonic::transport::Error> {
+        let ca = tonic::transport::Certificate::from_pem(
+            std::fs::read(self.pki.join("server-ca.pem")).unwrap(),
+        );
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(ca)
+            .domain_name("localhost");
+        if let Some(stem) = stem {
+            let cert = std::fs::read(self.pki.join(format!("{stem}.pem"))).unwrap();
+            let key = std::fs::read(self.pki.join(format!("{stem}-key.pem"))).unwrap();
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        let channel = Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        Ok(SecretServiceClient::new(channel))
+    }
+
+    /// The service's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the service with SIGTERM and waits for it.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The outcome of a command.
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn of(cmd: &mut Command) -> Self {
+        let out = cmd.output().expect("run command");
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(
+            self.code, 0,
+            "command failed\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+/// Runs a command with `input` on stdin.
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,7 @@
+//! Integration tests: one binary, against real SoftHSM2 tokens (a fresh token directory per
+//! test), real mutual TLS on 127.0.0.1:0 and real sled stores. Run with cargo-nextest, which
+//! gives each test its own process (PKCS#11 initialises once per process).
+
+mod common;
+
+mod wycheproof;
