@@ -31,6 +31,9 @@ pub enum Error {
         /// What the store holds.
         actual: u64,
     },
+    /// Other writers of the same name kept winning; the caller may retry.
+    #[error("concurrent writers of this name kept winning; retry")]
+    Contention,
     /// A master key is missing, or its wrap budget is spent.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -59,7 +62,7 @@ impl Error {
             Error::NotFound => Code::NotFound,
             Error::PermissionDenied => Code::PermissionDenied,
             Error::Unauthenticated(_) => Code::Unauthenticated,
-            Error::VersionConflict { .. } => Code::Aborted,
+            Error::VersionConflict { .. } | Error::Contention => Code::Aborted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Hsm(e) => match e {
                 HsmError::NoMasterKey | HsmError::MasterKeyMissing(_) => Code::FailedPrecondition,

@@ -28,6 +28,8 @@
 //! version, AAD = name, version, master key version) → envelope (decrypt with the same AAD;
 //! the data key is zeroized) → audit (fail closed) → response.
 
+#![forbid(unsafe_code)]
+
 pub mod audit;
 pub mod config;
 pub mod envelope;

@@ -64,7 +64,9 @@ pub enum PolicyError {
         source: NameError,
     },
     /// A rule's identity pattern is not valid.
-    #[error("policy rule {index}: identity pattern {pattern:?} must be non-empty and may only end in '*'")]
+    #[error(
+        "policy rule {index}: identity pattern {pattern:?} must be non-empty and may only end in '*'"
+    )]
     Identity {
         /// Which rule (0-based).
         index: usize,
@@ -150,7 +152,12 @@ impl Policy {
     }
 
     /// Decides whether `identity` may use `capability` on `name`.
-    pub fn decide(&self, identity: &Identity, capability: Capability, name: &SecretName) -> Decision {
+    pub fn decide(
+        &self,
+        identity: &Identity,
+        capability: Capability,
+        name: &SecretName,
+    ) -> Decision {
         self.rules
             .iter()
             .position(|r| {

@@ -229,7 +229,10 @@ impl fmt::Debug for proto::PutSecretRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PutSecretRequest")
             .field("name", &self.name)
-            .field("value", &format_args!("<{} bytes redacted>", self.value.len()))
+            .field(
+                "value",
+                &format_args!("<{} bytes redacted>", self.value.len()),
+            )
             .field("expected_version", &self.expected_version)
             .field("expires_at_unix", &self.expires_at_unix)
             .finish()
@@ -241,7 +244,10 @@ impl fmt::Debug for proto::GetSecretResponse {
         f.debug_struct("GetSecretResponse")
             .field("name", &self.name)
             .field("version", &self.version)
-            .field("value", &format_args!("<{} bytes redacted>", self.value.len()))
+            .field(
+                "value",
+                &format_args!("<{} bytes redacted>", self.value.len()),
+            )
             .finish_non_exhaustive()
     }
 }

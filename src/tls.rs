@@ -92,7 +92,11 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// The server side: its certificate and key, and the CA its clients must chain to.
-pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<ServerTlsConfig, TlsError> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<ServerTlsConfig, TlsError> {
     let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
     Ok(ServerTlsConfig::new()
         .identity(identity)
@@ -109,7 +113,10 @@ pub fn client_config(
 ) -> Result<ClientTlsConfig, TlsError> {
     Ok(ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(server_ca)?))
-        .identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?))
+        .identity(tonic::transport::Identity::from_pem(
+            read(cert)?,
+            read(key)?,
+        ))
         .domain_name(server_name))
 }
 
@@ -146,9 +153,8 @@ impl DevCa {
 
     /// A server certificate for the given DNS names and IP addresses.
     pub fn issue_server(&self, names: &[&str]) -> Result<DevCert, TlsError> {
-        let mut params = CertificateParams::new(
-            names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params, names.first().copied().unwrap_or("server"))
     }
@@ -168,7 +174,11 @@ impl DevCa {
     }
 
     /// Signs arbitrary parameters (tests use this for unusual certificates).
-    pub fn sign(&self, mut params: CertificateParams, common_name: &str) -> Result<DevCert, TlsError> {
+    pub fn sign(
+        &self,
+        mut params: CertificateParams,
+        common_name: &str,
+    ) -> Result<DevCert, TlsError> {
         let key = KeyPair::generate()?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
@@ -199,7 +209,11 @@ pub fn write_dev_pki(dir: &Path, clients: &[(&str, &str)]) -> Result<(), DevPkiE
     for (stem, identity) in clients {
         write_pair(dir, stem, &client_ca.issue_client(identity)?)?;
     }
-    write_pair(dir, "officer", &admin_ca.issue_client("officer@strongroom.dev")?)?;
+    write_pair(
+        dir,
+        "officer",
+        &admin_ca.issue_client("officer@strongroom.dev")?,
+    )?;
     Ok(())
 }
 

@@ -5,6 +5,8 @@
 //! writes a development PKI. PINs come from files, environment variables or a prompt, never
 //! from argv. Exit codes: 0 success, 1 local or usage error, 2 token-side error.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,13 +30,24 @@ struct Cli {
     )]
     module: PathBuf,
     /// Token: label, `serial:<serial>` or an RFC 7512 `pkcs11:` URI.
-    #[arg(long, env = "STRONGROOM_TOKEN", default_value = "strongroom", global = true)]
+    #[arg(
+        long,
+        env = "STRONGROOM_TOKEN",
+        default_value = "strongroom",
+        global = true
+    )]
     token: String,
     /// File holding the user PIN (else STRONGROOM_USER_PIN, else a prompt).
     #[arg(long, env = "STRONGROOM_USER_PIN_FILE", global = true)]
     user_pin_file: Option<PathBuf>,
     /// Output format.
-    #[arg(long, value_enum, default_value = "table", env = "STRONGROOM_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "table",
+        env = "STRONGROOM_FORMAT",
+        global = true
+    )]
     format: Format,
     #[command(subcommand)]
     command: Command,
@@ -183,15 +196,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Token(TokenCmd::Init { label, so_pin_file }) => {
-            let so_pin = read_pin("SO PIN", so_pin_file.as_deref(), "STRONGROOM_SO_PIN", interactive())
-                .map_err(|e| Failure::Local(e.to_string()))?;
+            let so_pin = read_pin(
+                "SO PIN",
+                so_pin_file.as_deref(),
+                "STRONGROOM_SO_PIN",
+                interactive(),
+            )
+            .map_err(|e| Failure::Local(e.to_string()))?;
             let user = user_pin(&cli)?;
             let pkcs11 = hsm::load_module(&cli.module)?;
-            let serial = admin::init_token(&pkcs11, label, &so_pin, &user).map_err(|e| match e {
-                InitError::Hsm(h) => Failure::from(h),
-                InitError::BadLabel => Failure::Local(e.to_string()),
-                other => Failure::Token(other.to_string()),
-            })?;
+            let serial =
+                admin::init_token(&pkcs11, label, &so_pin, &user).map_err(|e| match e {
+                    InitError::Hsm(h) => Failure::from(h),
+                    InitError::BadLabel => Failure::Local(e.to_string()),
+                    other => Failure::Token(other.to_string()),
+                })?;
             if cli.format == Format::Json {
                 println!("{}", json!({"label": label, "serial": serial}));
             } else {
@@ -217,7 +236,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         .into_iter()
                         .find(|(v, _)| *v == version)
                         .map(|(_, h)| h)
-                        .ok_or_else(|| Failure::Token("the new key is not visible in the token".into()))?;
+                        .ok_or_else(|| {
+                            Failure::Token("the new key is not visible in the token".into())
+                        })?;
                     let report = keys::report(&session, version, handle)?;
                     if cli.format == Format::Json {
                         println!("{}", json!(report));
@@ -247,7 +268,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     }
                     println!(
                         "{:>7}  {:<20}  {:<9}  {:<11}  {:<16}  {:<17}  {:<10}  VALUE",
-                        "VERSION", "LABEL", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE", "NEVER_EXTRACTABLE", "MODIFIABLE"
+                        "VERSION",
+                        "LABEL",
+                        "SENSITIVE",
+                        "EXTRACTABLE",
+                        "ALWAYS_SENSITIVE",
+                        "NEVER_EXTRACTABLE",
+                        "MODIFIABLE"
                     );
                     let show = |b: Option<bool>| b.map_or("?".to_owned(), |b| b.to_string());
                     for r in &reports {
@@ -260,7 +287,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                             show(r.always_sensitive),
                             show(r.never_extractable),
                             show(r.modifiable),
-                            if r.value_readable { "READABLE" } else { "unreadable" }
+                            if r.value_readable {
+                                "READABLE"
+                            } else {
+                                "unreadable"
+                            }
                         );
                     }
                     if reports.is_empty() {
@@ -278,7 +309,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", json!({"ok": failed == 0, "checks": checks}));
             } else {
                 for c in &checks {
-                    println!("[{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+                    println!(
+                        "[{}] {}: {}",
+                        if c.ok { " ok " } else { "FAIL" },
+                        c.name,
+                        c.detail
+                    );
                     if let Some(fix) = &c.fix {
                         println!("       fix: {fix}");
                     }
@@ -297,7 +333,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 })?;
                 parsed.push((stem, identity));
             }
-            strongroom::tls::write_dev_pki(out, &parsed).map_err(|e| Failure::Local(e.to_string()))?;
+            strongroom::tls::write_dev_pki(out, &parsed)
+                .map_err(|e| Failure::Local(e.to_string()))?;
             println!("wrote a development PKI to {}", out.display());
             Ok(())
         }

@@ -3,6 +3,8 @@
 //! Exit codes as Vault's: 0 success, 1 local or usage error, 2 server-side error. Values are
 //! read from stdin or `@file`, never from the command line.
 
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,7 +26,12 @@ use strongroom::proto::{
 #[command(version, about)]
 struct Cli {
     /// Service address.
-    #[arg(long, env = "STRONGROOM_ADDR", default_value = "https://localhost:7443", global = true)]
+    #[arg(
+        long,
+        env = "STRONGROOM_ADDR",
+        default_value = "https://localhost:7443",
+        global = true
+    )]
     addr: String,
     /// CA certificate the server must chain to (PEM).
     #[arg(long, env = "STRONGROOM_CACERT", global = true)]
@@ -39,7 +46,13 @@ struct Cli {
     #[arg(long, env = "STRONGROOM_SERVER_NAME", global = true)]
     server_name: Option<String>,
     /// Output format.
-    #[arg(long, value_enum, default_value = "table", env = "STRONGROOM_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "table",
+        env = "STRONGROOM_FORMAT",
+        global = true
+    )]
     format: Format,
     /// Request deadline in seconds.
     #[arg(long, default_value_t = 10, env = "STRONGROOM_TIMEOUT", global = true)]
@@ -126,7 +139,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -165,12 +181,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let expires_at_unix = ttl.map(|t| unix_now().saturating_add(t as i64));
             let mut value = value.unwrap_or_default();
             let resp = client
-                .put_secret(req(deadline, PutSecretRequest {
-                    name: name.clone(),
-                    value: std::mem::take(&mut *value),
-                    expected_version,
-                    expires_at_unix,
-                }))
+                .put_secret(req(
+                    deadline,
+                    PutSecretRequest {
+                        name: name.clone(),
+                        value: std::mem::take(&mut *value),
+                        expected_version,
+                        expires_at_unix,
+                    },
+                ))
                 .await
                 .map_err(Failure::Server)?
                 .into_inner();
@@ -178,7 +197,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 &mut out,
                 cli.format,
                 json!({"name": name, "version": resp.version, "master_key_version": resp.master_key_version}),
-                &[("name", name.clone()), ("version", resp.version.to_string())],
+                &[
+                    ("name", name.clone()),
+                    ("version", resp.version.to_string()),
+                ],
             )
         }
         Command::Get {
@@ -187,10 +209,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             field,
         } => {
             let resp = client
-                .get_secret(req(deadline, GetSecretRequest {
-                    name,
-                    version: version.unwrap_or(0),
-                }))
+                .get_secret(req(
+                    deadline,
+                    GetSecretRequest {
+                        name,
+                        version: version.unwrap_or(0),
+                    },
+                ))
                 .await
                 .map_err(Failure::Server)?
                 .into_inner();
@@ -248,13 +273,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     json!({"name": resp.name, "latest_version": resp.latest_version, "versions": versions}),
                 );
             }
-            writeln!(out, "{}  (latest version {})", resp.name, resp.latest_version).map_err(io)?;
-            writeln!(out, "{:>8}  {:>3}  {:<20}  {:>12}  {:<8}  CREATED BY", "VERSION", "MK", "MECHANISM", "CREATED", "EXPIRED").map_err(io)?;
+            writeln!(
+                out,
+                "{}  (latest version {})",
+                resp.name, resp.latest_version
+            )
+            .map_err(io)?;
+            writeln!(
+                out,
+                "{:>8}  {:>3}  {:<20}  {:>12}  {:<8}  CREATED BY",
+                "VERSION", "MK", "MECHANISM", "CREATED", "EXPIRED"
+            )
+            .map_err(io)?;
             for v in resp.versions {
                 writeln!(
                     out,
                     "{:>8}  {:>3}  {:<20}  {:>12}  {:<8}  {}",
-                    v.version, v.master_key_version, v.mechanism, v.created_at_unix, v.expired, v.created_by
+                    v.version,
+                    v.master_key_version,
+                    v.mechanism,
+                    v.created_at_unix,
+                    v.expired,
+                    v.created_by
                 )
                 .map_err(io)?;
             }
@@ -269,11 +309,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut names = Vec::new();
             loop {
                 let resp = client
-                    .list_secrets(req(deadline, ListSecretsRequest {
-                        prefix: prefix.clone(),
-                        page_size,
-                        page_token: page_token.clone(),
-                    }))
+                    .list_secrets(req(
+                        deadline,
+                        ListSecretsRequest {
+                            prefix: prefix.clone(),
+                            page_size,
+                            page_token: page_token.clone(),
+                        },
+                    ))
                     .await
                     .map_err(Failure::Server)?
                     .into_inner();
@@ -284,7 +327,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             if cli.format == Format::Json {
-                return print_json(&mut out, json!({"names": names, "next_page_token": page_token}));
+                return print_json(
+                    &mut out,
+                    json!({"names": names, "next_page_token": page_token}),
+                );
             }
             for n in &names {
                 writeln!(out, "{n}").map_err(io)?;
@@ -304,7 +350,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 &mut out,
                 cli.format,
                 json!({"name": name, "versions_destroyed": resp.versions_destroyed}),
-                &[("name", name.clone()), ("versions_destroyed", resp.versions_destroyed.to_string())],
+                &[
+                    ("name", name.clone()),
+                    ("versions_destroyed", resp.versions_destroyed.to_string()),
+                ],
             )
         }
     }
@@ -354,7 +403,12 @@ async fn connect(cli: &Cli) -> Result<SecretServiceClient<Channel>, Failure> {
     let host = cli
         .server_name
         .clone()
-        .or_else(|| endpoint.uri().host().map(|h| h.trim_matches(['[', ']']).to_owned()))
+        .or_else(|| {
+            endpoint
+                .uri()
+                .host()
+                .map(|h| h.trim_matches(['[', ']']).to_owned())
+        })
         .unwrap_or_else(|| "localhost".into());
     let tls = strongroom::tls::client_config(&cacert, &cert, &key, &host)
         .map_err(|e| Failure::Local(e.to_string()))?;

@@ -4,6 +4,8 @@
 //! store, and serves SecretService over mutual TLS until SIGTERM or SIGINT, draining
 //! in-flight requests. Prints `listening on ADDR` on stdout once the port is bound.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,7 +29,12 @@ struct Args {
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
     /// Log format.
-    #[arg(long, value_enum, default_value = "text", env = "STRONGROOM_LOG_FORMAT")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "STRONGROOM_LOG_FORMAT"
+    )]
     log_format: LogFormat,
 }
 
@@ -39,7 +46,8 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_env("STRONGROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("STRONGROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -73,7 +73,9 @@ pub enum InitError {
     #[error("a token labelled '{0}' exists already; choose another label")]
     LabelTaken(String),
     /// No slot has an uninitialised token.
-    #[error("no slot holds an uninitialised token; for SoftHSM2 check SOFTHSM2_CONF and its tokendir")]
+    #[error(
+        "no slot holds an uninitialised token; for SoftHSM2 check SOFTHSM2_CONF and its tokendir"
+    )]
     NoFreeSlot,
     /// The label is too long for a token label (32 bytes).
     #[error("the token label must be 1 to 32 bytes")]
@@ -162,7 +164,11 @@ impl Check {
 /// Checks, in order, that the module loads, the token exists, login works, the mechanisms
 /// are there, and every master key is sound and usable. Stops at the first check that makes
 /// the rest meaningless.
-pub fn doctor(module: &std::path::Path, selector: &TokenSelector, pin: Option<&AuthPin>) -> Vec<Check> {
+pub fn doctor(
+    module: &std::path::Path,
+    selector: &TokenSelector,
+    pin: Option<&AuthPin>,
+) -> Vec<Check> {
     let mut checks = Vec::new();
     let pkcs11 = match super::load_module(module) {
         Ok(p) => {
@@ -170,7 +176,10 @@ pub fn doctor(module: &std::path::Path, selector: &TokenSelector, pin: Option<&A
                 .get_library_info()
                 .map(|i| format!("{} {}", i.manufacturer_id(), i.library_description()))
                 .unwrap_or_default();
-            checks.push(Check::pass("module", format!("{} loaded ({desc})", module.display())));
+            checks.push(Check::pass(
+                "module",
+                format!("{} loaded ({desc})", module.display()),
+            ));
             p
         }
         Err(e) => {
@@ -199,8 +208,16 @@ pub fn doctor(module: &std::path::Path, selector: &TokenSelector, pin: Option<&A
     let mechanisms = pkcs11.get_mechanism_list(slot).unwrap_or_default();
     for (mech, what, required) in [
         (MechanismType::AES_KEY_GEN, "AES key generation", true),
-        (MechanismType::AES_GCM, "AES-GCM (data key wrap and unwrap)", true),
-        (MechanismType::AES_KEY_WRAP, "AES-KW (strict mode, planned)", false),
+        (
+            MechanismType::AES_GCM,
+            "AES-GCM (data key wrap and unwrap)",
+            true,
+        ),
+        (
+            MechanismType::AES_KEY_WRAP,
+            "AES-KW (strict mode, planned)",
+            false,
+        ),
     ] {
         let name = format!("mechanism {mech}");
         if mechanisms.contains(&mech) {
@@ -231,7 +248,11 @@ pub fn doctor(module: &std::path::Path, selector: &TokenSelector, pin: Option<&A
     let session = match pkcs11.open_ro_session(slot).map_err(HsmError::from) {
         Ok(s) => s,
         Err(e) => {
-            checks.push(Check::fail("session", e.to_string(), "check the token's session limit"));
+            checks.push(Check::fail(
+                "session",
+                e.to_string(),
+                "check the token's session limit",
+            ));
             return checks;
         }
     };

@@ -8,7 +8,9 @@
 
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism as CkMechanism;
-use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle,
+};
 use cryptoki::session::Session;
 
 use super::HsmError;

@@ -104,7 +104,9 @@ impl HsmError {
                 FaultClass::Configuration
             }
             HsmError::MasterKeyMissing(_) => FaultClass::KeyLost,
-            HsmError::Cryptoki(_) | HsmError::Thread(_) | HsmError::BadKeyLength => FaultClass::Other,
+            HsmError::Cryptoki(_) | HsmError::Thread(_) | HsmError::BadKeyLength => {
+                FaultClass::Other
+            }
         }
     }
 }
@@ -125,18 +127,33 @@ pub fn classify(rv: RvError) -> FaultClass {
         SessionHandleInvalid | SessionClosed => FaultClass::SessionLost,
         UserNotLoggedIn => FaultClass::LoginLost,
         KeyHandleInvalid | ObjectHandleInvalid => FaultClass::KeyLost,
-        DeviceRemoved | TokenNotPresent | DeviceError | TokenNotRecognized
-        | CryptokiNotInitialized | SlotIdInvalid => FaultClass::TokenLost,
+        DeviceRemoved
+        | TokenNotPresent
+        | DeviceError
+        | TokenNotRecognized
+        | CryptokiNotInitialized
+        | SlotIdInvalid => FaultClass::TokenLost,
         SessionCount | OperationActive | FunctionCanceled | DeviceMemory | HostMemory
         | CantLock => FaultClass::Transient,
         // SoftHSM2 reports a failed GCM tag as CKR_GENERAL_ERROR; Kryoptic as
         // CKR_ENCRYPTED_DATA_INVALID. Only decrypt paths consult this class.
         EncryptedDataInvalid | EncryptedDataLenRange => FaultClass::Authentication,
-        PinIncorrect | PinInvalid | PinLenRange | PinExpired | PinLocked
-        | MechanismInvalid | MechanismParamInvalid | KeyTypeInconsistent
-        | KeyFunctionNotPermitted | TemplateIncomplete | TemplateInconsistent
-        | AttributeValueInvalid | TokenWriteProtected | UserPinNotInitialized
-        | UserTypeInvalid | FunctionNotSupported => FaultClass::Configuration,
+        PinIncorrect
+        | PinInvalid
+        | PinLenRange
+        | PinExpired
+        | PinLocked
+        | MechanismInvalid
+        | MechanismParamInvalid
+        | KeyTypeInconsistent
+        | KeyFunctionNotPermitted
+        | TemplateIncomplete
+        | TemplateInconsistent
+        | AttributeValueInvalid
+        | TokenWriteProtected
+        | UserPinNotInitialized
+        | UserTypeInvalid
+        | FunctionNotSupported => FaultClass::Configuration,
         _ => FaultClass::Other,
     }
 }
@@ -146,28 +163,46 @@ pub fn explain(rv: RvError) -> &'static str {
     use RvError::*;
     match rv {
         PinIncorrect => "the PIN is wrong; check the PIN file or STRONGROOM_USER_PIN",
-        PinLocked => "the PIN is locked after too many wrong tries; the security officer must reset it",
+        PinLocked => {
+            "the PIN is locked after too many wrong tries; the security officer must reset it"
+        }
         PinLenRange | PinInvalid => "the PIN has a length or characters the token does not accept",
-        UserPinNotInitialized => "the token's user PIN was never set; run `strongroom-admin token init`",
+        UserPinNotInitialized => {
+            "the token's user PIN was never set; run `strongroom-admin token init`"
+        }
         UserNotLoggedIn => "the session is not logged in (the login was dropped)",
         UserAlreadyLoggedIn => "already logged in",
-        SessionHandleInvalid | SessionClosed => "the session is gone (token restarted or session closed)",
+        SessionHandleInvalid | SessionClosed => {
+            "the session is gone (token restarted or session closed)"
+        }
         SessionCount => "the token has no free sessions; lower hsm.workers or close other clients",
-        DeviceRemoved | TokenNotPresent => "the token is not present (removed, or the HSM is unreachable)",
+        DeviceRemoved | TokenNotPresent => {
+            "the token is not present (removed, or the HSM is unreachable)"
+        }
         DeviceError => "the token reported a device error",
         DeviceMemory => "the token is out of memory",
         TokenNotRecognized => "the module does not recognise the token",
-        SlotIdInvalid => "the slot no longer exists (tokens are chosen by label; the module renumbered slots)",
+        SlotIdInvalid => {
+            "the slot no longer exists (tokens are chosen by label; the module renumbered slots)"
+        }
         MechanismInvalid => "the token does not support this mechanism",
         MechanismParamInvalid => "the token refused the mechanism's parameters",
-        KeyHandleInvalid | ObjectHandleInvalid => "the key handle is stale (key destroyed or token reloaded)",
+        KeyHandleInvalid | ObjectHandleInvalid => {
+            "the key handle is stale (key destroyed or token reloaded)"
+        }
         KeyFunctionNotPermitted => "the key's attributes do not permit this operation",
         KeyTypeInconsistent => "the key type does not fit the mechanism",
-        TemplateIncomplete | TemplateInconsistent => "the object template is incomplete or inconsistent",
-        AttributeSensitive => "the attribute is sensitive and cannot be read (as intended for master keys)",
+        TemplateIncomplete | TemplateInconsistent => {
+            "the object template is incomplete or inconsistent"
+        }
+        AttributeSensitive => {
+            "the attribute is sensitive and cannot be read (as intended for master keys)"
+        }
         AttributeValueInvalid => "an attribute value is invalid",
         EncryptedDataInvalid | EncryptedDataLenRange => "the ciphertext failed to authenticate",
-        GeneralError => "the token reported a general error (on SoftHSM2 this is also a failed GCM tag)",
+        GeneralError => {
+            "the token reported a general error (on SoftHSM2 this is also a failed GCM tag)"
+        }
         TokenWriteProtected => "the token is write-protected",
         CryptokiNotInitialized => "the PKCS#11 library is not initialised",
         FunctionNotSupported => "the module does not implement this function",

@@ -51,8 +51,11 @@ pub fn read_pin(
     } else if let Ok(v) = std::env::var(env) {
         v
     } else if prompt {
-        rpassword::prompt_password(format!("{what}: "))
-            .map_err(|source| PinError::Prompt { what, env, source })?
+        rpassword::prompt_password(format!("{what}: ")).map_err(|source| PinError::Prompt {
+            what,
+            env,
+            source,
+        })?
     } else {
         return Err(PinError::Prompt {
             what,

@@ -78,8 +78,15 @@ struct Shared {
 }
 
 enum Op {
-    NewDek { mk: u32, aad: Vec<u8> },
-    Unwrap { mk: u32, wrapped: Vec<u8>, aad: Vec<u8> },
+    NewDek {
+        mk: u32,
+        aad: Vec<u8>,
+    },
+    Unwrap {
+        mk: u32,
+        wrapped: Vec<u8>,
+        aad: Vec<u8>,
+    },
 }
 
 enum Reply {
@@ -179,7 +186,10 @@ impl Hsm {
         aad: Vec<u8>,
         deadline: Duration,
     ) -> Result<DataKey, HsmError> {
-        match self.submit(Op::Unwrap { mk, wrapped, aad }, deadline).await? {
+        match self
+            .submit(Op::Unwrap { mk, wrapped, aad }, deadline)
+            .await?
+        {
             Reply::Dek(dek) => Ok(dek),
             Reply::NewDek(..) => Err(HsmError::Closed),
         }

@@ -26,6 +26,9 @@ use crate::policy::Policy;
 use crate::proto::secret_service_server::SecretServiceServer;
 use crate::store::{SledStore, Store, StoreError};
 
+/// The smallest cap on a decoded request message.
+pub const TRANSPORT_MESSAGE_CAP: usize = 4 * 1024 * 1024;
+
 /// The name health reports under for the secret service.
 pub const SECRET_SERVICE_NAME: &str = "strongroom.v1.SecretService";
 
@@ -59,15 +62,34 @@ pub(crate) struct State {
     pub(crate) hsm_timeout: Duration,
     pub(crate) max_wraps: u64,
     pub(crate) health: HealthReporter,
+    pub(crate) write_stripes: WriteStripes,
+}
+
+/// A fixed set of async locks that serialises writers of the same name.
+pub(crate) struct WriteStripes(Vec<tokio::sync::Mutex<()>>);
+
+impl WriteStripes {
+    fn new(n: usize) -> Self {
+        Self((0..n.max(1)).map(|_| tokio::sync::Mutex::new(())).collect())
+    }
+
+    pub(crate) async fn lock(
+        &self,
+        name: &crate::secret::SecretName,
+    ) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(name);
+        // The modulo keeps the index below the stripe count, which is at least 1.
+        self.0[(hash % self.0.len() as u64) as usize].lock().await
+    }
 }
 
 /// A started service, ready to serve.
 pub struct Server {
     state: Arc<State>,
     tls: ServerTlsConfig,
-    health_service: tonic_health::pb::health_server::HealthServer<
-        tonic_health::server::HealthService,
-    >,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
 
 impl Server {
@@ -101,6 +123,7 @@ impl Server {
             hsm_timeout: Duration::from_millis(config.hsm.request_timeout_ms),
             max_wraps: config.hsm.max_wraps_per_key,
             health,
+            write_stripes: WriteStripes::new(256),
         });
         Ok(Self {
             state,
@@ -130,9 +153,10 @@ impl Server {
             .build_v1alpha()
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
 
-        // Room for the largest value plus the rest of the message, so that an oversized value
-        // reaches the handler and gets an INVALID_ARGUMENT that names the limit.
-        let max_message = state.limits.max_value_bytes + 16 * 1024 + state.limits.max_name_bytes;
+        // Room for values well beyond the limit, so that an oversized value reaches the
+        // handler and gets an INVALID_ARGUMENT that names the limit; beyond this transport cap
+        // tonic refuses the message itself (OUT_OF_RANGE) without reading it into memory.
+        let max_message = (state.limits.max_value_bytes + 64 * 1024).max(TRANSPORT_MESSAGE_CAP);
         let secrets = SecretServiceServer::new(SecretsService::new(state.clone()))
             .max_decoding_message_size(max_message);
 

@@ -16,8 +16,8 @@ use crate::hsm::HsmError;
 use crate::policy::Capability;
 use crate::proto::{
     DeleteSecretRequest, DeleteSecretResponse, DescribeSecretRequest, DescribeSecretResponse,
-    GetSecretRequest, GetSecretResponse, ListSecretsRequest, ListSecretsResponse,
-    PutSecretRequest, PutSecretResponse, VersionInfo, secret_service_server::SecretService,
+    GetSecretRequest, GetSecretResponse, ListSecretsRequest, ListSecretsResponse, PutSecretRequest,
+    PutSecretResponse, VersionInfo, secret_service_server::SecretService,
 };
 use crate::secret::{Mechanism, NamePrefix, SealedRecord, SecretName};
 use crate::store::{Store, StoreError};
@@ -110,7 +110,11 @@ impl SecretsService {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let identity = request
             .peer_certs()
-            .and_then(|certs| certs.first().map(|c| Identity::from_certificate(c.as_ref())))
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .map(|c| Identity::from_certificate(c.as_ref()))
+            })
             .unwrap_or(Err(crate::tls::TlsError::NoIdentity));
         let identity = match identity {
             Ok(id) => id,
@@ -143,7 +147,14 @@ impl SecretsService {
             Ok(r) => (Code::Ok, version(r)),
             Err(e) => (e.code(), None),
         };
-        self.audit(Some(&ctx.identity), operation, Some(name), v, code, ctx.request_id)?;
+        self.audit(
+            Some(&ctx.identity),
+            operation,
+            Some(name),
+            v,
+            code,
+            ctx.request_id,
+        )?;
         result.map(Response::new).map_err(Status::from)
     }
 
@@ -196,6 +207,9 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
     }
     let mk = current_master_key(state).await?;
 
+    // Writers of one name take turns (versions are assigned before sealing, since the AAD
+    // binds them); writers of different names proceed together and share fsyncs.
+    let _turn = state.write_stripes.lock(&name).await;
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let head = blocking(state, {
             let name = name.clone();
@@ -226,8 +240,8 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
             .hsm
             .new_data_key(mk, aad.clone(), ctx.deadline)
             .await?;
-        let sealed = envelope::seal(&dek, &aad, &value)
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        let sealed =
+            envelope::seal(&dek, &aad, &value).map_err(|e| Error::Internal(e.to_string()))?;
         drop(dek);
         let record = SealedRecord {
             name: name.as_str().to_owned(),
@@ -260,10 +274,7 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
             }
         }
     }
-    Err(Error::VersionConflict {
-        expected: 0,
-        actual: 0,
-    })
+    Err(Error::Contention)
 }
 
 async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecretResponse, Error> {
@@ -331,8 +342,10 @@ async fn describe(
         versions.push(VersionInfo {
             version: r.version,
             master_key_version: r.master_key_version,
-            mechanism: Mechanism::from_id(r.mechanism)
-                .map_or_else(|| format!("unknown({})", r.mechanism), |m| m.name().to_owned()),
+            mechanism: Mechanism::from_id(r.mechanism).map_or_else(
+                || format!("unknown({})", r.mechanism),
+                |m| m.name().to_owned(),
+            ),
             created_at_unix: r.created_at_unix,
             created_by: r.created_by.clone(),
             expires_at_unix: r.expires_at_unix,
@@ -346,7 +359,11 @@ async fn describe(
     })
 }
 
-async fn list(state: &State, ctx: &Ctx, req: &ListSecretsRequest) -> Result<ListSecretsResponse, Error> {
+async fn list(
+    state: &State,
+    ctx: &Ctx,
+    req: &ListSecretsRequest,
+) -> Result<ListSecretsResponse, Error> {
     let max_name = state.limits.max_name_bytes;
     let prefix = NamePrefix::parse(&req.prefix, max_name)
         .map_err(|e| Error::InvalidArgument(format!("prefix: {e}")))?;
@@ -369,12 +386,24 @@ async fn list(state: &State, ctx: &Ctx, req: &ListSecretsRequest) -> Result<List
     let page = blocking(state, move |s| {
         // Deny by default: a caller sees only names it may list.
         let visible = |n: &SecretName| policy.allows(&identity, Capability::List, n);
-        s.list(&prefix, after.as_ref().map(SecretName::as_str), page_size, &visible)
+        s.list(
+            &prefix,
+            after.as_ref().map(SecretName::as_str),
+            page_size,
+            &visible,
+        )
     })
     .await?;
     Ok(ListSecretsResponse {
-        names: page.names.into_iter().map(|n| n.as_str().to_owned()).collect(),
-        next_page_token: page.next_after.map(|a| hex::encode(a.as_bytes())).unwrap_or_default(),
+        names: page
+            .names
+            .into_iter()
+            .map(|n| n.as_str().to_owned())
+            .collect(),
+        next_page_token: page
+            .next_after
+            .map(|a| hex::encode(a.as_bytes()))
+            .unwrap_or_default(),
     })
 }
 
@@ -385,7 +414,10 @@ async fn delete(
 ) -> Result<DeleteSecretResponse, Error> {
     let name = parse_name(state, &req.name)?;
     // Decided before the store is touched, so the answer says nothing about existence.
-    if !state.policy.allows(&ctx.identity, Capability::Delete, &name) {
+    if !state
+        .policy
+        .allows(&ctx.identity, Capability::Delete, &name)
+    {
         return Err(Error::PermissionDenied);
     }
     let destroyed = blocking(state, move |s| s.delete(&name)).await?;
@@ -441,7 +473,11 @@ async fn blocking<R: Send + 'static>(
 
 /// A record must be the one its key says it is; the AAD check would refuse it anyway, but a
 /// mismatch here is reported as what it is: a moved or altered record.
-fn check_identity(record: &SealedRecord, name: &SecretName, version: Option<u64>) -> Result<(), Error> {
+fn check_identity(
+    record: &SealedRecord,
+    name: &SecretName,
+    version: Option<u64>,
+) -> Result<(), Error> {
     if record.name != name.as_str() || version.is_some_and(|v| v != record.version) {
         return Err(Error::DataLoss(format!(
             "record stored under {name} claims to be {}",

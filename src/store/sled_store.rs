@@ -61,11 +61,12 @@ impl Store for SledStore {
         record: &SealedRecord,
         expected: Option<Head>,
     ) -> Result<Result<(), VersionConflict>, StoreError> {
-        let name = SecretName::parse(&record.name, crate::secret::MAX_NAME_BYTES_CEILING)
-            .map_err(|e| StoreError::Corrupt {
+        let name = SecretName::parse(&record.name, crate::secret::MAX_NAME_BYTES_CEILING).map_err(
+            |e| StoreError::Corrupt {
                 key: record.name.clone(),
                 reason: e.to_string(),
-            })?;
+            },
+        )?;
         {
             let _guard = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
             let current = self.read_head(&name)?;
@@ -272,7 +273,13 @@ mod tests {
         assert_eq!(store.head(&n).unwrap(), None);
         store.commit(&record("a/b", 1), None).unwrap().unwrap();
         let h1 = store.head(&n).unwrap();
-        assert_eq!(h1, Some(Head { latest: 1, deleted: false }));
+        assert_eq!(
+            h1,
+            Some(Head {
+                latest: 1,
+                deleted: false
+            })
+        );
         // A writer that read the head before version 1 loses.
         assert_eq!(
             store.commit(&record("a/b", 1), None).unwrap(),
@@ -283,7 +290,13 @@ mod tests {
         assert_eq!(store.delete(&n).unwrap(), 2);
         assert_eq!(store.versions(&n).unwrap().len(), 0);
         // Versions are never reused after deletion.
-        assert_eq!(store.head(&n).unwrap(), Some(Head { latest: 2, deleted: true }));
+        assert_eq!(
+            store.head(&n).unwrap(),
+            Some(Head {
+                latest: 2,
+                deleted: true
+            })
+        );
         assert_eq!(store.head(&n).unwrap().unwrap().live(), 0);
     }
 
@@ -302,7 +315,10 @@ mod tests {
         assert_eq!(page2.names, vec![name("p/c")]);
         assert_eq!(page2.next_after, None);
         let only_b = |n: &SecretName| n.as_str() == "p/b";
-        assert_eq!(store.list(&p, None, 10, &only_b).unwrap().names, vec![name("p/b")]);
+        assert_eq!(
+            store.list(&p, None, 10, &only_b).unwrap().names,
+            vec![name("p/b")]
+        );
         assert_eq!(store.secret_count().unwrap(), 5);
         assert_eq!(store.count_wraps(1, 1).unwrap(), 1);
         assert_eq!(store.count_wraps(1, 2).unwrap(), 3);

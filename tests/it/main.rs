@@ -2,6 +2,14 @@
 //! test), real mutual TLS on 127.0.0.1:0 and real sled stores. Run with cargo-nextest, which
 //! gives each test its own process (PKCS#11 initialises once per process).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
+mod auth;
+mod cli;
+mod invariants;
+mod limits;
+mod restart;
+mod service;
 mod wycheproof;

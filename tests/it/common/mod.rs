@@ -18,6 +18,14 @@ use strongroom::tls::DevCa;
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
+/// Points this process's SoftHSM2 at the test's own token directory (read at C_Initialize).
+#[allow(unsafe_code)]
+fn set_softhsm_conf(conf: &Path) {
+    // SAFETY: called from the test's own thread before it loads the PKCS#11 module or starts
+    // any other thread that reads the environment; nextest runs each test in its own process.
+    unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
+}
+
 /// Identities of the test PKI, by certificate file stem.
 pub const PAYMENTS: &str = "spiffe://strongroom.test/payments";
 pub const READER: &str = "spiffe://strongroom.test/reader";
@@ -78,12 +86,13 @@ impl TestEnv {
         )
         .expect("softhsm template");
         let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(&conf, template.replace("@TOKENDIR@", tokens.to_str().unwrap()))
-            .expect("softhsm conf");
+        std::fs::write(
+            &conf,
+            template.replace("@TOKENDIR@", tokens.to_str().unwrap()),
+        )
+        .expect("softhsm conf");
         // This process may load the module too (invariant tests): point it at our token.
-        // SAFETY: set before any thread of this test process reads the environment; each
-        // test runs in its own process under nextest.
-        unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
+        set_softhsm_conf(&conf);
         let env = TestEnv {
             module: env_or(
                 "STRONGROOM_TEST_PKCS11_MODULE",
@@ -98,7 +107,8 @@ impl TestEnv {
             dir,
         };
         env.write_pki();
-        env.admin(&["token", "init", "--label", &env.label]).assert_ok();
+        env.admin(&["token", "init", "--label", &env.label])
+            .assert_ok();
         env
     }
 
@@ -110,9 +120,7 @@ impl TestEnv {
         let write = |name: &str, body: &str| std::fs::write(self.pki.join(name), body).unwrap();
         write("server-ca.pem", &server_ca.cert_pem());
         write("client-ca.pem", &client_ca.cert_pem());
-        let server = server_ca
-            .issue_server(&["localhost", "127.0.0.1"])
-            .unwrap();
+        let server = server_ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
         write("server.pem", &server.cert_pem);
         write("server-key.pem", &server.key_pem);
         for (stem, id, ca) in [
@@ -227,8 +235,14 @@ path = "store"
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom"));
         cmd.env("STRONGROOM_ADDR", format!("https://{}", server.addr))
             .env("STRONGROOM_CACERT", self.pki.join("server-ca.pem"))
-            .env("STRONGROOM_CLIENT_CERT", self.pki.join(format!("{stem}.pem")))
-            .env("STRONGROOM_CLIENT_KEY", self.pki.join(format!("{stem}-key.pem")))
+            .env(
+                "STRONGROOM_CLIENT_CERT",
+                self.pki.join(format!("{stem}.pem")),
+            )
+            .env(
+                "STRONGROOM_CLIENT_KEY",
+                self.pki.join(format!("{stem}-key.pem")),
+            )
             .env("STRONGROOM_SERVER_NAME", "localhost")
             .env_remove("STRONGROOM_FORMAT");
         cmd
