@@ -231,6 +231,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             hsm::login(&session, &pin)?;
             match cmd {
                 KeyCmd::Generate => {
+                    let created_macs = keys::ensure_mac_keys(&session)?;
+                    for m in &created_macs {
+                        eprintln!("created MAC key {}", m.label());
+                    }
                     let version = keys::generate(&session)?;
                     let handle = keys::find(&session)?
                         .into_iter()

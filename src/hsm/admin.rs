@@ -121,6 +121,10 @@ pub fn init_token(
         .map_err(HsmError::from)?;
     session.init_pin(user_pin).map_err(HsmError::from)?;
     session.logout().map_err(HsmError::from)?;
+    // The MAC keys for the audit chain and officer-managed records are born with the token.
+    super::login(&session, user_pin)?;
+    keys::ensure_mac_keys(&session)?;
+    session.logout().map_err(HsmError::from)?;
     Ok(pkcs11
         .get_token_info(slot)
         .map_err(HsmError::from)?
@@ -268,6 +272,17 @@ pub fn doctor(
             return checks;
         }
     };
+    for kind in keys::MacKey::ALL {
+        match keys::find_mac(&session, kind) {
+            Ok(Some(_)) => checks.push(Check::pass(kind.label(), "present")),
+            Ok(None) => checks.push(Check::fail(
+                kind.label(),
+                "missing",
+                "run `strongroom-admin key generate` (it creates missing MAC keys)",
+            )),
+            Err(e) => checks.push(Check::fail(kind.label(), e.to_string(), "check the token")),
+        }
+    }
     if found.is_empty() {
         checks.push(Check::fail(
             "master keys",

@@ -10,6 +10,21 @@ use zeroize::Zeroizing;
 
 use super::{FaultClass, HsmError};
 
+/// The IV lengths passed to the token. SoftHSM2 2.6.1 silently encrypts under a different
+/// IV when given an empty IV or one longer than 128 bytes (found by the Wycheproof vectors),
+/// so anything outside this range is refused before it reaches the token.
+pub const IV_LEN_RANGE: std::ops::RangeInclusive<usize> = 1..=128;
+
+fn check_iv(iv: &[u8]) -> Result<(), HsmError> {
+    if IV_LEN_RANGE.contains(&iv.len()) {
+        Ok(())
+    } else {
+        Err(HsmError::InvalidParameter(
+            "AES-GCM IV must be 1 to 128 bytes",
+        ))
+    }
+}
+
 /// Encrypts `plaintext` under `key` in the token: returns ciphertext || tag.
 pub fn encrypt(
     session: &Session,
@@ -19,6 +34,7 @@ pub fn encrypt(
     tag_bits: u64,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, HsmError> {
+    check_iv(iv)?;
     let mut iv = iv.to_vec();
     let params = GcmParams::new(&mut iv, aad, tag_bits.into())?;
     Ok(session.encrypt(&CkMechanism::AesGcm(params), key, plaintext)?)
@@ -35,6 +51,7 @@ pub fn decrypt(
     tag_bits: u64,
     ciphertext: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    check_iv(iv)?;
     let mut iv = iv.to_vec();
     let params = GcmParams::new(&mut iv, aad, tag_bits.into())?;
     match session.decrypt(&CkMechanism::AesGcm(params), key, ciphertext) {

@@ -211,3 +211,143 @@ pub fn value_readable(session: &Session, key: ObjectHandle) -> Result<bool, HsmE
         Err(e) => Err(e.into()),
     }
 }
+
+/// The HMAC keys the service keeps in the token besides its master keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MacKey {
+    /// Chains the audit log.
+    Audit,
+    /// Authenticates records officers manage in the store (policies, approvals).
+    Store,
+}
+
+impl MacKey {
+    /// Every MAC key.
+    pub const ALL: [MacKey; 2] = [MacKey::Audit, MacKey::Store];
+
+    /// The key's label in the token.
+    pub fn label(self) -> &'static str {
+        match self {
+            MacKey::Audit => "strongroom-mac-audit",
+            MacKey::Store => "strongroom-mac-store",
+        }
+    }
+}
+
+/// The template of a new HMAC-SHA256 key: a 32-byte generic secret that can only sign and
+/// verify, never leaves the token, and cannot be changed.
+pub fn mac_template(kind: MacKey) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Destroyable(true),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::Label(kind.label().as_bytes().to_vec()),
+    ]
+}
+
+/// Finds a MAC key.
+pub fn find_mac(session: &Session, kind: MacKey) -> Result<Option<ObjectHandle>, HsmError> {
+    let found = session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(true),
+        Attribute::Label(kind.label().as_bytes().to_vec()),
+    ])?;
+    Ok(found.first().copied())
+}
+
+/// Creates the MAC keys that are missing; returns the ones it created.
+pub fn ensure_mac_keys(session: &Session) -> Result<Vec<MacKey>, HsmError> {
+    let mut created = Vec::new();
+    for kind in MacKey::ALL {
+        if find_mac(session, kind)?.is_none() {
+            session.generate_key(&CkMechanism::GenericSecretKeyGen, &mac_template(kind))?;
+            created.push(kind);
+        }
+    }
+    Ok(created)
+}
+
+/// The label of the audit checkpoint data object.
+pub const CHECKPOINT_LABEL: &str = "strongroom-audit-checkpoint";
+
+/// Reads the audit checkpoint kept in the token (a private data object), if any.
+pub fn read_checkpoint(session: &Session) -> Result<Option<Vec<u8>>, HsmError> {
+    let Some(handle) = find_checkpoint(session)? else {
+        return Ok(None);
+    };
+    let attrs = session.get_attributes(handle, &[AttributeType::Value])?;
+    Ok(attrs.into_iter().find_map(|a| match a {
+        Attribute::Value(v) => Some(v),
+        _ => None,
+    }))
+}
+
+/// Writes the audit checkpoint into the token (creating the object the first time). The
+/// object is private: changing it needs the user PIN, which whoever edits the log's file
+/// does not have.
+pub fn write_checkpoint(session: &Session, value: &[u8]) -> Result<(), HsmError> {
+    match find_checkpoint(session)? {
+        Some(handle) => {
+            session.update_attributes(handle, &[Attribute::Value(value.to_vec())])?;
+        }
+        None => {
+            session.create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(true),
+                Attribute::Label(CHECKPOINT_LABEL.as_bytes().to_vec()),
+                Attribute::Application(b"strongroom".to_vec()),
+                Attribute::Value(value.to_vec()),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+fn find_checkpoint(session: &Session) -> Result<Option<ObjectHandle>, HsmError> {
+    Ok(session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label(CHECKPOINT_LABEL.as_bytes().to_vec()),
+        ])?
+        .first()
+        .copied())
+}
+
+/// HMAC-SHA256 in the token.
+pub fn hmac(session: &Session, key: ObjectHandle, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+    Ok(session.sign(&CkMechanism::Sha256Hmac, key, data)?)
+}
+
+/// Verifies an HMAC-SHA256 in the token; `false` when it does not match.
+pub fn hmac_verify(
+    session: &Session,
+    key: ObjectHandle,
+    data: &[u8],
+    tag: &[u8],
+) -> Result<bool, HsmError> {
+    match session.verify(&CkMechanism::Sha256Hmac, key, data, tag) {
+        Ok(()) => Ok(true),
+        Err(CkError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

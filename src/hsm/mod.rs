@@ -73,6 +73,14 @@ pub enum HsmError {
     /// No master key exists in the token.
     #[error("the token holds no strongroom master key; run `strongroom-admin key generate`")]
     NoMasterKey,
+    /// A parameter strongroom refuses to pass to the token.
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(&'static str),
+    /// A MAC key is missing from the token.
+    #[error(
+        "the token holds no key labelled {0}; run `strongroom-admin key generate` (it creates the MAC keys)"
+    )]
+    MacKeyMissing(&'static str),
     /// The record names a master key version the token does not hold.
     #[error("master key version {0} is not in the token")]
     MasterKeyMissing(u32),
@@ -100,9 +108,11 @@ impl HsmError {
             HsmError::Pkcs11 { rv, .. } => classify(*rv),
             HsmError::UnwrapAuthentication => FaultClass::Authentication,
             HsmError::Timeout | HsmError::Closed => FaultClass::TokenLost,
-            HsmError::Load { .. } | HsmError::TokenNotFound(_) | HsmError::NoMasterKey => {
-                FaultClass::Configuration
-            }
+            HsmError::Load { .. }
+            | HsmError::TokenNotFound(_)
+            | HsmError::NoMasterKey
+            | HsmError::MacKeyMissing(_)
+            | HsmError::InvalidParameter(_) => FaultClass::Configuration,
             HsmError::MasterKeyMissing(_) => FaultClass::KeyLost,
             HsmError::Cryptoki(_) | HsmError::Thread(_) | HsmError::BadKeyLength => {
                 FaultClass::Other

@@ -21,6 +21,7 @@ use cryptoki::types::AuthPin;
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
+use super::keys::MacKey;
 use super::{FaultClass, HsmError, TokenSelector, gcm, keys};
 use crate::envelope::{DEK_LEN, DataKey, GCM_NONCE_LEN, GCM_TAG_LEN};
 
@@ -75,6 +76,7 @@ struct Shared {
     /// Holds the process's login and the session copies of master keys.
     anchor: Mutex<Session>,
     keyring: RwLock<BTreeMap<u32, ObjectHandle>>,
+    macs: RwLock<BTreeMap<MacKey, ObjectHandle>>,
 }
 
 enum Op {
@@ -87,11 +89,24 @@ enum Op {
         wrapped: Vec<u8>,
         aad: Vec<u8>,
     },
+    /// A chain of MACs: m_0 = prev, m_i = HMAC(m_{i-1} || body_i).
+    MacChain {
+        kind: MacKey,
+        prev: Vec<u8>,
+        bodies: Vec<Vec<u8>>,
+    },
+    Verify {
+        kind: MacKey,
+        data: Vec<u8>,
+        tag: Vec<u8>,
+    },
 }
 
 enum Reply {
     NewDek(DataKey, WrappedDek),
     Dek(DataKey),
+    Macs(Vec<Vec<u8>>),
+    Verified(bool),
 }
 
 struct Job {
@@ -110,7 +125,8 @@ impl Hsm {
         options: &HsmOptions,
     ) -> Result<Self, HsmError> {
         let slot = super::find_token(&pkcs11, selector)?;
-        let anchor = pkcs11.open_ro_session(slot)?;
+        // Read-write: officers' operations through the service create token objects.
+        let anchor = pkcs11.open_rw_session(slot)?;
         super::login(&anchor, &pin)?;
         let shared = Arc::new(Shared {
             pkcs11,
@@ -119,6 +135,7 @@ impl Hsm {
             key_copy: options.key_copy,
             anchor: Mutex::new(anchor),
             keyring: RwLock::new(BTreeMap::new()),
+            macs: RwLock::new(BTreeMap::new()),
         });
         shared.reload_keys()?;
 
@@ -174,7 +191,7 @@ impl Hsm {
     ) -> Result<(DataKey, WrappedDek), HsmError> {
         match self.submit(Op::NewDek { mk, aad }, deadline).await? {
             Reply::NewDek(dek, wrapped) => Ok((dek, wrapped)),
-            Reply::Dek(_) => Err(HsmError::Closed),
+            _ => Err(HsmError::Closed),
         }
     }
 
@@ -191,8 +208,90 @@ impl Hsm {
             .await?
         {
             Reply::Dek(dek) => Ok(dek),
-            Reply::NewDek(..) => Err(HsmError::Closed),
+            _ => Err(HsmError::Closed),
         }
+    }
+
+    /// Computes a chain of HMAC-SHA256 tags in the token under MAC key `kind`:
+    /// `m_i = HMAC(m_{i-1} || body_i)` with `m_0 = prev`. One queue hop for the whole batch.
+    pub async fn mac_chain(
+        &self,
+        kind: MacKey,
+        prev: Vec<u8>,
+        bodies: Vec<Vec<u8>>,
+        deadline: Duration,
+    ) -> Result<Vec<Vec<u8>>, HsmError> {
+        match self
+            .submit(Op::MacChain { kind, prev, bodies }, deadline)
+            .await?
+        {
+            Reply::Macs(m) => Ok(m),
+            _ => Err(HsmError::Closed),
+        }
+    }
+
+    /// Verifies an HMAC-SHA256 tag in the token.
+    pub async fn mac_verify(
+        &self,
+        kind: MacKey,
+        data: Vec<u8>,
+        tag: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<bool, HsmError> {
+        match self
+            .submit(Op::Verify { kind, data, tag }, deadline)
+            .await?
+        {
+            Reply::Verified(ok) => Ok(ok),
+            _ => Err(HsmError::Closed),
+        }
+    }
+
+    /// Whether the token holds MAC key `kind`.
+    pub fn has_mac_key(&self, kind: MacKey) -> bool {
+        self.shared
+            .macs
+            .read()
+            .map(|m| m.contains_key(&kind))
+            .unwrap_or(false)
+    }
+
+    /// Generates the next master key version in the token and starts using it for new
+    /// writes; returns its version.
+    pub async fn generate_master_key(&self) -> Result<u32, HsmError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let version = {
+                let anchor = shared.anchor.lock().map_err(|_| HsmError::Closed)?;
+                keys::generate(&anchor)?
+            };
+            shared.reload_keys()?;
+            Ok(version)
+        })
+        .await
+        .map_err(|_| HsmError::Closed)?
+    }
+
+    /// Reads the audit checkpoint object from the token.
+    pub async fn read_checkpoint(&self) -> Result<Option<Vec<u8>>, HsmError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let anchor = shared.anchor.lock().map_err(|_| HsmError::Closed)?;
+            keys::read_checkpoint(&anchor)
+        })
+        .await
+        .map_err(|_| HsmError::Closed)?
+    }
+
+    /// Writes the audit checkpoint object into the token.
+    pub async fn write_checkpoint(&self, value: Vec<u8>) -> Result<(), HsmError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let anchor = shared.anchor.lock().map_err(|_| HsmError::Closed)?;
+            keys::write_checkpoint(&anchor, &value)
+        })
+        .await
+        .map_err(|_| HsmError::Closed)?
     }
 
     async fn submit(&self, op: Op, deadline: Duration) -> Result<Reply, HsmError> {
@@ -241,6 +340,13 @@ impl Shared {
             };
             ring.insert(version, working);
         }
+        let mut macs = BTreeMap::new();
+        for kind in MacKey::ALL {
+            if let Some(h) = keys::find_mac(&anchor, kind)? {
+                macs.insert(kind, h);
+            }
+        }
+        *self.macs.write().map_err(|_| HsmError::Closed)? = macs;
         let mut current = self.keyring.write().map_err(|_| HsmError::Closed)?;
         if self.key_copy == KeyCopy::Session {
             // Old session copies are no longer referenced once the ring is replaced; token
@@ -262,6 +368,15 @@ impl Shared {
             .get(&mk)
             .copied()
             .ok_or(HsmError::MasterKeyMissing(mk))
+    }
+
+    fn mac_key(&self, kind: MacKey) -> Result<ObjectHandle, HsmError> {
+        self.macs
+            .read()
+            .map_err(|_| HsmError::Closed)?
+            .get(&kind)
+            .copied()
+            .ok_or(HsmError::MacKeyMissing(kind.label()))
     }
 
     fn relogin(&self) -> Result<(), HsmError> {
@@ -335,6 +450,29 @@ impl Worker {
                 let plain = gcm::decrypt(&self.session, key, iv, aad, TAG_BITS, ct)?;
                 let dek = DataKey::from_slice(&plain).ok_or(HsmError::BadKeyLength)?;
                 Ok(Reply::Dek(dek))
+            }
+            Op::MacChain { kind, prev, bodies } => {
+                let key = self.shared.mac_key(*kind)?;
+                let mut macs = Vec::with_capacity(bodies.len());
+                let mut last = prev.clone();
+                let mut input = Vec::new();
+                for body in bodies {
+                    input.clear();
+                    input.extend_from_slice(&last);
+                    input.extend_from_slice(body);
+                    last = keys::hmac(&self.session, key, &input)?;
+                    macs.push(last.clone());
+                }
+                Ok(Reply::Macs(macs))
+            }
+            Op::Verify { kind, data, tag } => {
+                let key = self.shared.mac_key(*kind)?;
+                Ok(Reply::Verified(keys::hmac_verify(
+                    &self.session,
+                    key,
+                    data,
+                    tag,
+                )?))
             }
         }
     }
