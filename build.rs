@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/strongroom/v1/secrets.proto",
                 "proto/strongroom/v1/record.proto",
+                "proto/strongroom/v1/admin.proto",
             ],
             &["proto"],
         )?;

@@ -22,6 +22,11 @@ pub struct Config {
     /// Size limits.
     #[serde(default)]
     pub limits: Limits,
+    /// The officers' listener; absent: no admin plane.
+    pub admin: Option<AdminConfig>,
+    /// The audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Authorisation rules (deny by default).
     #[serde(default)]
     pub policy: Vec<RuleConfig>,
@@ -69,6 +74,61 @@ pub struct HsmConfig {
     pub max_wraps_per_key: u64,
 }
 
+/// `[admin]`: the officers' plane, on its own address with its own CA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`STRONGROOM_ADMIN_LISTEN`): loopback by default, never
+    /// the client address.
+    pub listen: SocketAddr,
+    /// Certificate the admin listener presents, PEM.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// The admin CA officers' certificates chain to; must not be the client CA.
+    pub ca: PathBuf,
+    /// Officer identities (URI or DNS SAN of their certificates) allowed on the admin plane.
+    pub officers: Vec<String>,
+    /// Distinct officers (the requester included) that must approve a guarded operation.
+    #[serde(default = "two")]
+    pub quorum: u32,
+    /// How long a pending approval waits, in seconds.
+    #[serde(default = "default_approval_ttl")]
+    pub approval_ttl_secs: u64,
+    /// DEVELOPMENT ONLY: guarded operations run on one officer's word. Shown in status,
+    /// health and the log.
+    #[serde(default)]
+    pub dangerous_single_officer: bool,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The HMAC-chained JSON-lines log (`STRONGROOM_AUDIT_PATH`).
+    pub path: PathBuf,
+    /// Most entries written with one fsync.
+    pub max_batch: usize,
+    /// Record a checkpoint in the token after this many entries.
+    pub checkpoint_every: u64,
+    /// And at least this often (seconds) while entries arrive.
+    pub checkpoint_interval_secs: u64,
+    /// BENCHMARKS ONLY: write audit events to the process log only, not the durable chain.
+    pub dangerous_disable_audit: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("audit.log"),
+            max_batch: 512,
+            checkpoint_every: 1000,
+            checkpoint_interval_secs: 10,
+            dangerous_disable_audit: false,
+        }
+    }
+}
+
 /// `[store]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +166,12 @@ pub const DEFAULT_MAX_WRAPS: u64 = 1 << 31;
 
 fn one() -> usize {
     1
+}
+fn two() -> u32 {
+    2
+}
+fn default_approval_ttl() -> u64 {
+    3600
 }
 fn default_queue_depth() -> usize {
     1024
@@ -180,6 +246,14 @@ impl Config {
         if let Some(v) = var("STRONGROOM_STORE_PATH") {
             self.store.path = v.into();
         }
+        if let Some(v) = var("STRONGROOM_AUDIT_PATH") {
+            self.audit.path = v.into();
+        }
+        if let (Some(v), Some(admin)) = (var("STRONGROOM_ADMIN_LISTEN"), self.admin.as_mut()) {
+            admin.listen = v
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("STRONGROOM_ADMIN_LISTEN={v}: {e}")))?;
+        }
         Ok(())
     }
 
@@ -189,6 +263,7 @@ impl Config {
             &mut self.server.key,
             &mut self.server.client_ca,
             &mut self.store.path,
+            &mut self.audit.path,
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -196,6 +271,13 @@ impl Config {
         }
         if let Some(p) = self.hsm.pin_file.as_mut().filter(|p| p.is_relative()) {
             *p = base.join(&*p);
+        }
+        if let Some(admin) = self.admin.as_mut() {
+            for p in [&mut admin.cert, &mut admin.key, &mut admin.ca] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
         }
     }
 
@@ -226,6 +308,14 @@ impl Config {
             ));
         }
         self.token_selector()?;
+        if let Some(admin) = &self.admin {
+            admin.validate(self)?;
+        }
+        if self.audit.max_batch == 0 || self.audit.checkpoint_every == 0 {
+            return Err(ConfigError::Invalid(
+                "audit.max_batch and audit.checkpoint_every must be at least 1".into(),
+            ));
+        }
         crate::policy::Policy::from_rules(&self.policy, l.max_name_bytes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
@@ -237,5 +327,56 @@ impl Config {
             .token
             .parse()
             .map_err(|e| ConfigError::Invalid(format!("hsm.token: {e}")))
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        if self.listen == config.server.listen && self.listen.port() != 0 {
+            return Err(ConfigError::Invalid(
+                "admin.listen must differ from server.listen: the admin plane has its own address"
+                    .into(),
+            ));
+        }
+        let same_ca = match (
+            std::fs::read(&self.ca),
+            std::fs::read(&config.server.client_ca),
+        ) {
+            (Ok(a), Ok(c)) => a == c,
+            _ => false,
+        };
+        if same_ca {
+            return Err(ConfigError::Invalid(
+                "admin.ca must be a different CA from server.client_ca".into(),
+            ));
+        }
+        if self.officers.is_empty() {
+            return Err(ConfigError::Invalid(
+                "admin.officers lists no officer identities".into(),
+            ));
+        }
+        if self.quorum == 0 || (self.quorum < 2 && !self.dangerous_single_officer) {
+            return Err(ConfigError::Invalid(
+                "admin.quorum must be at least 2 (or set admin.dangerous_single_officer for development)"
+                    .into(),
+            ));
+        }
+        if self.quorum as usize > self.officers.len() && !self.dangerous_single_officer {
+            return Err(ConfigError::Invalid(format!(
+                "admin.quorum is {} but only {} officers are listed",
+                self.quorum,
+                self.officers.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The number of distinct officers a guarded operation needs.
+    pub fn effective_quorum(&self) -> u32 {
+        if self.dangerous_single_officer {
+            1
+        } else {
+            self.quorum
+        }
     }
 }

@@ -76,6 +76,33 @@ pub enum PolicyError {
     /// A rule grants nothing.
     #[error("policy rule {0} grants no capabilities")]
     Empty(usize),
+    /// The document does not parse.
+    #[error("policy document: {0}")]
+    Document(String),
+}
+
+/// A policy document as officers write it, in TOML (`[[rule]]` tables) or JSON
+/// (`{"rule": [...]}`; `rules` is accepted too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// The rules.
+    #[serde(alias = "rules", default)]
+    pub rule: Vec<RuleConfig>,
+}
+
+impl PolicyDocument {
+    /// Parses a document: JSON when it starts with `{`, TOML otherwise. The rules are checked
+    /// too, so a stored document always yields a policy.
+    pub fn parse(text: &str, max_name_bytes: usize) -> Result<Self, PolicyError> {
+        let doc: PolicyDocument = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| PolicyError::Document(e.to_string()))?
+        } else {
+            toml::from_str(text).map_err(|e| PolicyError::Document(e.to_string()))?
+        };
+        Policy::parse_rules("document", &doc.rule, max_name_bytes)?;
+        Ok(doc)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +122,8 @@ impl IdentityPattern {
 
 #[derive(Debug, Clone)]
 struct Rule {
+    /// The policy the rule came from, and its position there.
+    source: (String, usize),
     identity: IdentityPattern,
     prefix: NamePrefix,
     capabilities: BTreeSet<Capability>,
@@ -118,6 +147,44 @@ pub enum Decision {
 impl Policy {
     /// Parses configured rules, refusing any that is malformed.
     pub fn from_rules(rules: &[RuleConfig], max_name_bytes: usize) -> Result<Self, PolicyError> {
+        Self::from_sources(&[("config", rules)], max_name_bytes)
+    }
+
+    /// Joins the rules of several named policies into one.
+    pub fn from_sources(
+        sources: &[(&str, &[RuleConfig])],
+        max_name_bytes: usize,
+    ) -> Result<Self, PolicyError> {
+        let mut out = Vec::new();
+        for (source, rules) in sources {
+            out.extend(Self::parse_rules(source, rules, max_name_bytes)?);
+        }
+        Ok(Self { rules: out })
+    }
+
+    /// Which rule `index` is, for people: `policy 'name' rule N` (1-based).
+    pub fn rule_label(&self, index: usize) -> String {
+        match self.rules.get(index) {
+            Some(r) => format!("policy '{}' rule {}", r.source.0, r.source.1 + 1),
+            None => format!("rule {index}"),
+        }
+    }
+
+    /// How many rules the policy has.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether the policy has no rules (and so denies everything).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    fn parse_rules(
+        source: &str,
+        rules: &[RuleConfig],
+        max_name_bytes: usize,
+    ) -> Result<Vec<Rule>, PolicyError> {
         let mut out = Vec::with_capacity(rules.len());
         for (index, r) in rules.iter().enumerate() {
             let identity = match r.identity.strip_suffix('*') {
@@ -143,12 +210,13 @@ impl Policy {
                 return Err(PolicyError::Empty(index));
             }
             out.push(Rule {
+                source: (source.to_owned(), index),
                 identity,
                 prefix,
                 capabilities: r.capabilities.clone(),
             });
         }
-        Ok(Self { rules: out })
+        Ok(out)
     }
 
     /// Decides whether `identity` may use `capability` on `name`.
@@ -209,6 +277,28 @@ mod tests {
         assert_eq!(policy.decide(&ops, List, &m), Decision::Allow(1));
         assert_eq!(policy.decide(&ops, Read, &m), Decision::Deny);
         assert!(!Policy::default().allows(&pay, Read, &n));
+    }
+
+    #[test]
+    fn documents_parse_from_toml_and_json_and_name_their_rules() {
+        let toml = "[[rule]]\nidentity = \"a\"\nprefix = \"x\"\ncapabilities = [\"read\"]\n";
+        let json = r#"{"rules":[{"identity":"b*","prefix":"","capabilities":["list"]}]}"#;
+        let t = PolicyDocument::parse(toml, 256).unwrap();
+        let j = PolicyDocument::parse(json, 256).unwrap();
+        let policy =
+            Policy::from_sources(&[("one", &t.rule[..]), ("two", &j.rule[..])], 256).unwrap();
+        let name = SecretName::parse("x/y", 256).unwrap();
+        let d = policy.decide(&Identity::new("bob"), Capability::List, &name);
+        assert_eq!(d, Decision::Allow(1));
+        assert_eq!(policy.rule_label(1), "policy 'two' rule 1");
+        assert!(PolicyDocument::parse("not = [valid", 256).is_err());
+        assert!(
+            PolicyDocument::parse(
+                r#"{"rule":[{"identity":"","prefix":"","capabilities":["read"]}]}"#,
+                256
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -58,7 +58,6 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("strongroomd: {e}");
             ExitCode::from(1)
         }
@@ -77,18 +76,27 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "STRONGROOM_USER_PIN",
         interactive,
     )?;
-    let server = Server::start(&config, pin)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let server = Server::start(&config, pin).await?;
         let listener = TcpListener::bind(config.server.listen).await?;
         let addr = listener.local_addr()?;
+        let admin = match &config.admin {
+            Some(a) => Some(TcpListener::bind(a.listen).await?),
+            None => None,
+        };
         tracing::info!(%addr, "strongroomd listening");
         let mut out = std::io::stdout();
         writeln!(out, "listening on {addr}")?;
+        if let Some(admin) = &admin {
+            let admin_addr = admin.local_addr()?;
+            tracing::info!(%admin_addr, "admin plane listening");
+            writeln!(out, "admin listening on {admin_addr}")?;
+        }
         out.flush()?;
-        server.run(listener, shutdown_signal()).await?;
+        server.run(listener, admin, shutdown_signal()).await?;
         tracing::info!("strongroomd stopped");
         Ok(())
     })

@@ -60,7 +60,7 @@ pub enum HsmError {
     #[error("no initialised token matches {0}; run `strongroom-admin token list`")]
     TokenNotFound(String),
     /// A PKCS#11 function failed.
-    #[error("{function} failed: {rv} ({})", explain(*rv))]
+    #[error("C_{function:?} failed: CKR {rv:?}: {}", explain(*rv))]
     Pkcs11 {
         /// The return value.
         rv: RvError,

@@ -1,13 +1,16 @@
-//! The gRPC server: SecretService over mutual TLS, plus health and reflection.
+//! The gRPC servers: SecretService for clients and AdminService for officers, each on its
+//! own listener with its own CA, plus health and reflection.
 //!
-//! [`Server::start`] opens the token and the store (configuration errors surface here, before
-//! any port is bound by the caller's listener); [`Server::run`] serves on a listener the
-//! caller binds until `shutdown` completes, so tests bind `127.0.0.1:0`.
+//! [`Server::start`] opens the token, the store and the audit log and loads the policies
+//! (configuration errors surface here); [`Server::run`] serves on listeners the caller
+//! binds until `shutdown` completes, so tests bind `127.0.0.1:0`.
 
+mod admin;
+mod policies;
 mod secrets;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use cryptoki::types::AuthPin;
@@ -17,12 +20,15 @@ use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+pub use admin::AdminApi;
 pub use secrets::SecretsService;
 
-use crate::audit::{AuditSink, LogAudit};
-use crate::config::Config;
+use crate::audit::{AuditLog, AuditOptions, Auditor};
+use crate::config::{AdminConfig, Config};
+use crate::hsm::keys::MacKey;
 use crate::hsm::{self, Hsm, HsmError, HsmOptions};
 use crate::policy::Policy;
+use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::secret_service_server::SecretServiceServer;
 use crate::store::{SledStore, Store, StoreError};
 
@@ -31,6 +37,10 @@ pub const TRANSPORT_MESSAGE_CAP: usize = 4 * 1024 * 1024;
 
 /// The name health reports under for the secret service.
 pub const SECRET_SERVICE_NAME: &str = "strongroom.v1.SecretService";
+/// The name health reports under for the admin service.
+pub const ADMIN_SERVICE_NAME: &str = "strongroom.v1.AdminService";
+/// Reported SERVING in health while `admin.dangerous_single_officer` is on.
+pub const DANGER_SINGLE_OFFICER: &str = "strongroom.DANGEROUS_SINGLE_OFFICER";
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +54,12 @@ pub enum StartError {
     /// The store could not be opened.
     #[error("store: {0}; is another strongroomd using the same store.path?")]
     Store(#[from] StoreError),
+    /// The audit log could not be opened.
+    #[error("audit: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    /// The stored policies could not be loaded.
+    #[error("policies: {0}")]
+    Policies(#[from] crate::error::Error),
     /// TLS material could not be loaded.
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
@@ -54,15 +70,32 @@ pub enum StartError {
 
 /// Everything a request needs, shared by all handlers.
 pub(crate) struct State {
-    pub(crate) hsm: Hsm,
+    pub(crate) hsm: Arc<Hsm>,
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) policy: Arc<Policy>,
+    pub(crate) policy: RwLock<Arc<Policy>>,
+    /// Stored policies whose MAC did not verify: refused (their rules grant nothing).
+    pub(crate) tampered_policies: RwLock<Vec<String>>,
     pub(crate) limits: crate::config::Limits,
-    pub(crate) audit: Arc<dyn AuditSink>,
+    pub(crate) audit: Auditor,
     pub(crate) hsm_timeout: Duration,
     pub(crate) max_wraps: u64,
     pub(crate) health: HealthReporter,
     pub(crate) write_stripes: WriteStripes,
+    pub(crate) admin: Option<AdminConfig>,
+    pub(crate) token_label: String,
+    pub(crate) listeners: RwLock<Vec<String>>,
+    /// Serialises officers' state changes (approvals, policies).
+    pub(crate) admin_lock: tokio::sync::Mutex<()>,
+}
+
+impl State {
+    /// The policy in force.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_else(|_| Arc::new(Policy::default()))
+    }
 }
 
 /// A fixed set of async locks that serialises writers of the same name.
@@ -88,19 +121,25 @@ impl WriteStripes {
 pub struct Server {
     state: Arc<State>,
     tls: ServerTlsConfig,
+    admin_tls: Option<ServerTlsConfig>,
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
 
 impl Server {
-    /// Opens the token (logging in with `pin`) and the store, and loads TLS material.
-    pub fn start(config: &Config, pin: AuthPin) -> Result<Self, StartError> {
+    /// Opens the token (logging in with `pin`), the store and the audit log, and loads TLS
+    /// material and the policies.
+    pub async fn start(config: &Config, pin: AuthPin) -> Result<Self, StartError> {
         let tls = crate::tls::server_config(
             &config.server.cert,
             &config.server.key,
             &config.server.client_ca,
         )?;
-        let policy = Policy::from_rules(&config.policy, config.limits.max_name_bytes)
+        let admin_tls = match &config.admin {
+            Some(a) => Some(crate::tls::server_config(&a.cert, &a.key, &a.ca)?),
+            None => None,
+        };
+        let seed = Policy::from_rules(&config.policy, config.limits.max_name_bytes)
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
         let store = SledStore::open(&config.store.path)?;
         let pkcs11 = hsm::load_module(&config.hsm.module)?;
@@ -109,7 +148,40 @@ impl Server {
             queue_depth: config.hsm.queue_depth,
             key_copy: config.hsm.key_copy,
         };
-        let hsm = Hsm::open(pkcs11, &config.token_selector()?, pin, &options)?;
+        let hsm = Arc::new(Hsm::open(pkcs11, &config.token_selector()?, pin, &options)?);
+        let hsm_timeout = Duration::from_millis(config.hsm.request_timeout_ms);
+        let audit = if config.audit.dangerous_disable_audit {
+            tracing::warn!(
+                "DANGEROUS: audit.dangerous_disable_audit is on: no durable audit trail"
+            );
+            Auditor::DangerousLogOnly
+        } else {
+            if !hsm.has_mac_key(MacKey::Audit) {
+                return Err(HsmError::MacKeyMissing(MacKey::Audit.label()).into());
+            }
+            Auditor::Chained(
+                AuditLog::open(
+                    hsm.clone(),
+                    AuditOptions {
+                        path: config.audit.path.clone(),
+                        max_batch: config.audit.max_batch,
+                        checkpoint_every: config.audit.checkpoint_every,
+                        checkpoint_interval: Duration::from_secs(
+                            config.audit.checkpoint_interval_secs.max(1),
+                        ),
+                        hsm_timeout,
+                    },
+                )
+                .await?,
+            )
+        };
+        if let Some(a) = &config.admin
+            && a.dangerous_single_officer
+        {
+            tracing::warn!(
+                "DANGEROUS: admin.dangerous_single_officer is on: guarded operations run on one officer's word"
+            );
+        }
         let (health, _) = tonic_health::server::health_reporter();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -117,29 +189,46 @@ impl Server {
         let state = Arc::new(State {
             hsm,
             store: Arc::new(store),
-            policy: Arc::new(policy),
+            policy: RwLock::new(Arc::new(Policy::default())),
+            tampered_policies: RwLock::new(Vec::new()),
             limits: config.limits,
-            audit: Arc::new(LogAudit),
-            hsm_timeout: Duration::from_millis(config.hsm.request_timeout_ms),
+            audit,
+            hsm_timeout,
             max_wraps: config.hsm.max_wraps_per_key,
             health,
             write_stripes: WriteStripes::new(256),
+            admin: config.admin.clone(),
+            token_label: config.hsm.token.clone(),
+            listeners: RwLock::new(Vec::new()),
+            admin_lock: tokio::sync::Mutex::new(()),
         });
+        policies::seed(&state, &config.policy, seed.is_empty()).await?;
+        policies::reload(&state).await?;
         Ok(Self {
             state,
             tls,
+            admin_tls,
             health_service,
         })
     }
 
-    /// Serves on `listener` until `shutdown` completes; in-flight requests are drained.
+    /// Serves clients on `listener` and officers on `admin_listener` until `shutdown`
+    /// completes; in-flight requests are drained.
     pub async fn run(
         self,
         listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send,
+        admin_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let state = self.state;
-        secrets::update_health(&state).await;
+        let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        if let Ok(mut l) = state.listeners.write() {
+            l.push(format!("client {}", local(&listener)));
+            if let Some(a) = &admin_listener {
+                l.push(format!("admin {}", local(a)));
+            }
+        }
+        update_health(&state).await;
         let watcher = tokio::spawn(health_watch(state.clone()));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -160,40 +249,106 @@ impl Server {
         let secrets = SecretServiceServer::new(SecretsService::new(state.clone()))
             .max_decoding_message_size(max_message);
 
+        // One shutdown signal for both listeners.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        let admin_task = match (admin_listener, self.admin_tls) {
+            (Some(listener), Some(tls)) => {
+                let api = AdminServiceServer::new(AdminApi::new(state.clone()));
+                let server = tonic::transport::Server::builder()
+                    .tls_config(tls)?
+                    .add_service(api)
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(listener),
+                        stopped(stop_rx.clone()),
+                    );
+                Some(tokio::spawn(server))
+            }
+            _ => None,
+        };
+
         let result = tonic::transport::Server::builder()
             .tls_config(self.tls)?
             .add_service(secrets)
             .add_service(self.health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx))
             .await;
+        if let Some(task) = admin_task
+            && let Ok(Err(e)) = task.await
+        {
+            tracing::error!(error = %e, "admin listener failed");
+        }
         watcher.abort();
+        // Drop the handlers' state so the audit writer sees its queue close and writes its
+        // final checkpoint before the process exits.
+        if let Ok(state) = Arc::try_unwrap(state)
+            && let Auditor::Chained(log) = state.audit
+        {
+            log.close().await;
+        }
         result.map_err(StartError::from)
     }
 }
 
-/// Re-checks the token every few seconds while no master key is present, so health turns
-/// SERVING once an officer generates one.
+/// Re-checks the token every few seconds while something is missing, so health turns
+/// SERVING once an officer generates a master key or the audit log recovers.
 async fn health_watch(state: Arc<State>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
-        if state.hsm.current_master_key().is_none() {
-            if let Err(e) = state.hsm.reload_keys().await {
-                tracing::warn!(error = %e, "cannot look for master keys");
-            }
-            secrets::update_health(&state).await;
+        if state.hsm.current_master_key().is_none()
+            && let Err(e) = state.hsm.reload_keys().await
+        {
+            tracing::warn!(error = %e, "cannot look for master keys");
         }
+        update_health(&state).await;
     }
 }
 
-pub(crate) async fn set_health(health: &HealthReporter, serving: bool) {
+/// Reports SERVING when the token holds a master key and the audit log is writable.
+pub(crate) async fn update_health(state: &State) {
+    let serving = state.hsm.current_master_key().is_some() && state.audit.healthy();
     let status = if serving {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
     };
-    health.set_service_status(SECRET_SERVICE_NAME, status).await;
-    health.set_service_status("", status).await;
+    state
+        .health
+        .set_service_status(SECRET_SERVICE_NAME, status)
+        .await;
+    state.health.set_service_status("", status).await;
+    if let Some(admin) = &state.admin {
+        state
+            .health
+            .set_service_status(ADMIN_SERVICE_NAME, status)
+            .await;
+        if admin.dangerous_single_officer {
+            state
+                .health
+                .set_service_status(DANGER_SINGLE_OFFICER, ServingStatus::Serving)
+                .await;
+        }
+    }
+}
+
+/// Runs a store call off the async runtime.
+pub(crate) async fn blocking<R: Send + 'static>(
+    state: &State,
+    f: impl FnOnce(&dyn Store) -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, crate::error::Error> {
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| crate::error::Error::Internal(format!("store task failed: {e}")))?
+        .map_err(crate::error::Error::from)
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::State;
+use super::{State, blocking};
 use crate::audit::AuditEvent;
 use crate::envelope::{self, record_aad};
 use crate::error::Error;
@@ -20,7 +20,6 @@ use crate::proto::{
     PutSecretResponse, VersionInfo, secret_service_server::SecretService,
 };
 use crate::secret::{Mechanism, NamePrefix, SealedRecord, SecretName};
-use crate::store::{Store, StoreError};
 use crate::tls::Identity;
 
 /// How many times a write without check-and-set retries after losing a race.
@@ -56,57 +55,62 @@ impl SecretService for SecretsService {
         &self,
         request: Request<PutSecretRequest>,
     ) -> Result<Response<PutSecretResponse>, Status> {
-        let ctx = self.begin(&request, "PutSecret")?;
+        let ctx = self.begin(&request, "PutSecret").await?;
         let req = request.into_inner();
         let name = req.name.clone();
         let result = put(&self.state, &ctx, req).await;
         self.finish(&ctx, "PutSecret", &name, result, |r| Some(r.version))
+            .await
     }
 
     async fn get_secret(
         &self,
         request: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        let ctx = self.begin(&request, "GetSecret")?;
+        let ctx = self.begin(&request, "GetSecret").await?;
         let req = request.into_inner();
         let result = get(&self.state, &ctx, &req).await;
         self.finish(&ctx, "GetSecret", &req.name, result, |r| Some(r.version))
+            .await
     }
 
     async fn describe_secret(
         &self,
         request: Request<DescribeSecretRequest>,
     ) -> Result<Response<DescribeSecretResponse>, Status> {
-        let ctx = self.begin(&request, "DescribeSecret")?;
+        let ctx = self.begin(&request, "DescribeSecret").await?;
         let req = request.into_inner();
         let result = describe(&self.state, &ctx, &req).await;
         self.finish(&ctx, "DescribeSecret", &req.name, result, |_| None)
+            .await
     }
 
     async fn list_secrets(
         &self,
         request: Request<ListSecretsRequest>,
     ) -> Result<Response<ListSecretsResponse>, Status> {
-        let ctx = self.begin(&request, "ListSecrets")?;
+        let ctx = self.begin(&request, "ListSecrets").await?;
         let req = request.into_inner();
         let result = list(&self.state, &ctx, &req).await;
         self.finish(&ctx, "ListSecrets", &req.prefix, result, |_| None)
+            .await
     }
 
     async fn delete_secret(
         &self,
         request: Request<DeleteSecretRequest>,
     ) -> Result<Response<DeleteSecretResponse>, Status> {
-        let ctx = self.begin(&request, "DeleteSecret")?;
+        let ctx = self.begin(&request, "DeleteSecret").await?;
         let req = request.into_inner();
         let result = delete(&self.state, &ctx, &req).await;
         self.finish(&ctx, "DeleteSecret", &req.name, result, |_| None)
+            .await
     }
 }
 
 impl SecretsService {
     /// Authenticates the caller from its verified certificate and reads the deadline.
-    fn begin<T>(&self, request: &Request<T>, operation: &'static str) -> Result<Ctx, Status> {
+    async fn begin<T>(&self, request: &Request<T>, operation: &'static str) -> Result<Ctx, Status> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let identity = request
             .peer_certs()
@@ -120,7 +124,8 @@ impl SecretsService {
             Ok(id) => id,
             Err(e) => {
                 let status = Status::unauthenticated(format!("no client identity: {e}"));
-                self.audit(None, operation, None, None, status.code(), request_id)?;
+                self.audit(None, operation, None, None, status.code(), request_id)
+                    .await?;
                 return Err(status);
             }
         };
@@ -135,7 +140,7 @@ impl SecretsService {
 
     /// Audits the outcome, then answers. If the audit entry cannot be written, the request
     /// fails and nothing it produced leaves.
-    fn finish<T>(
+    async fn finish<T>(
         &self,
         ctx: &Ctx,
         operation: &'static str,
@@ -154,11 +159,12 @@ impl SecretsService {
             v,
             code,
             ctx.request_id,
-        )?;
+        )
+        .await?;
         result.map(Response::new).map_err(Status::from)
     }
 
-    fn audit(
+    async fn audit(
         &self,
         identity: Option<&Identity>,
         operation: &'static str,
@@ -175,11 +181,14 @@ impl SecretsService {
             version,
             status,
             request_id,
+            detail: None,
         };
-        self.state
-            .audit
-            .record(&event)
-            .map_err(|e| Status::from(Error::Audit(e.to_string())))
+        let recorded = self.state.audit.record(&event).await;
+        if let Err(e) = recorded {
+            super::update_health(&self.state).await;
+            return Err(Status::from(Error::Audit(e.to_string())));
+        }
+        Ok(())
     }
 }
 
@@ -202,7 +211,10 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
             "expires_at_unix must be in the future".into(),
         ));
     }
-    if !state.policy.allows(&ctx.identity, Capability::Write, &name) {
+    if !state
+        .policy()
+        .allows(&ctx.identity, Capability::Write, &name)
+    {
         return Err(Error::PermissionDenied);
     }
     let mk = current_master_key(state).await?;
@@ -280,7 +292,10 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
 async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecretResponse, Error> {
     let name = parse_name(state, &req.name)?;
     // A name the caller may not read looks exactly like an absent one.
-    if !state.policy.allows(&ctx.identity, Capability::Read, &name) {
+    if !state
+        .policy()
+        .allows(&ctx.identity, Capability::Read, &name)
+    {
         return Err(Error::NotFound);
     }
     let record = blocking(state, {
@@ -324,7 +339,10 @@ async fn describe(
     req: &DescribeSecretRequest,
 ) -> Result<DescribeSecretResponse, Error> {
     let name = parse_name(state, &req.name)?;
-    if !state.policy.allows(&ctx.identity, Capability::Read, &name) {
+    if !state
+        .policy()
+        .allows(&ctx.identity, Capability::Read, &name)
+    {
         return Err(Error::NotFound);
     }
     let records = blocking(state, {
@@ -382,7 +400,7 @@ async fn list(
         token => Some(decode_page_token(token, max_name)?),
     };
     let identity = ctx.identity.clone();
-    let policy = state.policy.clone();
+    let policy = state.policy();
     let page = blocking(state, move |s| {
         // Deny by default: a caller sees only names it may list.
         let visible = |n: &SecretName| policy.allows(&identity, Capability::List, n);
@@ -415,7 +433,7 @@ async fn delete(
     let name = parse_name(state, &req.name)?;
     // Decided before the store is touched, so the answer says nothing about existence.
     if !state
-        .policy
+        .policy()
         .allows(&ctx.identity, Capability::Delete, &name)
     {
         return Err(Error::PermissionDenied);
@@ -447,28 +465,11 @@ async fn current_master_key(state: &State) -> Result<u32, Error> {
         return Ok(mk);
     }
     state.hsm.reload_keys().await?;
-    update_health(state).await;
+    super::update_health(state).await;
     state
         .hsm
         .current_master_key()
         .ok_or(Error::Hsm(HsmError::NoMasterKey))
-}
-
-/// Reports SERVING when the token holds a master key.
-pub(crate) async fn update_health(state: &State) {
-    super::set_health(&state.health, state.hsm.current_master_key().is_some()).await;
-}
-
-/// Runs a store call off the async runtime.
-async fn blocking<R: Send + 'static>(
-    state: &State,
-    f: impl FnOnce(&dyn Store) -> Result<R, StoreError> + Send + 'static,
-) -> Result<R, Error> {
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || f(store.as_ref()))
-        .await
-        .map_err(|e| Error::Internal(format!("store task failed: {e}")))?
-        .map_err(Error::from)
 }
 
 /// A record must be the one its key says it is; the AAD check would refuse it anyway, but a
@@ -526,7 +527,7 @@ async fn open_record(
     })
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

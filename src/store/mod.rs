@@ -60,6 +60,17 @@ pub struct Page {
     pub next_after: Option<String>,
 }
 
+/// Namespaces of the records officers manage, kept beside the secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aux {
+    /// Policies (MAC'd with the token's store key).
+    Policy,
+    /// Pending and past approvals (MAC'd with the token's store key).
+    Approval,
+    /// Bookkeeping flags.
+    Meta,
+}
+
 /// What a secret store does.
 pub trait Store: Send + Sync + 'static {
     /// The head of `name`, if it ever existed.
@@ -97,4 +108,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Number of live secrets.
     fn secret_count(&self) -> Result<u64, StoreError>;
+
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+
+    /// An officer-managed record.
+    fn aux_get(&self, ns: Aux, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores an officer-managed record; durable on return.
+    fn aux_put(&self, ns: Aux, key: &str, value: &[u8]) -> Result<(), StoreError>;
+
+    /// Removes an officer-managed record; durable on return. Whether it existed.
+    fn aux_delete(&self, ns: Aux, key: &str) -> Result<bool, StoreError>;
+
+    /// Every record of a namespace, by key.
+    fn aux_list(&self, ns: Aux) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }

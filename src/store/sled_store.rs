@@ -2,7 +2,8 @@
 //!
 //! Keys: `h` + name → [`HeadV1`](crate::proto::HeadV1); `r` + name + `\0` + version (8 bytes
 //! big-endian) → [`SealedRecordV1`](crate::proto::SealedRecordV1); `w` + master key version
-//! (4 bytes big-endian) → wrap count (8 bytes big-endian). Names never contain `\0`, so a
+//! (4 bytes big-endian) → wrap count (8 bytes big-endian); `p`, `a`, `m` + key → policies,
+//! approvals and bookkeeping that officers manage. Names never contain `\0`, so a
 //! name's records are exactly the keys under `r` + name + `\0`.
 //!
 //! Writes take one process-wide lock for check-and-set, apply one atomic batch, and return
@@ -14,13 +15,16 @@ use std::sync::Mutex;
 use prost::Message;
 use sled::{Batch, IVec};
 
-use super::{Head, Page, Store, StoreError, VersionConflict};
+use super::{Aux, Head, Page, Store, StoreError, VersionConflict};
 use crate::proto::HeadV1;
 use crate::secret::{NamePrefix, SealedRecord, SecretName};
 
 const HEAD: u8 = b'h';
 const RECORD: u8 = b'r';
 const WRAPS: u8 = b'w';
+const POLICY: u8 = b'p';
+const APPROVAL: u8 = b'a';
+const META: u8 = b'm';
 
 /// The sled-backed store.
 pub struct SledStore {
@@ -36,11 +40,6 @@ impl SledStore {
             db,
             write_lock: Mutex::new(()),
         })
-    }
-
-    /// Bytes the store occupies on disk.
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
     }
 
     fn read_head(&self, name: &SecretName) -> Result<Option<Head>, StoreError> {
@@ -189,6 +188,36 @@ impl Store for SledStore {
         Ok(total)
     }
 
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    fn aux_get(&self, ns: Aux, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(aux_key(ns, key))?.map(|v| v.to_vec()))
+    }
+
+    fn aux_put(&self, ns: Aux, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.db.insert(aux_key(ns, key), value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn aux_delete(&self, ns: Aux, key: &str) -> Result<bool, StoreError> {
+        let existed = self.db.remove(aux_key(ns, key))?.is_some();
+        self.db.flush()?;
+        Ok(existed)
+    }
+
+    fn aux_list(&self, ns: Aux) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([aux_tag(ns)]) {
+            let (k, v) = kv?;
+            let key = String::from_utf8(k[1..].to_vec()).map_err(|e| corrupt(&k, e))?;
+            out.push((key, v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn secret_count(&self) -> Result<u64, StoreError> {
         let mut n = 0;
         for kv in self.db.scan_prefix([HEAD]) {
@@ -200,6 +229,20 @@ impl Store for SledStore {
         }
         Ok(n)
     }
+}
+
+fn aux_tag(ns: Aux) -> u8 {
+    match ns {
+        Aux::Policy => POLICY,
+        Aux::Approval => APPROVAL,
+        Aux::Meta => META,
+    }
+}
+
+fn aux_key(ns: Aux, key: &str) -> Vec<u8> {
+    let mut k = vec![aux_tag(ns)];
+    k.extend_from_slice(key.as_bytes());
+    k
 }
 
 fn head_key(name: &SecretName) -> Vec<u8> {

@@ -1,0 +1,676 @@
+//! AdminService: the officers' plane. Only identities from the admin CA that are listed in
+//! `admin.officers` get in; guarded operations wait for a quorum of distinct officers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tonic::{Code, Request, Response, Status};
+
+use super::policies;
+use super::secrets::unix_now;
+use super::{State, blocking};
+use crate::audit::AuditEvent;
+use crate::error::Error;
+use crate::hsm::keys::MacKey;
+use crate::policy::{Capability, Decision};
+use crate::proto::admin_service_server::AdminService;
+use crate::proto::{
+    Approval, ApprovalParam, ApprovalV1, ApproveRequest, CheckPolicyRequest, CheckPolicyResponse,
+    DeletePolicyRequest, DestroySecretRequest, GetApprovalRequest, GetPolicyRequest,
+    ListApprovalsRequest, ListApprovalsResponse, ListPoliciesRequest, ListPoliciesResponse,
+    OperationResponse, PolicyInfo, PutPolicyRequest, RejectRequest, RotateMasterKeyRequest,
+    StatusRequest, StatusResponse,
+};
+use crate::secret::SecretName;
+use crate::store::Aux;
+use crate::tls::Identity;
+
+/// The operations that need a quorum of officers.
+const PUT_POLICY: &str = "PutPolicy";
+const DELETE_POLICY: &str = "DeletePolicy";
+const DESTROY_SECRET: &str = "DestroySecret";
+const ROTATE_MASTER_KEY: &str = "RotateMasterKey";
+/// The largest policy document accepted.
+const MAX_POLICY_DOCUMENT: usize = 256 * 1024;
+
+/// The AdminService implementation.
+pub struct AdminApi {
+    state: Arc<State>,
+    next_request_id: AtomicU64,
+}
+
+impl AdminApi {
+    pub(crate) fn new(state: Arc<State>) -> Self {
+        Self {
+            state,
+            next_request_id: AtomicU64::new(1),
+        }
+    }
+}
+
+struct Officer {
+    identity: Identity,
+    request_id: u64,
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let officer = self.begin(&request, "Status").await?;
+        let result = self.status_inner().await;
+        self.finish(&officer, "Status", None, result, None).await
+    }
+
+    async fn put_policy(
+        &self,
+        request: Request<PutPolicyRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        let officer = self.begin(&request, PUT_POLICY).await?;
+        let req = request.into_inner();
+        let result = async {
+            let name = policies::parse_name(&req.name)?;
+            if req.document.len() > MAX_POLICY_DOCUMENT {
+                return Err(Error::InvalidArgument(format!(
+                    "the policy document is larger than {MAX_POLICY_DOCUMENT} bytes"
+                )));
+            }
+            crate::policy::PolicyDocument::parse(&req.document, self.state.limits.max_name_bytes)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            self.request_guarded(
+                &officer,
+                PUT_POLICY,
+                vec![("name", name), ("document", req.document.clone())],
+            )
+            .await
+        }
+        .await;
+        let detail = approval_detail(&result);
+        self.finish(&officer, PUT_POLICY, Some(&req.name), result, detail)
+            .await
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<PolicyInfo>, Status> {
+        let officer = self.begin(&request, "GetPolicy").await?;
+        let req = request.into_inner();
+        let result = async {
+            let name = policies::parse_name(&req.name)?;
+            policies::list(&self.state)
+                .await?
+                .into_iter()
+                .find(|(r, _)| r.name == name)
+                .map(|(r, ok)| policy_info(r, ok))
+                .ok_or(Error::NotFound)
+        }
+        .await;
+        self.finish(&officer, "GetPolicy", Some(&req.name), result, None)
+            .await
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        let officer = self.begin(&request, "ListPolicies").await?;
+        let result = policies::list(&self.state)
+            .await
+            .map(|all| ListPoliciesResponse {
+                policies: all.into_iter().map(|(r, ok)| policy_info(r, ok)).collect(),
+            });
+        self.finish(&officer, "ListPolicies", None, result, None)
+            .await
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<DeletePolicyRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        let officer = self.begin(&request, DELETE_POLICY).await?;
+        let req = request.into_inner();
+        let result = async {
+            let name = policies::parse_name(&req.name)?;
+            self.request_guarded(&officer, DELETE_POLICY, vec![("name", name)])
+                .await
+        }
+        .await;
+        let detail = approval_detail(&result);
+        self.finish(&officer, DELETE_POLICY, Some(&req.name), result, detail)
+            .await
+    }
+
+    async fn check_policy(
+        &self,
+        request: Request<CheckPolicyRequest>,
+    ) -> Result<Response<CheckPolicyResponse>, Status> {
+        let officer = self.begin(&request, "CheckPolicy").await?;
+        let req = request.into_inner();
+        let result = (|| {
+            let capability = parse_capability(&req.capability)?;
+            let name = SecretName::parse(&req.name, self.state.limits.max_name_bytes)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            if req.identity.is_empty() {
+                return Err(Error::InvalidArgument("identity is empty".into()));
+            }
+            let policy = self.state.policy();
+            let identity = Identity::new(req.identity.clone());
+            Ok(match policy.decide(&identity, capability, &name) {
+                Decision::Allow(i) => CheckPolicyResponse {
+                    allowed: true,
+                    decided_by: policy.rule_label(i),
+                },
+                Decision::Deny => CheckPolicyResponse {
+                    allowed: false,
+                    decided_by: format!(
+                        "no rule grants {capability} on {name} to {identity} (deny by default)"
+                    ),
+                },
+            })
+        })();
+        self.finish(&officer, "CheckPolicy", Some(&req.name), result, None)
+            .await
+    }
+
+    async fn destroy_secret(
+        &self,
+        request: Request<DestroySecretRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        let officer = self.begin(&request, DESTROY_SECRET).await?;
+        let req = request.into_inner();
+        let result = async {
+            let name = SecretName::parse(&req.name, self.state.limits.max_name_bytes)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            self.request_guarded(
+                &officer,
+                DESTROY_SECRET,
+                vec![("name", name.as_str().to_owned())],
+            )
+            .await
+        }
+        .await;
+        let detail = approval_detail(&result);
+        self.finish(&officer, DESTROY_SECRET, Some(&req.name), result, detail)
+            .await
+    }
+
+    async fn rotate_master_key(
+        &self,
+        request: Request<RotateMasterKeyRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        let officer = self.begin(&request, ROTATE_MASTER_KEY).await?;
+        let result = self
+            .request_guarded(&officer, ROTATE_MASTER_KEY, Vec::new())
+            .await;
+        let detail = approval_detail(&result);
+        self.finish(&officer, ROTATE_MASTER_KEY, None, result, detail)
+            .await
+    }
+
+    async fn list_approvals(
+        &self,
+        request: Request<ListApprovalsRequest>,
+    ) -> Result<Response<ListApprovalsResponse>, Status> {
+        let officer = self.begin(&request, "ListApprovals").await?;
+        let all = request.get_ref().all;
+        let result = policies::list_approvals(&self.state).await.map(|list| {
+            let now = unix_now();
+            let mut approvals: Vec<Approval> = list
+                .into_iter()
+                .map(|a| to_proto(a, now))
+                .filter(|a| all || a.state == "pending")
+                .collect();
+            approvals.sort_by_key(|a| a.created_at_unix);
+            ListApprovalsResponse { approvals }
+        });
+        self.finish(&officer, "ListApprovals", None, result, None)
+            .await
+    }
+
+    async fn get_approval(
+        &self,
+        request: Request<GetApprovalRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        let officer = self.begin(&request, "GetApproval").await?;
+        let id = request.into_inner().id;
+        let result = async {
+            check_id(&id)?;
+            Ok(to_proto(
+                policies::load_approval(&self.state, &id).await?,
+                unix_now(),
+            ))
+        }
+        .await;
+        self.finish(&officer, "GetApproval", Some(&id), result, None)
+            .await
+    }
+
+    async fn approve(
+        &self,
+        request: Request<ApproveRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        let officer = self.begin(&request, "Approve").await?;
+        let id = request.into_inner().id;
+        let result = self.approve_inner(&officer, &id).await;
+        let detail = approval_detail(&result);
+        self.finish(&officer, "Approve", Some(&id), result, detail)
+            .await
+    }
+
+    async fn reject(&self, request: Request<RejectRequest>) -> Result<Response<Approval>, Status> {
+        let officer = self.begin(&request, "Reject").await?;
+        let id = request.into_inner().id;
+        let result = async {
+            check_id(&id)?;
+            let _turn = self.state.admin_lock.lock().await;
+            let mut a = policies::load_approval(&self.state, &id).await?;
+            let now = unix_now();
+            if a.state != "pending" {
+                return Err(Error::FailedPrecondition(format!(
+                    "approval {id} is {}, not pending",
+                    a.state
+                )));
+            }
+            a.state = "rejected".into();
+            a.rejected_by = officer.identity.as_str().to_owned();
+            let a = policies::store_approval(&self.state, a).await?;
+            Ok(to_proto(a, now))
+        }
+        .await;
+        self.finish(&officer, "Reject", Some(&id), result, None)
+            .await
+    }
+}
+
+impl AdminApi {
+    /// Authenticates the officer: a certificate from the admin CA (checked by TLS) whose
+    /// identity is listed in `admin.officers`.
+    async fn begin<T>(
+        &self,
+        request: &Request<T>,
+        operation: &'static str,
+    ) -> Result<Officer, Status> {
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let identity = request
+            .peer_certs()
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .map(|c| Identity::from_certificate(c.as_ref()))
+            })
+            .unwrap_or(Err(crate::tls::TlsError::NoIdentity));
+        let (status, identity) = match identity {
+            Err(e) => (
+                Status::unauthenticated(format!("no officer identity: {e}")),
+                None,
+            ),
+            Ok(id) => {
+                let listed = self
+                    .state
+                    .admin
+                    .as_ref()
+                    .is_some_and(|a| a.officers.iter().any(|o| o == id.as_str()));
+                if listed {
+                    return Ok(Officer {
+                        identity: id,
+                        request_id,
+                    });
+                }
+                (
+                    Status::permission_denied(format!("{id} is not an officer")),
+                    Some(id),
+                )
+            }
+        };
+        self.audit(
+            identity.as_ref(),
+            operation,
+            None,
+            status.code(),
+            request_id,
+            None,
+        )
+        .await?;
+        Err(status)
+    }
+
+    async fn finish<T>(
+        &self,
+        officer: &Officer,
+        operation: &'static str,
+        name: Option<&str>,
+        result: Result<T, Error>,
+        detail: Option<String>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(e) => e.code(),
+        };
+        self.audit(
+            Some(&officer.identity),
+            operation,
+            name,
+            code,
+            officer.request_id,
+            detail,
+        )
+        .await?;
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    async fn audit(
+        &self,
+        identity: Option<&Identity>,
+        operation: &'static str,
+        name: Option<&str>,
+        status: Code,
+        request_id: u64,
+        detail: Option<String>,
+    ) -> Result<(), Status> {
+        let event = AuditEvent {
+            plane: "admin",
+            identity,
+            operation,
+            name,
+            version: None,
+            status,
+            request_id,
+            detail,
+        };
+        if let Err(e) = self.state.audit.record(&event).await {
+            super::update_health(&self.state).await;
+            return Err(Status::from(Error::Audit(e.to_string())));
+        }
+        Ok(())
+    }
+
+    fn quorum(&self) -> u32 {
+        self.state
+            .admin
+            .as_ref()
+            .map_or(u32::MAX, |a| a.effective_quorum())
+    }
+
+    fn approval_ttl(&self) -> i64 {
+        self.state.admin.as_ref().map_or(3600, |a| {
+            i64::try_from(a.approval_ttl_secs).unwrap_or(i64::MAX)
+        })
+    }
+
+    /// Records a request for a guarded operation; runs it at once only if one officer is a
+    /// quorum (development setting).
+    async fn request_guarded(
+        &self,
+        officer: &Officer,
+        operation: &str,
+        params: Vec<(&str, String)>,
+    ) -> Result<OperationResponse, Error> {
+        let _turn = self.state.admin_lock.lock().await;
+        let now = unix_now();
+        let mut approval = ApprovalV1 {
+            id: new_id()?,
+            operation: operation.to_owned(),
+            params: params
+                .into_iter()
+                .map(|(k, v)| ApprovalParam {
+                    key: k.to_owned(),
+                    value: v,
+                })
+                .collect(),
+            requester: officer.identity.as_str().to_owned(),
+            approvers: vec![officer.identity.as_str().to_owned()],
+            quorum: self.quorum(),
+            created_at_unix: now,
+            expires_at_unix: now.saturating_add(self.approval_ttl()),
+            state: "pending".into(),
+            result: String::new(),
+            rejected_by: String::new(),
+            mac: Vec::new(),
+        };
+        if approval.approvers.len() >= approval.quorum as usize {
+            self.execute(&mut approval).await;
+        }
+        let approval = policies::store_approval(&self.state, approval).await?;
+        Ok(operation_response(approval, now))
+    }
+
+    async fn approve_inner(&self, officer: &Officer, id: &str) -> Result<OperationResponse, Error> {
+        check_id(id)?;
+        let _turn = self.state.admin_lock.lock().await;
+        let mut a = policies::load_approval(&self.state, id).await?;
+        let now = unix_now();
+        if a.state == "pending" && now >= a.expires_at_unix {
+            a.state = "expired".into();
+            policies::store_approval(&self.state, a).await?;
+            return Err(Error::FailedPrecondition(format!(
+                "approval {id} has expired; request the operation again"
+            )));
+        }
+        if a.state != "pending" {
+            return Err(Error::FailedPrecondition(format!(
+                "approval {id} is {}, not pending",
+                a.state
+            )));
+        }
+        if a.approvers.iter().any(|o| o == officer.identity.as_str()) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} has already approved {id}; a different officer must approve",
+                officer.identity
+            )));
+        }
+        a.approvers.push(officer.identity.as_str().to_owned());
+        if a.approvers.len() >= a.quorum as usize {
+            self.execute(&mut a).await;
+        }
+        let a = policies::store_approval(&self.state, a).await?;
+        Ok(operation_response(a, now))
+    }
+
+    /// Runs an approved operation and records the outcome in the approval.
+    async fn execute(&self, a: &mut ApprovalV1) {
+        let param = |k: &str| {
+            a.params
+                .iter()
+                .find(|p| p.key == k)
+                .map(|p| p.value.clone())
+                .unwrap_or_default()
+        };
+        let by = a.approvers.join(", ");
+        let outcome: Result<String, Error> = match a.operation.as_str() {
+            PUT_POLICY => {
+                policies::put(&self.state, &param("name"), &param("document"), &by, &a.id)
+                    .await
+                    .map(|r| format!("policy '{}' stored at revision {}", r.name, r.revision))
+            }
+            DELETE_POLICY => policies::delete(&self.state, &param("name"))
+                .await
+                .map(|existed| {
+                    if existed {
+                        format!("policy '{}' deleted", param("name"))
+                    } else {
+                        format!("policy '{}' did not exist", param("name"))
+                    }
+                }),
+            DESTROY_SECRET => {
+                let name = param("name");
+                match SecretName::parse(&name, self.state.limits.max_name_bytes) {
+                    Ok(n) => blocking(&self.state, move |s| s.delete(&n))
+                        .await
+                        .map(|n| format!("secret '{name}': {n} version(s) destroyed")),
+                    Err(e) => Err(Error::InvalidArgument(e.to_string())),
+                }
+            }
+            ROTATE_MASTER_KEY => self
+                .state
+                .hsm
+                .generate_master_key()
+                .await
+                .map(|v| {
+                    format!(
+                        "master key version {v} generated; new writes use it; back up the token"
+                    )
+                })
+                .map_err(Error::from),
+            other => Err(Error::Internal(format!("unknown operation {other}"))),
+        };
+        match outcome {
+            Ok(result) => {
+                tracing::info!(approval = %a.id, operation = %a.operation, %result, "guarded operation executed");
+                a.state = "executed".into();
+                a.result = result;
+            }
+            Err(e) => {
+                tracing::warn!(approval = %a.id, operation = %a.operation, error = %e, "guarded operation failed");
+                a.state = "failed".into();
+                a.result = e.to_string();
+            }
+        }
+        super::update_health(&self.state).await;
+    }
+
+    async fn status_inner(&self) -> Result<StatusResponse, Error> {
+        let state = &self.state;
+        let (bytes, secrets) =
+            blocking(state, |s| Ok((s.size_on_disk()?, s.secret_count()?))).await?;
+        let approvals = policies::list_approvals(state).await?;
+        let now = unix_now();
+        let pending = approvals
+            .iter()
+            .filter(|a| a.state == "pending" && a.expires_at_unix > now)
+            .count();
+        let policies = blocking(state, |s| s.aux_list(Aux::Policy)).await?.len();
+        let mut dangerous = Vec::new();
+        if state
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.dangerous_single_officer)
+        {
+            dangerous.push("admin.dangerous_single_officer".to_owned());
+        }
+        if matches!(state.audit, crate::audit::Auditor::DangerousLogOnly) {
+            dangerous.push("audit.dangerous_disable_audit".to_owned());
+        }
+        let versions = state.hsm.master_key_versions();
+        Ok(StatusResponse {
+            token: state.token_label.clone(),
+            token_available: !versions.is_empty() || state.hsm.has_mac_key(MacKey::Store),
+            current_master_key: state.hsm.current_master_key().unwrap_or(0),
+            master_key_versions: versions,
+            mac_keys_missing: MacKey::ALL
+                .iter()
+                .filter(|k| !state.hsm.has_mac_key(**k))
+                .map(|k| k.label().to_owned())
+                .collect(),
+            store_bytes: bytes,
+            secrets,
+            listeners: state
+                .listeners
+                .read()
+                .map(|l| l.clone())
+                .unwrap_or_default(),
+            audit_path: match &state.audit {
+                crate::audit::Auditor::Chained(log) => log.path().display().to_string(),
+                crate::audit::Auditor::DangerousLogOnly => String::new(),
+            },
+            audit_healthy: state.audit.healthy(),
+            pending_approvals: pending as u32,
+            quorum: self.quorum(),
+            dangerous_settings: dangerous,
+            tampered_policies: state
+                .tampered_policies
+                .read()
+                .map(|t| t.clone())
+                .unwrap_or_default(),
+            policies: policies as u32,
+        })
+    }
+}
+
+fn parse_capability(s: &str) -> Result<Capability, Error> {
+    match s {
+        "read" => Ok(Capability::Read),
+        "write" => Ok(Capability::Write),
+        "list" => Ok(Capability::List),
+        "delete" => Ok(Capability::Delete),
+        other => Err(Error::InvalidArgument(format!(
+            "capability {other:?} is not one of read, write, list, delete"
+        ))),
+    }
+}
+
+fn check_id(id: &str) -> Result<(), Error> {
+    if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(
+            "an approval id is 16 hexadecimal characters".into(),
+        ))
+    }
+}
+
+fn new_id() -> Result<String, Error> {
+    use ring::rand::SecureRandom;
+    let mut id = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut id)
+        .map_err(|_| Error::Internal("the system random generator failed".into()))?;
+    Ok(hex::encode(id))
+}
+
+fn to_proto(a: ApprovalV1, now: i64) -> Approval {
+    let state = if a.state == "pending" && now >= a.expires_at_unix {
+        "expired".to_owned()
+    } else {
+        a.state
+    };
+    Approval {
+        id: a.id,
+        operation: a.operation,
+        parameters: a
+            .params
+            .into_iter()
+            .map(|p| (p.key, p.value))
+            .collect::<HashMap<_, _>>(),
+        requester: a.requester,
+        approvers: a.approvers,
+        quorum: a.quorum,
+        created_at_unix: a.created_at_unix,
+        expires_at_unix: a.expires_at_unix,
+        state,
+        result: a.result,
+        rejected_by: a.rejected_by,
+    }
+}
+
+fn operation_response(a: ApprovalV1, now: i64) -> OperationResponse {
+    let approval = to_proto(a, now);
+    OperationResponse {
+        executed: approval.state == "executed",
+        result: approval.result.clone(),
+        approval: Some(approval),
+    }
+}
+
+fn approval_detail(result: &Result<OperationResponse, Error>) -> Option<String> {
+    result.as_ref().ok().and_then(|r| {
+        r.approval
+            .as_ref()
+            .map(|a| format!("approval={} state={}", a.id, a.state))
+    })
+}
+
+fn policy_info(r: crate::proto::PolicyRecordV1, authentic: bool) -> PolicyInfo {
+    PolicyInfo {
+        name: r.name,
+        document: r.document,
+        revision: r.revision,
+        updated_by: r.updated_by,
+        updated_at_unix: r.updated_at_unix,
+        approval_id: r.approval_id,
+        authentic,
+    }
+}
