@@ -193,6 +193,11 @@ struct Pending {
     done: oneshot::Sender<Result<(), AuditError>>,
 }
 
+enum Msg {
+    Append(Pending),
+    Checkpoint(oneshot::Sender<Result<(), AuditError>>),
+}
+
 struct PendingEntry {
     plane: String,
     identity: Option<String>,
@@ -206,7 +211,7 @@ struct PendingEntry {
 
 /// The HMAC-chained audit log.
 pub struct AuditLog {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Msg>,
     healthy: Arc<AtomicBool>,
     path: PathBuf,
 }
@@ -314,18 +319,20 @@ impl AuditLog {
             detail: event.detail.clone(),
         };
         self.tx
-            .send(Pending { entry, done })
+            .send(Msg::Append(Pending { entry, done }))
             .await
             .map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
-    /// Stops the writer after it has written what was sent, with a final checkpoint.
-    pub async fn close(self) {
-        let AuditLog { tx, .. } = self;
-        let closed = tx.clone();
-        drop(tx);
-        closed.closed().await;
+    /// Records a checkpoint now (after everything sent before), e.g. at shutdown.
+    pub async fn checkpoint(&self) -> Result<(), AuditError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Checkpoint(done))
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        rx.await.map_err(|_| AuditError::Closed)?
     }
 }
 
@@ -341,13 +348,18 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Pending>, healthy: Arc<AtomicBool>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, healthy: Arc<AtomicBool>) {
         let mut tick = tokio::time::interval(self.options.checkpoint_interval);
         tick.tick().await;
         loop {
             let first = tokio::select! {
-                p = rx.recv() => match p {
-                    Some(p) => p,
+                m = rx.recv() => match m {
+                    Some(Msg::Append(p)) => p,
+                    Some(Msg::Checkpoint(done)) => {
+                        let r = if self.since_checkpoint > 0 { self.checkpoint().await } else { Ok(()) };
+                        let _ = done.send(r);
+                        continue;
+                    }
                     None => break,
                 },
                 _ = tick.tick() => {
@@ -359,9 +371,14 @@ impl Writer {
                 }
             };
             let mut batch = vec![first];
+            let mut checkpoint_after = None;
             while batch.len() < self.options.max_batch {
                 match rx.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(Msg::Append(p)) => batch.push(p),
+                    Ok(Msg::Checkpoint(done)) => {
+                        checkpoint_after = Some(done);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -374,15 +391,24 @@ impl Writer {
                     for ack in acks {
                         let _ = ack.send(Ok(()));
                     }
-                    if self.since_checkpoint >= self.options.checkpoint_every
-                        && let Err(e) = self.checkpoint().await
+                    if checkpoint_after.is_some()
+                        || self.since_checkpoint >= self.options.checkpoint_every
                     {
-                        tracing::error!(error = %e, "audit checkpoint failed");
-                        healthy.store(false, Ordering::Relaxed);
+                        let r = self.checkpoint().await;
+                        if let Err(e) = &r {
+                            tracing::error!(error = %e, "audit checkpoint failed");
+                            healthy.store(false, Ordering::Relaxed);
+                        }
+                        if let Some(done) = checkpoint_after.take() {
+                            let _ = done.send(r);
+                        }
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "audit write failed: refusing requests");
+                    if let Some(done) = checkpoint_after.take() {
+                        let _ = done.send(Err(AuditError::Closed));
+                    }
                     healthy.store(false, Ordering::Relaxed);
                     let msg = e.to_string();
                     for ack in acks {

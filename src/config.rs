@@ -44,6 +44,9 @@ pub struct ServerConfig {
     pub key: PathBuf,
     /// CA that client certificates must chain to, PEM.
     pub client_ca: PathBuf,
+    /// On SIGTERM, how long in-flight requests may take to finish, in milliseconds.
+    #[serde(default = "default_grace_ms")]
+    pub shutdown_grace_ms: u64,
 }
 
 /// `[hsm]`.
@@ -179,6 +182,9 @@ fn default_queue_depth() -> usize {
 fn default_timeout_ms() -> u64 {
     5000
 }
+fn default_grace_ms() -> u64 {
+    5000
+}
 fn default_max_wraps() -> u64 {
     DEFAULT_MAX_WRAPS
 }
@@ -297,6 +303,11 @@ impl Config {
         if l.max_page_size == 0 || l.max_page_size > 100_000 {
             return Err(ConfigError::Invalid(
                 "limits.max_page_size must be 1..=100000".into(),
+            ));
+        }
+        if self.hsm.request_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "hsm.request_timeout_ms must be at least 1".into(),
             ));
         }
         if self.hsm.workers == 0 || self.hsm.workers > 256 {

@@ -124,6 +124,7 @@ pub struct Server {
     admin_tls: Option<ServerTlsConfig>,
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    shutdown_grace: Duration,
 }
 
 impl Server {
@@ -209,6 +210,7 @@ impl Server {
             tls,
             admin_tls,
             health_service,
+            shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
         })
     }
 
@@ -274,26 +276,54 @@ impl Server {
             _ => None,
         };
 
-        let result = tonic::transport::Server::builder()
+        let serve = tonic::transport::Server::builder()
             .tls_config(self.tls)?
             .add_service(secrets)
             .add_service(self.health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx))
-            .await;
-        if let Some(task) = admin_task
-            && let Ok(Err(e)) = task.await
-        {
-            tracing::error!(error = %e, "admin listener failed");
-        }
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stopped(stop_rx.clone()),
+            );
+        // In-flight requests get the grace period to finish; idle connections that clients
+        // keep open do not hold the shutdown beyond it.
+        let grace = self.shutdown_grace;
+        let both = async {
+            let admin = async {
+                match admin_task {
+                    Some(task) => match task.await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "admin listener task failed");
+                            Ok(())
+                        }
+                    },
+                    None => Ok(()),
+                }
+            };
+            let (client, admin) = tokio::join!(serve, admin);
+            if let Err(e) = admin {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+            client
+        };
+        let result = tokio::select! {
+            r = both => r,
+            () = async move {
+                stopped(stop_rx).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::info!("shutdown grace period over; closing the remaining connections");
+                Ok(())
+            }
+        };
         watcher.abort();
-        // Drop the handlers' state so the audit writer sees its queue close and writes its
-        // final checkpoint before the process exits.
-        if let Ok(state) = Arc::try_unwrap(state)
-            && let Auditor::Chained(log) = state.audit
+        // A final checkpoint, so the token records the whole log as it stands at shutdown.
+        if let Auditor::Chained(log) = &state.audit
+            && let Err(e) = log.checkpoint().await
         {
-            log.close().await;
+            tracing::error!(error = %e, "final audit checkpoint failed");
         }
         result.map_err(StartError::from)
     }

@@ -31,6 +31,23 @@ pub const PAYMENTS: &str = "spiffe://strongroom.test/payments";
 pub const READER: &str = "spiffe://strongroom.test/reader";
 pub const OPS: &str = "spiffe://strongroom.test/ops";
 pub const STRANGER: &str = "spiffe://strongroom.test/stranger";
+/// Officers of the admin CA; alice, bob and carol are listed in `admin.officers`, mallory
+/// holds a valid admin-CA certificate but is not an officer.
+pub const ALICE: &str = "alice.officers.strongroom.test";
+pub const BOB: &str = "bob.officers.strongroom.test";
+pub const CAROL: &str = "carol.officers.strongroom.test";
+pub const MALLORY: &str = "mallory.officers.strongroom.test";
+
+/// The admin section of the tests: three officers, quorum 2.
+pub const ADMIN: &str = r#"
+[admin]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+ca = "pki/admin-ca.pem"
+officers = ["alice.officers.strongroom.test", "bob.officers.strongroom.test", "carol.officers.strongroom.test"]
+quorum = 2
+"#;
 
 /// The default policy of the tests:
 /// - payments: everything under `payments`;
@@ -117,9 +134,11 @@ impl TestEnv {
         let server_ca = DevCa::new("test server CA").unwrap();
         let client_ca = DevCa::new("test client CA").unwrap();
         let foreign_ca = DevCa::new("foreign CA").unwrap();
+        let admin_ca = DevCa::new("test admin CA").unwrap();
         let write = |name: &str, body: &str| std::fs::write(self.pki.join(name), body).unwrap();
         write("server-ca.pem", &server_ca.cert_pem());
         write("client-ca.pem", &client_ca.cert_pem());
+        write("admin-ca.pem", &admin_ca.cert_pem());
         let server = server_ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
         write("server.pem", &server.cert_pem);
         write("server-key.pem", &server.key_pem);
@@ -130,6 +149,12 @@ impl TestEnv {
             ("stranger", STRANGER, &client_ca),
             // Same identity as payments, issued by a CA the server does not trust.
             ("foreign", PAYMENTS, &foreign_ca),
+            ("alice", ALICE, &admin_ca),
+            ("bob", BOB, &admin_ca),
+            ("carol", CAROL, &admin_ca),
+            ("mallory", MALLORY, &admin_ca),
+            // An officer's identity, but from the client CA.
+            ("alice-client-ca", ALICE, &client_ca),
         ] {
             let c = ca.issue_client(id).unwrap();
             write(&format!("{stem}.pem"), &c.cert_pem);
@@ -166,6 +191,7 @@ listen = "127.0.0.1:0"
 cert = "pki/server.pem"
 key = "pki/server-key.pem"
 client_ca = "pki/client-ca.pem"
+shutdown_grace_ms = 1000
 
 [hsm]
 module = "{module}"
@@ -186,6 +212,38 @@ path = "store"
     /// Starts `strongroomd` with the default policy.
     pub fn start(&self) -> Server {
         self.start_with(&self.config(POLICY), &[])
+    }
+
+    /// Starts `strongroomd` with the default policy and the admin plane.
+    pub fn start_admin(&self) -> Server {
+        self.start_with(&self.config(&format!("{ADMIN}\n{POLICY}")), &[])
+    }
+
+    /// The audit log of the default configuration.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// A `strongroom-admin` command for the admin plane of `server`, as officer `stem`.
+    pub fn admin_cli(&self, server: &Server, stem: &str) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom-admin"));
+        self.apply_env(&mut cmd);
+        cmd.env(
+            "STRONGROOM_ADMIN_ADDR",
+            format!("https://{}", server.admin_addr.as_deref().unwrap_or("")),
+        )
+        .env("STRONGROOM_ADMIN_CACERT", self.pki.join("server-ca.pem"))
+        .env(
+            "STRONGROOM_ADMIN_CERT",
+            self.pki.join(format!("{stem}.pem")),
+        )
+        .env(
+            "STRONGROOM_ADMIN_KEY",
+            self.pki.join(format!("{stem}-key.pem")),
+        )
+        .env("STRONGROOM_ADMIN_SERVER_NAME", "localhost")
+        .env_remove("STRONGROOM_FORMAT");
+        cmd
     }
 
     /// Starts `strongroomd` with a configuration and extra environment.
@@ -222,9 +280,23 @@ path = "store"
                 );
             }
         };
+        let has_admin = std::fs::read_to_string(config)
+            .unwrap_or_default()
+            .contains("[admin]");
+        let admin_addr = if has_admin {
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("admin listening on ") => {
+                    Some(line["admin listening on ".len()..].to_owned())
+                }
+                other => panic!("no admin listener line: {other:?}"),
+            }
+        } else {
+            None
+        };
         Server {
             child,
             addr,
+            admin_addr,
             log,
             pki: self.pki.clone(),
         }
@@ -253,6 +325,7 @@ path = "store"
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    pub admin_addr: Option<String>,
     pub log: PathBuf,
     pki: PathBuf,
 }
@@ -268,6 +341,42 @@ impl Server {
         &self,
         stem: Option<&str>,
     ) -> Result<SecretServiceClient<Channel>, tonic::transport::Error> {
+        let channel = self.channel(&self.addr, stem).await?;
+        Ok(SecretServiceClient::new(channel))
+    }
+
+    /// An AdminService client authenticated as `stem`.
+    pub async fn admin(
+        &self,
+        stem: &str,
+    ) -> strongroom::proto::admin_service_client::AdminServiceClient<Channel> {
+        self.try_admin(Some(stem))
+            .await
+            .expect("connect to the admin listener")
+    }
+
+    /// An AdminService client with the given certificate stem, or none.
+    pub async fn try_admin(
+        &self,
+        stem: Option<&str>,
+    ) -> Result<
+        strongroom::proto::admin_service_client::AdminServiceClient<Channel>,
+        tonic::transport::Error,
+    > {
+        let addr = self
+            .admin_addr
+            .as_deref()
+            .expect("the admin plane is configured");
+        let channel = self.channel(addr, stem).await?;
+        Ok(strongroom::proto::admin_service_client::AdminServiceClient::new(channel))
+    }
+
+    /// A TLS channel to `addr` with the given client certificate stem, or none.
+    pub async fn channel(
+        &self,
+        addr: &str,
+        stem: Option<&str>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let ca = tonic::transport::Certificate::from_pem(
             std::fs::read(self.pki.join("server-ca.pem")).unwrap(),
         );
@@ -279,14 +388,13 @@ impl Server {
             let key = std::fs::read(self.pki.join(format!("{stem}-key.pem"))).unwrap();
             tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
         }
-        let channel = Endpoint::from_shared(format!("https://{}", self.addr))
+        Endpoint::from_shared(format!("https://{addr}"))
             .unwrap()
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
             .connect()
-            .await?;
-        Ok(SecretServiceClient::new(channel))
+            .await
     }
 
     /// The service's log so far.

@@ -1,14 +1,19 @@
 //! `strongroom-admin`: the security officers' tool.
 //!
-//! This version works directly against the PKCS#11 module on the officer's host: token
-//! listing and initialisation, master key generation and inspection, and `doctor`. It also
-//! writes a development PKI. PINs come from files, environment variables or a prompt, never
-//! from argv. Exit codes: 0 success, 1 local or usage error, 2 token-side error.
+//! Offline commands work directly against the PKCS#11 module on the officer's host (token
+//! listing and initialisation, master key generation and inspection, `doctor`, audit
+//! verification); online commands talk to the admin listener of `strongroomd` with an
+//! officer's certificate (status, policies, approvals, guarded operations). PINs come from
+//! files, environment variables or a prompt, never from argv. Exit codes: 0 success, 1 local
+//! or usage error, 2 server- or token-side error (and a failed audit verification).
 
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod audit_cmd;
+mod online;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -20,7 +25,7 @@ use strongroom::hsm::{self, HsmError, TokenSelector, keys};
 /// Security officers' tool for strongroom.
 #[derive(Parser)]
 #[command(version, about)]
-struct Cli {
+pub(crate) struct Cli {
     /// PKCS#11 module.
     #[arg(
         long,
@@ -28,7 +33,7 @@ struct Cli {
         default_value = "/usr/lib/softhsm/libsofthsm2.so",
         global = true
     )]
-    module: PathBuf,
+    pub(crate) module: PathBuf,
     /// Token: label, `serial:<serial>` or an RFC 7512 `pkcs11:` URI.
     #[arg(
         long,
@@ -36,10 +41,10 @@ struct Cli {
         default_value = "strongroom",
         global = true
     )]
-    token: String,
+    pub(crate) token: String,
     /// File holding the user PIN (else STRONGROOM_USER_PIN, else a prompt).
     #[arg(long, env = "STRONGROOM_USER_PIN_FILE", global = true)]
-    user_pin_file: Option<PathBuf>,
+    pub(crate) user_pin_file: Option<PathBuf>,
     /// Output format.
     #[arg(
         long,
@@ -48,19 +53,21 @@ struct Cli {
         env = "STRONGROOM_FORMAT",
         global = true
     )]
-    format: Format,
+    pub(crate) format: Format,
+    #[command(flatten)]
+    online: online::Connection,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
+pub(crate) enum Format {
     Table,
     Json,
 }
 
 #[derive(Subcommand)]
-enum Command {
+pub(crate) enum Command {
     /// Tokens and slots.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -69,6 +76,30 @@ enum Command {
     Key(KeyCmd),
     /// Check that the module, token, login, mechanisms and master keys are in order.
     Doctor,
+    /// The service's state as officers see it (online).
+    Status,
+    /// Policies kept by the service (online; put and delete need approval).
+    #[command(subcommand)]
+    Policy(online::PolicyCmd),
+    /// Pending and past approvals (online).
+    #[command(subcommand)]
+    Approval(online::ApprovalCmd),
+    /// Approve a pending operation (online).
+    Approve {
+        /// Approval id.
+        id: String,
+    },
+    /// Reject a pending operation (online).
+    Reject {
+        /// Approval id.
+        id: String,
+    },
+    /// Secrets, as officers manage them (online; destroy needs approval).
+    #[command(subcommand)]
+    Secret(online::SecretCmd),
+    /// The audit log: verify its chain, read it.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCmd),
     /// Write a development PKI (server, client and admin CAs and certificates).
     DevPki {
         /// Output directory.
@@ -81,7 +112,7 @@ enum Command {
 }
 
 #[derive(Subcommand)]
-enum TokenCmd {
+pub(crate) enum TokenCmd {
     /// Every slot and token the module reports.
     List,
     /// Initialise a fresh token: SO PIN and user PIN from files, env or prompt.
@@ -96,14 +127,20 @@ enum TokenCmd {
 }
 
 #[derive(Subcommand)]
-enum KeyCmd {
-    /// Generate the next master key version inside the token.
+pub(crate) enum KeyCmd {
+    /// Generate the next master key version inside the token (offline, needs the PIN;
+    /// also creates missing MAC keys).
     Generate,
     /// Master key versions with the security attributes the token reports.
     List,
+    /// Create the audit and store MAC keys if they are missing (offline).
+    InitMac,
+    /// Generate the next master key version through the service, under dual control
+    /// (online); new writes use it.
+    Rotate,
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Local(String),
     Token(String),
 }
@@ -147,7 +184,7 @@ fn interactive() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stdin())
 }
 
-fn user_pin(cli: &Cli) -> Result<cryptoki::types::AuthPin, Failure> {
+pub(crate) fn user_pin(cli: &Cli) -> Result<cryptoki::types::AuthPin, Failure> {
     read_pin(
         "user PIN",
         cli.user_pin_file.as_deref(),
@@ -157,7 +194,7 @@ fn user_pin(cli: &Cli) -> Result<cryptoki::types::AuthPin, Failure> {
     .map_err(|e| Failure::Local(e.to_string()))
 }
 
-fn selector(cli: &Cli) -> Result<TokenSelector, Failure> {
+pub(crate) fn selector(cli: &Cli) -> Result<TokenSelector, Failure> {
     cli.token
         .parse()
         .map_err(|e| Failure::Local(format!("--token: {e}")))
@@ -165,6 +202,14 @@ fn selector(cli: &Cli) -> Result<TokenSelector, Failure> {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
+        Command::Status
+        | Command::Policy(_)
+        | Command::Approval(_)
+        | Command::Approve { .. }
+        | Command::Reject { .. }
+        | Command::Secret(_)
+        | Command::Key(KeyCmd::Rotate) => online::run(&cli.online, cli.format, &cli.command),
+        Command::Audit(cmd) => audit_cmd::run(&cli, cmd),
         Command::Token(TokenCmd::List) => {
             let pkcs11 = hsm::load_module(&cli.module)?;
             let tokens = admin::list_tokens(&pkcs11)?;
@@ -224,8 +269,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let pkcs11 = hsm::load_module(&cli.module)?;
             let slot = hsm::find_token(&pkcs11, &selector(&cli)?)?;
             let session = match cmd {
-                KeyCmd::Generate => pkcs11.open_rw_session(slot),
                 KeyCmd::List => pkcs11.open_ro_session(slot),
+                _ => pkcs11.open_rw_session(slot),
             }
             .map_err(HsmError::from)?;
             hsm::login(&session, &pin)?;
@@ -261,6 +306,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     }
                     Ok(())
                 }
+                KeyCmd::InitMac => {
+                    let created = keys::ensure_mac_keys(&session)?;
+                    if cli.format == Format::Json {
+                        let labels: Vec<&str> = created.iter().map(|k| k.label()).collect();
+                        println!("{}", json!({"created": labels}));
+                    } else if created.is_empty() {
+                        println!("the MAC keys are present");
+                    } else {
+                        for k in created {
+                            println!("created MAC key {}", k.label());
+                        }
+                    }
+                    Ok(())
+                }
+                KeyCmd::Rotate => Err(Failure::Local("key rotate is an online command".into())),
                 KeyCmd::List => {
                     let mut reports = Vec::new();
                     for (version, handle) in keys::find(&session)? {

@@ -1,0 +1,508 @@
+//! Online commands: the officer's certificate against the admin listener of `strongroomd`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use tonic::transport::{Channel, Endpoint};
+
+use strongroom::proto::admin_service_client::AdminServiceClient;
+use strongroom::proto::{
+    Approval, ApproveRequest, CheckPolicyRequest, DeletePolicyRequest, DestroySecretRequest,
+    GetApprovalRequest, GetPolicyRequest, ListApprovalsRequest, ListPoliciesRequest,
+    OperationResponse, PolicyInfo, PutPolicyRequest, RejectRequest, RotateMasterKeyRequest,
+    StatusRequest,
+};
+
+use crate::{Command, Failure, Format, KeyCmd};
+
+/// How to reach the admin listener.
+#[derive(Args)]
+pub(crate) struct Connection {
+    /// Admin listener address.
+    #[arg(
+        long,
+        env = "STRONGROOM_ADMIN_ADDR",
+        default_value = "https://localhost:7444",
+        global = true
+    )]
+    admin_addr: String,
+    /// CA certificate the admin listener must chain to (PEM).
+    #[arg(long, env = "STRONGROOM_ADMIN_CACERT", global = true)]
+    admin_cacert: Option<PathBuf>,
+    /// The officer's certificate from the admin CA (PEM).
+    #[arg(long, env = "STRONGROOM_ADMIN_CERT", global = true)]
+    admin_cert: Option<PathBuf>,
+    /// The officer's private key (PEM).
+    #[arg(long, env = "STRONGROOM_ADMIN_KEY", global = true)]
+    admin_key: Option<PathBuf>,
+    /// Name to verify in the admin listener's certificate (default: the address's host).
+    #[arg(long, env = "STRONGROOM_ADMIN_SERVER_NAME", global = true)]
+    admin_server_name: Option<String>,
+    /// Request deadline in seconds.
+    #[arg(long, default_value_t = 30, env = "STRONGROOM_TIMEOUT", global = true)]
+    timeout: u64,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PolicyCmd {
+    /// Store a policy from a TOML or JSON file (needs approval).
+    Put {
+        /// Policy name.
+        name: String,
+        /// The policy document.
+        file: PathBuf,
+    },
+    /// Show a stored policy.
+    Get {
+        /// Policy name.
+        name: String,
+    },
+    /// Every stored policy.
+    List,
+    /// Delete a policy (needs approval).
+    Delete {
+        /// Policy name.
+        name: String,
+    },
+    /// Dry run: would IDENTITY be allowed CAPABILITY on NAME, and by which rule?
+    Check {
+        /// Client identity (e.g. spiffe://bank/payments).
+        identity: String,
+        /// read, write, list or delete.
+        capability: String,
+        /// Secret name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ApprovalCmd {
+    /// Pending approvals (all with --all).
+    List {
+        /// Include executed, rejected, expired and failed ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One approval.
+    Show {
+        /// Approval id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum SecretCmd {
+    /// Destroy every version of a secret (needs approval).
+    Destroy {
+        /// Secret name.
+        name: String,
+    },
+}
+
+/// Runs an online command.
+pub(crate) fn run(conn: &Connection, format: Format, command: &Command) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Local(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(run_async(conn, format, command))
+}
+
+async fn run_async(conn: &Connection, format: Format, command: &Command) -> Result<(), Failure> {
+    // Read local input before connecting, so usage errors never reach the server.
+    let document = match command {
+        Command::Policy(PolicyCmd::Put { file, .. }) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| Failure::Local(format!("cannot read {}: {e}", file.display())))?,
+        ),
+        _ => None,
+    };
+    let mut c = connect(conn).await?;
+    let server = |s: tonic::Status| Failure::Token(format!("{:?}: {}", s.code(), s.message()));
+    match command {
+        Command::Status => {
+            let s = c
+                .status(StatusRequest {})
+                .await
+                .map_err(server)?
+                .into_inner();
+            if format == Format::Json {
+                println!(
+                    "{}",
+                    json!({
+                        "token": s.token, "token_available": s.token_available,
+                        "master_key_versions": s.master_key_versions,
+                        "current_master_key": s.current_master_key,
+                        "mac_keys_missing": s.mac_keys_missing,
+                        "store_bytes": s.store_bytes, "secrets": s.secrets,
+                        "listeners": s.listeners, "audit_path": s.audit_path,
+                        "audit_healthy": s.audit_healthy,
+                        "pending_approvals": s.pending_approvals, "quorum": s.quorum,
+                        "dangerous_settings": s.dangerous_settings,
+                        "tampered_policies": s.tampered_policies, "policies": s.policies,
+                    })
+                );
+                return Ok(());
+            }
+            for d in &s.dangerous_settings {
+                println!("!!! DANGEROUS SETTING ON: {d}");
+            }
+            let rows = [
+                ("token", s.token.clone()),
+                (
+                    "master keys",
+                    format!(
+                        "{:?} (current {})",
+                        s.master_key_versions, s.current_master_key
+                    ),
+                ),
+                (
+                    "MAC keys missing",
+                    if s.mac_keys_missing.is_empty() {
+                        "none".into()
+                    } else {
+                        s.mac_keys_missing.join(", ")
+                    },
+                ),
+                ("secrets", s.secrets.to_string()),
+                ("store bytes", s.store_bytes.to_string()),
+                ("policies", s.policies.to_string()),
+                (
+                    "tampered policies",
+                    if s.tampered_policies.is_empty() {
+                        "none".into()
+                    } else {
+                        s.tampered_policies.join(", ")
+                    },
+                ),
+                ("listeners", s.listeners.join("; ")),
+                (
+                    "audit",
+                    format!(
+                        "{} ({})",
+                        s.audit_path,
+                        if s.audit_healthy {
+                            "writing"
+                        } else {
+                            "FAILING: requests refused"
+                        }
+                    ),
+                ),
+                ("pending approvals", s.pending_approvals.to_string()),
+                ("quorum", s.quorum.to_string()),
+            ];
+            for (k, v) in rows {
+                println!("{k:<18} {v}");
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Put { name, .. }) => {
+            let r = c
+                .put_policy(PutPolicyRequest {
+                    name: name.clone(),
+                    document: document.unwrap_or_default(),
+                })
+                .await
+                .map_err(server)?
+                .into_inner();
+            print_operation(format, &r)
+        }
+        Command::Policy(PolicyCmd::Get { name }) => {
+            let p = c
+                .get_policy(GetPolicyRequest { name: name.clone() })
+                .await
+                .map_err(server)?
+                .into_inner();
+            if format == Format::Json {
+                println!("{}", policy_json(&p));
+            } else {
+                println!(
+                    "# policy '{}' revision {} by {} (approval {}){}",
+                    p.name,
+                    p.revision,
+                    p.updated_by,
+                    if p.approval_id.is_empty() {
+                        "-"
+                    } else {
+                        &p.approval_id
+                    },
+                    if p.authentic {
+                        ""
+                    } else {
+                        " — FAILED AUTHENTICATION: refused"
+                    }
+                );
+                print!("{}", p.document);
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::List) => {
+            let list = c
+                .list_policies(ListPoliciesRequest {})
+                .await
+                .map_err(server)?
+                .into_inner()
+                .policies;
+            if format == Format::Json {
+                let v: Vec<_> = list.iter().map(policy_json).collect();
+                println!("{}", json!(v));
+            } else {
+                println!(
+                    "{:<24} {:>8}  {:<10}  UPDATED BY",
+                    "NAME", "REVISION", "AUTHENTIC"
+                );
+                for p in list {
+                    println!(
+                        "{:<24} {:>8}  {:<10}  {}",
+                        p.name, p.revision, p.authentic, p.updated_by
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Delete { name }) => {
+            let r = c
+                .delete_policy(DeletePolicyRequest { name: name.clone() })
+                .await
+                .map_err(server)?
+                .into_inner();
+            print_operation(format, &r)
+        }
+        Command::Policy(PolicyCmd::Check {
+            identity,
+            capability,
+            name,
+        }) => {
+            let r = c
+                .check_policy(CheckPolicyRequest {
+                    identity: identity.clone(),
+                    capability: capability.clone(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(server)?
+                .into_inner();
+            if format == Format::Json {
+                println!(
+                    "{}",
+                    json!({"allowed": r.allowed, "decided_by": r.decided_by})
+                );
+            } else {
+                println!(
+                    "{}: {}",
+                    if r.allowed { "allow" } else { "deny" },
+                    r.decided_by
+                );
+            }
+            Ok(())
+        }
+        Command::Approval(ApprovalCmd::List { all }) => {
+            let list = c
+                .list_approvals(ListApprovalsRequest { all: *all })
+                .await
+                .map_err(server)?
+                .into_inner()
+                .approvals;
+            if format == Format::Json {
+                let v: Vec<_> = list.iter().map(approval_json).collect();
+                println!("{}", json!(v));
+            } else {
+                println!(
+                    "{:<16}  {:<16}  {:<9}  {:<9}  REQUESTER",
+                    "ID", "OPERATION", "STATE", "APPROVALS"
+                );
+                for a in list {
+                    println!(
+                        "{:<16}  {:<16}  {:<9}  {:<9}  {}",
+                        a.id,
+                        a.operation,
+                        a.state,
+                        format!("{}/{}", a.approvers.len(), a.quorum),
+                        a.requester
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Approval(ApprovalCmd::Show { id }) => {
+            let a = c
+                .get_approval(GetApprovalRequest { id: id.clone() })
+                .await
+                .map_err(server)?
+                .into_inner();
+            print_approval(format, &a);
+            Ok(())
+        }
+        Command::Approve { id } => {
+            let r = c
+                .approve(ApproveRequest { id: id.clone() })
+                .await
+                .map_err(server)?
+                .into_inner();
+            print_operation(format, &r)
+        }
+        Command::Reject { id } => {
+            let a = c
+                .reject(RejectRequest { id: id.clone() })
+                .await
+                .map_err(server)?
+                .into_inner();
+            print_approval(format, &a);
+            Ok(())
+        }
+        Command::Secret(SecretCmd::Destroy { name }) => {
+            let r = c
+                .destroy_secret(DestroySecretRequest { name: name.clone() })
+                .await
+                .map_err(server)?
+                .into_inner();
+            print_operation(format, &r)
+        }
+        Command::Key(KeyCmd::Rotate) => {
+            let r = c
+                .rotate_master_key(RotateMasterKeyRequest {})
+                .await
+                .map_err(server)?
+                .into_inner();
+            print_operation(format, &r)
+        }
+        _ => Err(Failure::Local("not an online command".into())),
+    }
+}
+
+async fn connect(conn: &Connection) -> Result<AdminServiceClient<Channel>, Failure> {
+    let need = |p: &Option<PathBuf>, flag: &str, env: &str| {
+        p.clone()
+            .ok_or_else(|| Failure::Local(format!("{flag} (or {env}) is required")))
+    };
+    let cacert = need(
+        &conn.admin_cacert,
+        "--admin-cacert",
+        "STRONGROOM_ADMIN_CACERT",
+    )?;
+    let cert = need(&conn.admin_cert, "--admin-cert", "STRONGROOM_ADMIN_CERT")?;
+    let key = need(&conn.admin_key, "--admin-key", "STRONGROOM_ADMIN_KEY")?;
+    let endpoint = Endpoint::from_shared(conn.admin_addr.clone())
+        .map_err(|e| Failure::Local(format!("bad --admin-addr {}: {e}", conn.admin_addr)))?;
+    let host = conn
+        .admin_server_name
+        .clone()
+        .or_else(|| {
+            endpoint
+                .uri()
+                .host()
+                .map(|h| h.trim_matches(['[', ']']).to_owned())
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let tls = strongroom::tls::client_config(&cacert, &cert, &key, &host)
+        .map_err(|e| Failure::Local(e.to_string()))?;
+    let channel = endpoint
+        .tls_config(tls)
+        .map_err(|e| Failure::Local(format!("TLS: {e}")))?
+        .connect_timeout(Duration::from_secs(conn.timeout))
+        .timeout(Duration::from_secs(conn.timeout))
+        .connect()
+        .await
+        .map_err(|e| Failure::Token(format!("cannot connect to {}: {e}", conn.admin_addr)))?;
+    Ok(AdminServiceClient::new(channel))
+}
+
+fn approval_json(a: &Approval) -> serde_json::Value {
+    // A policy document can be long; the approval shows its parameters as they are.
+    json!({
+        "id": a.id, "operation": a.operation, "parameters": a.parameters,
+        "requester": a.requester, "approvers": a.approvers, "quorum": a.quorum,
+        "created_at_unix": a.created_at_unix, "expires_at_unix": a.expires_at_unix,
+        "state": a.state, "result": a.result, "rejected_by": a.rejected_by,
+    })
+}
+
+fn policy_json(p: &PolicyInfo) -> serde_json::Value {
+    json!({
+        "name": p.name, "document": p.document, "revision": p.revision,
+        "updated_by": p.updated_by, "updated_at_unix": p.updated_at_unix,
+        "approval_id": p.approval_id, "authentic": p.authentic,
+    })
+}
+
+fn print_approval(format: Format, a: &Approval) {
+    if format == Format::Json {
+        println!("{}", approval_json(a));
+        return;
+    }
+    println!("approval   {}", a.id);
+    println!("operation  {}", a.operation);
+    let mut params: Vec<_> = a.parameters.iter().collect();
+    params.sort();
+    for (k, v) in params {
+        let v = if v.contains('\n') {
+            format!("\n{v}")
+        } else {
+            v.clone()
+        };
+        println!("  {k}: {v}");
+    }
+    println!("requester  {}", a.requester);
+    println!(
+        "approvals  {}/{}: {}",
+        a.approvers.len(),
+        a.quorum,
+        a.approvers.join(", ")
+    );
+    println!("state      {}", a.state);
+    if !a.rejected_by.is_empty() {
+        println!("rejected   by {}", a.rejected_by);
+    }
+    if !a.result.is_empty() {
+        println!("result     {}", a.result);
+    }
+}
+
+/// Prints the outcome of a guarded operation; an approved operation that failed is an error.
+fn print_operation(format: Format, r: &OperationResponse) -> Result<(), Failure> {
+    let failed = r.approval.as_ref().is_some_and(|a| a.state == "failed");
+    print_operation_text(format, r);
+    if failed {
+        return Err(Failure::Token(format!(
+            "the operation failed: {}",
+            r.result
+        )));
+    }
+    Ok(())
+}
+
+fn print_operation_text(format: Format, r: &OperationResponse) {
+    if format == Format::Json {
+        println!(
+            "{}",
+            json!({
+                "executed": r.executed, "result": r.result,
+                "approval": r.approval.as_ref().map(approval_json),
+            })
+        );
+        return;
+    }
+    let Some(a) = &r.approval else {
+        return;
+    };
+    if r.executed {
+        println!(
+            "executed ({} of {} officers): {}",
+            a.approvers.len(),
+            a.quorum,
+            r.result
+        );
+    } else if a.state == "failed" {
+        println!("approved but failed: {}", a.result);
+    } else {
+        println!(
+            "pending approval {} ({} of {} officers); another officer runs: strongroom-admin approve {}",
+            a.id,
+            a.approvers.len(),
+            a.quorum,
+            a.id
+        );
+    }
+}
