@@ -32,6 +32,8 @@ if ! "$bin/strongroom-admin" token list --format json | grep -q "\"label\":\"$la
     echo "== provisioning token '$label'"
     "$bin/strongroom-admin" token init --label "$label"
 fi
+# MAC keys for the audit chain and policies (tokens made before they existed lack them).
+"$bin/strongroom-admin" key init-mac >/dev/null
 if ! "$bin/strongroom-admin" key list --format json | grep -q '"version"'; then
     "$bin/strongroom-admin" key generate
 fi

@@ -425,7 +425,9 @@ async fn connect(cli: &Cli) -> Result<SecretServiceClient<Channel>, Failure> {
                 error_chain(&e)
             )))
         })?;
-    Ok(SecretServiceClient::new(channel))
+    // Room for the largest value a service may be configured to hold.
+    Ok(SecretServiceClient::new(channel)
+        .max_decoding_message_size(strongroom::config::MAX_VALUE_BYTES_CEILING + 1024 * 1024))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

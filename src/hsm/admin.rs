@@ -222,6 +222,16 @@ pub fn doctor(
             "AES-KW (strict mode, planned)",
             false,
         ),
+        (
+            MechanismType::SHA256_HMAC,
+            "HMAC-SHA256 (audit chain, policy records)",
+            true,
+        ),
+        (
+            MechanismType::GENERIC_SECRET_KEY_GEN,
+            "generic secret generation (MAC keys)",
+            true,
+        ),
     ] {
         let name = format!("mechanism {mech}");
         if mechanisms.contains(&mech) {

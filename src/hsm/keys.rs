@@ -84,6 +84,65 @@ pub fn find(session: &Session) -> Result<Vec<(u32, ObjectHandle)>, HsmError> {
     Ok(keys)
 }
 
+/// The master keys the service may use: those whose attributes make them unreadable
+/// (SENSITIVE, !EXTRACTABLE, ALWAYS_SENSITIVE, NEVER_EXTRACTABLE, PRIVATE) and whose CKA_ID
+/// matches their label. A key that fails, or a version held by two objects, is left out and
+/// named in the second list: whoever holds the user PIN cannot slip in a readable key.
+pub fn find_trusted(
+    session: &Session,
+) -> Result<(Vec<(u32, ObjectHandle)>, Vec<String>), HsmError> {
+    let handles = session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+    ])?;
+    let mut by_version: std::collections::BTreeMap<u32, Vec<ObjectHandle>> = Default::default();
+    for handle in handles {
+        let attrs = session.get_attributes(handle, &[AttributeType::Label])?;
+        let version = attrs.iter().find_map(|a| match a {
+            Attribute::Label(l) => std::str::from_utf8(l)
+                .ok()
+                .and_then(|l| l.strip_prefix(LABEL_PREFIX))
+                .and_then(|v| v.parse::<u32>().ok()),
+            _ => None,
+        });
+        if let Some(v) = version {
+            by_version.entry(v).or_default().push(handle);
+        }
+    }
+    let mut trusted = Vec::new();
+    let mut rejected = Vec::new();
+    for (version, handles) in by_version {
+        if handles.len() > 1 {
+            rejected.push(format!(
+                "{}: {} objects carry this label",
+                label(version),
+                handles.len()
+            ));
+            continue;
+        }
+        let handle = handles[0];
+        let r = report(session, version, handle)?;
+        let mut problems = r.problems();
+        // CKA_MODIFIABLE=false is required of keys we generate; an older key without it is
+        // still safe to use as long as it cannot be read.
+        problems.retain(|p| !p.starts_with("CKA_MODIFIABLE"));
+        if r.id != hex::encode(id(version)) {
+            problems.push(format!(
+                "CKA_ID is {}, expected {}",
+                r.id,
+                hex::encode(id(version))
+            ));
+        }
+        if problems.is_empty() {
+            trusted.push((version, handle));
+        } else {
+            rejected.push(format!("{}: {}", label(version), problems.join("; ")));
+        }
+    }
+    Ok((trusted, rejected))
+}
+
 /// Generates the next master key version inside the token; returns its version.
 ///
 /// SoftHSM2 does not fsync new token objects: the officer should back up the token

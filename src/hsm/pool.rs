@@ -318,7 +318,11 @@ impl Shared {
     fn reload_keys(&self) -> Result<(), HsmError> {
         let anchor = self.anchor.lock().map_err(|_| HsmError::Closed)?;
         let mut ring = BTreeMap::new();
-        for (version, handle) in keys::find(&anchor)? {
+        let (trusted, rejected) = keys::find_trusted(&anchor)?;
+        for why in rejected {
+            tracing::error!("refusing a master key: {why}");
+        }
+        for (version, handle) in trusted {
             let working = match self.key_copy {
                 KeyCopy::Token => handle,
                 KeyCopy::Session => match keys::session_copy(&anchor, handle) {

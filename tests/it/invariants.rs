@@ -330,3 +330,44 @@ fn base64_of(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+/// A key planted under a master key label but readable (or with the wrong CKA_ID) is never
+/// used: whoever holds the user PIN cannot make the service seal under a key they can read.
+#[tokio::test]
+async fn a_planted_readable_master_key_is_refused() {
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    let env = TestEnv::new();
+    {
+        let pkcs11 = hsm::load_module(&env.module).unwrap();
+        let slot = hsm::find_token(&pkcs11, &TokenSelector::Label(env.label.clone())).unwrap();
+        let session = pkcs11.open_rw_session(slot).unwrap();
+        hsm::login(&session, &AuthPin::new(env.user_pin.clone().into())).unwrap();
+        session
+            .create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Value(vec![0x41; 32]),
+                Attribute::Label(keys::label(2).into_bytes()),
+                Attribute::Id(keys::id(2)),
+            ])
+            .unwrap();
+        let (trusted, rejected) = keys::find_trusted(&session).unwrap();
+        assert_eq!(trusted.iter().map(|(v, _)| *v).collect::<Vec<_>>(), vec![1]);
+        assert!(rejected[0].contains("strongroom-mk-2"), "{rejected:?}");
+    }
+    let server = env.start();
+    let mut c = server.client("payments").await;
+    let r = c
+        .put_secret(put("payments/x", b"v"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.master_key_version, 1, "sealed under the planted key");
+    assert!(server.log_text().contains("refusing a master key"));
+}
