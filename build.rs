@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        // Malformed requests answer INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::StrictCodec")
         .file_descriptor_set_path(out.join("strongroom_descriptor.bin"))
         // Messages that carry a secret value get a hand-written, redacting Debug (src/secret.rs).
         .skip_debug([

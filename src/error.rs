@@ -67,6 +67,11 @@ impl Error {
             Error::Hsm(e) => match e {
                 HsmError::NoMasterKey | HsmError::MasterKeyMissing(_) => Code::FailedPrecondition,
                 HsmError::UnwrapAuthentication => Code::DataLoss,
+                // The token's session cap: the caller may retry when load drops.
+                HsmError::Pkcs11 {
+                    rv: cryptoki::error::RvError::SessionCount,
+                    ..
+                } => Code::ResourceExhausted,
                 e if e.class() == FaultClass::Authentication => Code::DataLoss,
                 // Every other token fault: the answer is "not now", never wrong data.
                 _ => Code::Unavailable,
@@ -93,6 +98,10 @@ impl Error {
             Error::Hsm(HsmError::UnwrapAuthentication) | Error::DataLoss(_) => {
                 "the stored record failed authentication; it was not decrypted".into()
             }
+            Error::Hsm(HsmError::Pkcs11 {
+                rv: cryptoki::error::RvError::SessionCount,
+                ..
+            }) => "the HSM has no free session; retry later".into(),
             Error::Hsm(_) => "the HSM is unavailable; retry later".into(),
             Error::Store(StoreError::Corrupt { .. }) => "the stored record is corrupt".into(),
             Error::Store(_) => "the store is unavailable; retry later".into(),

@@ -31,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;

@@ -21,7 +21,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-pub use pool::{Hsm, HsmOptions, KeyCopy};
+pub use pool::{Hsm, HsmOptions, HsmState, KeyCopy};
 
 /// How a `CKR_*` code should be handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,9 @@ pub enum FaultClass {
     Authentication,
     /// A setting is wrong (PIN, mechanism, template): refuse with a message saying what to fix.
     Configuration,
+    /// Not served now (lost token being recovered, deadline passed, pool closed): the
+    /// answer is UNAVAILABLE and nothing is repaired by this request.
+    Unavailable,
     /// Anything else.
     Other,
 }
@@ -87,6 +90,9 @@ pub enum HsmError {
     /// The token refused to authenticate a wrapped data key (tampered, or wrong identity).
     #[error("the token could not authenticate the wrapped data key")]
     UnwrapAuthentication,
+    /// The token is lost and being recovered.
+    #[error("the token is unavailable; strongroomd is re-initialising it")]
+    Unavailable,
     /// No answer from the token within the request's deadline.
     #[error("the HSM did not answer within the deadline")]
     Timeout,
@@ -107,7 +113,7 @@ impl HsmError {
         match self {
             HsmError::Pkcs11 { rv, .. } => classify(*rv),
             HsmError::UnwrapAuthentication => FaultClass::Authentication,
-            HsmError::Timeout | HsmError::Closed => FaultClass::TokenLost,
+            HsmError::Timeout | HsmError::Closed | HsmError::Unavailable => FaultClass::Unavailable,
             HsmError::Load { .. }
             | HsmError::TokenNotFound(_)
             | HsmError::NoMasterKey

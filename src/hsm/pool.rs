@@ -8,11 +8,12 @@
 //! the process; an anchor session keeps it (and the session copies of master keys) alive.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
 
-use cryptoki::context::Pkcs11;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::RvError;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
@@ -68,17 +69,38 @@ pub struct Hsm {
     shared: Arc<Shared>,
 }
 
-struct Shared {
-    pkcs11: Pkcs11,
-    slot: Slot,
-    pin: AuthPin,
-    key_copy: KeyCopy,
-    /// Holds the process's login and the session copies of master keys.
-    anchor: Mutex<Session>,
-    keyring: RwLock<BTreeMap<u32, ObjectHandle>>,
-    macs: RwLock<BTreeMap<MacKey, ObjectHandle>>,
+/// What the token connection is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HsmState {
+    /// Serving.
+    Ready,
+    /// Lost (removed, unreachable); the pool re-initialises the library with backoff.
+    Recovering,
 }
 
+/// The library context, its token and the anchor session; replaced whole when the pool
+/// re-initialises after the token was lost.
+struct Ctx {
+    pkcs11: Pkcs11,
+    slot: Slot,
+    /// Holds the process's login and the session copies of master keys.
+    anchor: Mutex<Session>,
+    /// Bumped on every re-initialisation; workers reopen their sessions when it changes.
+    generation: u64,
+}
+
+struct Shared {
+    ctx: RwLock<Ctx>,
+    selector: TokenSelector,
+    pin: AuthPin,
+    key_copy: KeyCopy,
+    keyring: RwLock<BTreeMap<u32, ObjectHandle>>,
+    macs: RwLock<BTreeMap<MacKey, ObjectHandle>>,
+    lost: AtomicBool,
+    recover: Mutex<bool>,
+    recover_signal: Condvar,
+    closed: AtomicBool,
+}
 enum Op {
     NewDek {
         mk: u32,
@@ -125,26 +147,37 @@ impl Hsm {
         options: &HsmOptions,
     ) -> Result<Self, HsmError> {
         let slot = super::find_token(&pkcs11, selector)?;
-        // Read-write: officers' operations through the service create token objects.
-        let anchor = pkcs11.open_rw_session(slot)?;
-        super::login(&anchor, &pin)?;
+        let workers = fit_workers(&pkcs11, slot, options.workers.max(1))?;
+        let anchor = open_anchor(&pkcs11, slot, &pin)?;
         let shared = Arc::new(Shared {
-            pkcs11,
-            slot,
+            ctx: RwLock::new(Ctx {
+                pkcs11,
+                slot,
+                anchor: Mutex::new(anchor),
+                generation: 0,
+            }),
+            selector: selector.clone(),
             pin,
             key_copy: options.key_copy,
-            anchor: Mutex::new(anchor),
             keyring: RwLock::new(BTreeMap::new()),
             macs: RwLock::new(BTreeMap::new()),
+            lost: AtomicBool::new(false),
+            recover: Mutex::new(false),
+            recover_signal: Condvar::new(),
+            closed: AtomicBool::new(false),
         });
         shared.reload_keys()?;
 
         let (tx, rx) = async_channel::bounded::<Job>(options.queue_depth.max(1));
-        for i in 0..options.workers.max(1) {
-            let session = shared.pkcs11.open_ro_session(shared.slot)?;
+        for i in 0..workers {
+            let session = {
+                let ctx = shared.ctx.read().map_err(|_| HsmError::Closed)?;
+                ctx.pkcs11.open_ro_session_no_drop(ctx.slot)?
+            };
             let worker = Worker {
                 shared: shared.clone(),
                 session,
+                generation: 0,
             };
             let rx = rx.clone();
             thread::Builder::new()
@@ -152,7 +185,21 @@ impl Hsm {
                 .spawn(move || worker.run(rx))
                 .map_err(HsmError::Thread)?;
         }
+        let recovery = shared.clone();
+        thread::Builder::new()
+            .name("hsm-recovery".into())
+            .spawn(move || recovery.recovery_loop())
+            .map_err(HsmError::Thread)?;
         Ok(Self { jobs: tx, shared })
+    }
+
+    /// Whether the token is serving or being recovered.
+    pub fn state(&self) -> HsmState {
+        if self.shared.lost.load(Ordering::Acquire) {
+            HsmState::Recovering
+        } else {
+            HsmState::Ready
+        }
     }
 
     /// The master key version new writes use: the highest in the token.
@@ -261,10 +308,7 @@ impl Hsm {
     pub async fn generate_master_key(&self) -> Result<u32, HsmError> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let version = {
-                let anchor = shared.anchor.lock().map_err(|_| HsmError::Closed)?;
-                keys::generate(&anchor)?
-            };
+            let version = shared.with_anchor(keys::generate)?;
             shared.reload_keys()?;
             Ok(version)
         })
@@ -275,20 +319,16 @@ impl Hsm {
     /// Reads the audit checkpoint object from the token.
     pub async fn read_checkpoint(&self) -> Result<Option<Vec<u8>>, HsmError> {
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let anchor = shared.anchor.lock().map_err(|_| HsmError::Closed)?;
-            keys::read_checkpoint(&anchor)
-        })
-        .await
-        .map_err(|_| HsmError::Closed)?
+        tokio::task::spawn_blocking(move || shared.with_anchor(keys::read_checkpoint))
+            .await
+            .map_err(|_| HsmError::Closed)?
     }
 
     /// Writes the audit checkpoint object into the token.
     pub async fn write_checkpoint(&self, value: Vec<u8>) -> Result<(), HsmError> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let anchor = shared.anchor.lock().map_err(|_| HsmError::Closed)?;
-            keys::write_checkpoint(&anchor, &value)
+            shared.with_anchor(|anchor| keys::write_checkpoint(anchor, &value))
         })
         .await
         .map_err(|_| HsmError::Closed)?
@@ -309,23 +349,49 @@ impl Hsm {
 
 impl Drop for Hsm {
     fn drop(&mut self) {
-        // Workers end when the queue closes.
+        // Workers end when the queue closes; the recovery thread when told.
         self.jobs.close();
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.recover_signal.notify_all();
     }
 }
 
 impl Shared {
+    /// Runs `f` on the anchor session of the current context.
+    fn with_anchor<R>(
+        &self,
+        f: impl FnOnce(&Session) -> Result<R, HsmError>,
+    ) -> Result<R, HsmError> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(HsmError::Unavailable);
+        }
+        let ctx = self.ctx.read().map_err(|_| HsmError::Closed)?;
+        let anchor = ctx.anchor.lock().map_err(|_| HsmError::Closed)?;
+        let result = f(&anchor);
+        if let Err(e) = &result
+            && e.class() == FaultClass::TokenLost
+        {
+            drop(anchor);
+            drop(ctx);
+            self.mark_lost(e);
+        }
+        result
+    }
+
     fn reload_keys(&self) -> Result<(), HsmError> {
-        let anchor = self.anchor.lock().map_err(|_| HsmError::Closed)?;
+        self.with_anchor(|anchor| self.reload_keys_on(anchor))
+    }
+
+    fn reload_keys_on(&self, anchor: &Session) -> Result<(), HsmError> {
         let mut ring = BTreeMap::new();
-        let (trusted, rejected) = keys::find_trusted(&anchor)?;
+        let (trusted, rejected) = keys::find_trusted(anchor)?;
         for why in rejected {
             tracing::error!("refusing a master key: {why}");
         }
         for (version, handle) in trusted {
             let working = match self.key_copy {
                 KeyCopy::Token => handle,
-                KeyCopy::Session => match keys::session_copy(&anchor, handle) {
+                KeyCopy::Session => match keys::session_copy(anchor, handle) {
                     Ok(copy) => copy,
                     // SoftHSM2 refuses C_CopyObject with a template on a key that has
                     // CKA_MODIFIABLE=false, as our master keys do: use the token object.
@@ -356,7 +422,7 @@ impl Shared {
             // Old session copies are no longer referenced once the ring is replaced; token
             // objects (used where no copy could be made) are never destroyed here.
             let token_objects: Vec<ObjectHandle> =
-                keys::find(&anchor)?.into_iter().map(|(_, h)| h).collect();
+                keys::find(anchor)?.into_iter().map(|(_, h)| h).collect();
             for old in current.values().filter(|h| !token_objects.contains(h)) {
                 let _ = anchor.destroy_object(*old);
             }
@@ -384,14 +450,83 @@ impl Shared {
     }
 
     fn relogin(&self) -> Result<(), HsmError> {
-        let anchor = self.anchor.lock().map_err(|_| HsmError::Closed)?;
-        super::login(&anchor, &self.pin)
+        self.with_anchor(|anchor| super::login(anchor, &self.pin))
+    }
+
+    /// Marks the token lost and wakes the recovery thread.
+    fn mark_lost(&self, why: &HsmError) {
+        if !self.lost.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %why, "the token is lost: answering UNAVAILABLE and re-initialising the PKCS#11 library with backoff");
+        }
+        if let Ok(mut pending) = self.recover.lock() {
+            *pending = true;
+        }
+        self.recover_signal.notify_all();
+    }
+
+    /// Waits for the token to be lost, then re-initialises the library with backoff until
+    /// the token is back; the pool then serves again with no process restart.
+    fn recovery_loop(self: Arc<Self>) {
+        loop {
+            {
+                let Ok(mut pending) = self.recover.lock() else {
+                    return;
+                };
+                while !*pending && !self.closed.load(Ordering::Acquire) {
+                    pending = match self.recover_signal.wait(pending) {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    };
+                }
+                if self.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                *pending = false;
+            }
+            let mut backoff = Duration::from_millis(50);
+            let mut attempt = 0u32;
+            loop {
+                if self.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                attempt += 1;
+                match self.reinitialise() {
+                    Ok(generation) => {
+                        self.lost.store(false, Ordering::Release);
+                        tracing::info!(generation, attempt, "the token is back: serving again");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, retry_in_ms = backoff.as_millis() as u64, "the token is still unavailable");
+                        thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finalises and initialises the library again, finds the token, logs in and finds the
+    /// keys. Old sessions are abandoned, never closed: their handles may be reused.
+    fn reinitialise(&self) -> Result<u64, HsmError> {
+        let mut ctx = self.ctx.write().map_err(|_| HsmError::Closed)?;
+        let _ = ctx.pkcs11.clone().finalize();
+        ctx.pkcs11
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
+        let slot = super::find_token(&ctx.pkcs11, &self.selector)?;
+        let anchor = open_anchor(&ctx.pkcs11, slot, &self.pin)?;
+        self.reload_keys_on(&anchor)?;
+        ctx.slot = slot;
+        ctx.anchor = Mutex::new(anchor);
+        ctx.generation += 1;
+        Ok(ctx.generation)
     }
 }
 
 struct Worker {
     shared: Arc<Shared>,
     session: Session,
+    generation: u64,
 }
 
 impl Worker {
@@ -407,25 +542,55 @@ impl Worker {
     }
 
     /// Runs a job; on a lost session, login or key handle, repairs once and retries once.
+    /// A lost token is handed to the recovery thread and answered UNAVAILABLE at once.
     fn execute_with_recovery(&mut self, op: &Op) -> Result<Reply, HsmError> {
-        match self.execute(op) {
-            Err(e) => {
-                let repaired = match e.class() {
-                    FaultClass::SessionLost | FaultClass::Transient => self.reopen_session(),
-                    FaultClass::LoginLost => self.shared.relogin(),
-                    FaultClass::KeyLost => self.shared.reload_keys(),
-                    _ => return Err(e),
-                };
-                tracing::warn!(error = %e, "HSM fault; repaired and retrying once");
-                repaired?;
-                self.execute(op)
+        let mut retried = false;
+        loop {
+            if self.shared.lost.load(Ordering::Acquire) {
+                return Err(HsmError::Unavailable);
             }
-            ok => ok,
+            let result = {
+                let ctx = self.shared.ctx.read().map_err(|_| HsmError::Closed)?;
+                if self.generation != ctx.generation {
+                    // The library was re-initialised: the old session is gone.
+                    self.session = ctx.pkcs11.open_ro_session_no_drop(ctx.slot)?;
+                    self.generation = ctx.generation;
+                }
+                self.execute(op)
+            };
+            let e = match result {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            let class = e.class();
+            if class == FaultClass::TokenLost {
+                self.shared.mark_lost(&e);
+                return Err(e);
+            }
+            if retried {
+                return Err(e);
+            }
+            retried = true;
+            let repaired = match class {
+                FaultClass::SessionLost | FaultClass::Transient => self.reopen_session(),
+                FaultClass::LoginLost => self.shared.relogin(),
+                FaultClass::KeyLost => self.shared.reload_keys(),
+                _ => return Err(e),
+            };
+            tracing::warn!(error = %e, "HSM fault; repairing and retrying once");
+            if let Err(r) = repaired {
+                if r.class() == FaultClass::TokenLost {
+                    self.shared.mark_lost(&r);
+                }
+                return Err(r);
+            }
         }
     }
 
     fn reopen_session(&mut self) -> Result<(), HsmError> {
-        self.session = self.shared.pkcs11.open_ro_session(self.shared.slot)?;
+        let ctx = self.shared.ctx.read().map_err(|_| HsmError::Closed)?;
+        self.session = ctx.pkcs11.open_ro_session_no_drop(ctx.slot)?;
+        self.generation = ctx.generation;
         Ok(())
     }
 
@@ -479,5 +644,39 @@ impl Worker {
                 )?))
             }
         }
+    }
+}
+
+/// Opens the anchor session and logs in. Sessions of the pool are opened "no drop": after a
+/// re-initialisation their handles may belong to new sessions, so they are never closed.
+fn open_anchor(pkcs11: &Pkcs11, slot: Slot, pin: &AuthPin) -> Result<Session, HsmError> {
+    // Read-write: officers' operations through the service create token objects.
+    let anchor = pkcs11.open_rw_session_no_drop(slot)?;
+    super::login(&anchor, pin)?;
+    Ok(anchor)
+}
+
+/// The number of workers that fits the token's session limit (one more session is the
+/// anchor).
+fn fit_workers(pkcs11: &Pkcs11, slot: Slot, wanted: usize) -> Result<usize, HsmError> {
+    let info = pkcs11.get_token_info(slot)?;
+    let limit = match info.max_session_count() {
+        cryptoki::slot::Limit::Max(n) => Some(n as usize),
+        _ => None,
+    };
+    match limit {
+        Some(max) if max < 2 => Err(HsmError::InvalidParameter(
+            "the token allows fewer than two sessions; strongroom needs an anchor and a worker",
+        )),
+        Some(max) if wanted + 1 > max => {
+            tracing::warn!(
+                wanted,
+                max,
+                "hsm.workers exceeds the token's session limit; using {}",
+                max - 1
+            );
+            Ok(max - 1)
+        }
+        _ => Ok(wanted),
     }
 }

@@ -557,7 +557,7 @@ impl AdminApi {
         let versions = state.hsm.master_key_versions();
         Ok(StatusResponse {
             token: state.token_label.clone(),
-            token_available: !versions.is_empty() || state.hsm.has_mac_key(MacKey::Store),
+            token_available: state.hsm.state() == crate::hsm::HsmState::Ready,
             current_master_key: state.hsm.current_master_key().unwrap_or(0),
             master_key_versions: versions,
             mac_keys_missing: MacKey::ALL

@@ -332,10 +332,11 @@ impl Server {
 /// Re-checks the token every few seconds while something is missing, so health turns
 /// SERVING once an officer generates a master key or the audit log recovers.
 async fn health_watch(state: Arc<State>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        if state.hsm.current_master_key().is_none()
+        if state.hsm.state() == crate::hsm::HsmState::Ready
+            && state.hsm.current_master_key().is_none()
             && let Err(e) = state.hsm.reload_keys().await
         {
             tracing::warn!(error = %e, "cannot look for master keys");
@@ -346,7 +347,9 @@ async fn health_watch(state: Arc<State>) {
 
 /// Reports SERVING when the token holds a master key and the audit log is writable.
 pub(crate) async fn update_health(state: &State) {
-    let serving = state.hsm.current_master_key().is_some() && state.audit.healthy();
+    let serving = state.hsm.state() == crate::hsm::HsmState::Ready
+        && state.hsm.current_master_key().is_some()
+        && state.audit.healthy();
     let status = if serving {
         ServingStatus::Serving
     } else {
