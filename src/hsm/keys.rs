@@ -343,51 +343,85 @@ pub fn ensure_mac_keys(session: &Session) -> Result<Vec<MacKey>, HsmError> {
 
 /// The label of the audit checkpoint data object.
 pub const CHECKPOINT_LABEL: &str = "strongroom-audit-checkpoint";
+/// The label of the store epoch checkpoint data object.
+pub const STORE_CHECKPOINT_LABEL: &str = "strongroom-store-checkpoint";
 
 /// Reads the audit checkpoint kept in the token (a private data object), if any.
 pub fn read_checkpoint(session: &Session) -> Result<Option<Vec<u8>>, HsmError> {
-    let Some(handle) = find_checkpoint(session)? else {
-        return Ok(None);
-    };
-    let attrs = session.get_attributes(handle, &[AttributeType::Value])?;
-    Ok(attrs.into_iter().find_map(|a| match a {
-        Attribute::Value(v) => Some(v),
-        _ => None,
-    }))
+    read_data(session, CHECKPOINT_LABEL)
 }
 
-/// Writes the audit checkpoint into the token (creating the object the first time). The
-/// object is private: changing it needs the user PIN, which whoever edits the log's file
-/// does not have.
+/// Writes the audit checkpoint into the token.
 pub fn write_checkpoint(session: &Session, value: &[u8]) -> Result<(), HsmError> {
-    match find_checkpoint(session)? {
-        Some(handle) => {
-            session.update_attributes(handle, &[Attribute::Value(value.to_vec())])?;
-        }
-        None => {
-            session.create_object(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Modifiable(true),
-                Attribute::Label(CHECKPOINT_LABEL.as_bytes().to_vec()),
-                Attribute::Application(b"strongroom".to_vec()),
-                Attribute::Value(value.to_vec()),
-            ])?;
-        }
+    write_data(session, CHECKPOINT_LABEL, value)
+}
+
+/// Reads a private strongroom data object from the token, if it exists.
+pub fn read_data(session: &Session, label: &str) -> Result<Option<Vec<u8>>, HsmError> {
+    Ok(find_data(session, label)?
+        .into_iter()
+        .max_by_key(|(seq, _, _)| *seq)
+        .map(|(_, _, value)| value))
+}
+
+/// Writes a private strongroom data object. Changing it needs the user PIN, which whoever
+/// edits the service's files does not have.
+///
+/// SoftHSM2 refuses C_SetAttributeValue on a data object's CKA_VALUE, so each write creates
+/// a new object (its value prefixed with the next 8-byte sequence number) and then destroys
+/// the older ones; a crash in between leaves two, and readers take the highest sequence.
+pub fn write_data(session: &Session, label: &str, value: &[u8]) -> Result<(), HsmError> {
+    let existing = find_data(session, label)?;
+    let next = existing
+        .iter()
+        .map(|(seq, _, _)| *seq)
+        .max()
+        .map_or(1, |s| s + 1);
+    let mut stored = next.to_be_bytes().to_vec();
+    stored.extend_from_slice(value);
+    session.create_object(&[
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Modifiable(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Application(b"strongroom".to_vec()),
+        Attribute::Value(stored),
+    ])?;
+    for (_, old, _) in existing {
+        session.destroy_object(old)?;
     }
     Ok(())
 }
 
-fn find_checkpoint(session: &Session) -> Result<Option<ObjectHandle>, HsmError> {
-    Ok(session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Token(true),
-            Attribute::Label(CHECKPOINT_LABEL.as_bytes().to_vec()),
-        ])?
-        .first()
-        .copied())
+/// The data objects carrying `label`: (sequence, handle, value without the sequence).
+fn find_data(
+    session: &Session,
+    label: &str,
+) -> Result<Vec<(u64, ObjectHandle, Vec<u8>)>, HsmError> {
+    let handles = session.find_objects(&[
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])?;
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        let value = session
+            .get_attributes(h, &[AttributeType::Value])?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            })
+            .unwrap_or_default();
+        if value.len() < 8 {
+            continue;
+        }
+        let (seq, rest) = value.split_at(8);
+        let seq = <[u8; 8]>::try_from(seq).map_or(0, u64::from_be_bytes);
+        out.push((seq, h, rest.to_vec()));
+    }
+    Ok(out)
 }
 
 /// HMAC-SHA256 in the token.

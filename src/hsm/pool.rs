@@ -316,6 +316,24 @@ impl Hsm {
         .map_err(|_| HsmError::Closed)?
     }
 
+    /// Reads a private strongroom data object from the token.
+    pub async fn read_data(&self, label: &'static str) -> Result<Option<Vec<u8>>, HsmError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.with_anchor(|a| keys::read_data(a, label)))
+            .await
+            .map_err(|_| HsmError::Closed)?
+    }
+
+    /// Writes a private strongroom data object into the token.
+    pub async fn write_data(&self, label: &'static str, value: Vec<u8>) -> Result<(), HsmError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            shared.with_anchor(|a| keys::write_data(a, label, &value))
+        })
+        .await
+        .map_err(|_| HsmError::Closed)?
+    }
+
     /// Reads the audit checkpoint object from the token.
     pub async fn read_checkpoint(&self) -> Result<Option<Vec<u8>>, HsmError> {
         let shared = self.shared.clone();

@@ -16,11 +16,11 @@ use crate::hsm::keys::MacKey;
 use crate::policy::{Capability, Decision};
 use crate::proto::admin_service_server::AdminService;
 use crate::proto::{
-    Approval, ApprovalParam, ApprovalV1, ApproveRequest, CheckPolicyRequest, CheckPolicyResponse,
-    DeletePolicyRequest, DestroySecretRequest, GetApprovalRequest, GetPolicyRequest,
-    ListApprovalsRequest, ListApprovalsResponse, ListPoliciesRequest, ListPoliciesResponse,
-    OperationResponse, PolicyInfo, PutPolicyRequest, RejectRequest, RotateMasterKeyRequest,
-    StatusRequest, StatusResponse,
+    AcceptStoreStateRequest, Approval, ApprovalParam, ApprovalV1, ApproveRequest,
+    CheckPolicyRequest, CheckPolicyResponse, DeletePolicyRequest, DestroySecretRequest,
+    GetApprovalRequest, GetPolicyRequest, ListApprovalsRequest, ListApprovalsResponse,
+    ListPoliciesRequest, ListPoliciesResponse, OperationResponse, PolicyInfo, PutPolicyRequest,
+    RejectRequest, RotateMasterKeyRequest, StatusRequest, StatusResponse,
 };
 use crate::secret::SecretName;
 use crate::store::Aux;
@@ -31,6 +31,7 @@ const PUT_POLICY: &str = "PutPolicy";
 const DELETE_POLICY: &str = "DeletePolicy";
 const DESTROY_SECRET: &str = "DestroySecret";
 const ROTATE_MASTER_KEY: &str = "RotateMasterKey";
+const ACCEPT_STORE_STATE: &str = "AcceptStoreState";
 /// The largest policy document accepted.
 const MAX_POLICY_DOCUMENT: usize = 256 * 1024;
 
@@ -208,6 +209,19 @@ impl AdminService for AdminApi {
             .await;
         let detail = approval_detail(&result);
         self.finish(&officer, ROTATE_MASTER_KEY, None, result, detail)
+            .await
+    }
+
+    async fn accept_store_state(
+        &self,
+        request: Request<AcceptStoreStateRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        let officer = self.begin(&request, ACCEPT_STORE_STATE).await?;
+        let result = self
+            .request_guarded(&officer, ACCEPT_STORE_STATE, Vec::new())
+            .await;
+        let detail = approval_detail(&result);
+        self.finish(&officer, ACCEPT_STORE_STATE, None, result, detail)
             .await
     }
 
@@ -515,6 +529,9 @@ impl AdminApi {
                     )
                 })
                 .map_err(Error::from),
+            ACCEPT_STORE_STATE => super::rollback::accept(&self.state).await.map(|epoch| {
+                format!("the store is accepted at epoch {epoch}; secrets are served again")
+            }),
             other => Err(Error::Internal(format!("unknown operation {other}"))),
         };
         match outcome {
@@ -586,6 +603,16 @@ impl AdminApi {
                 .map(|t| t.clone())
                 .unwrap_or_default(),
             policies: policies as u32,
+            store_rollback: state
+                .rollback
+                .read()
+                .ok()
+                .and_then(|r| r.clone())
+                .unwrap_or_default(),
+            hsm_state: match state.hsm.state() {
+                crate::hsm::HsmState::Ready => "ready".into(),
+                crate::hsm::HsmState::Recovering => "recovering".into(),
+            },
         })
     }
 }

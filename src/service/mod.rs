@@ -7,6 +7,7 @@
 
 mod admin;
 mod policies;
+mod rollback;
 mod secrets;
 
 use std::future::Future;
@@ -86,6 +87,8 @@ pub(crate) struct State {
     pub(crate) listeners: RwLock<Vec<String>>,
     /// Serialises officers' state changes (approvals, policies).
     pub(crate) admin_lock: tokio::sync::Mutex<()>,
+    /// Set when the store failed its rollback check: no secret is served.
+    pub(crate) rollback: RwLock<Option<String>>,
 }
 
 impl State {
@@ -202,7 +205,9 @@ impl Server {
             token_label: config.hsm.token.clone(),
             listeners: RwLock::new(Vec::new()),
             admin_lock: tokio::sync::Mutex::new(()),
+            rollback: RwLock::new(None),
         });
+        rollback::check(&state).await?;
         policies::seed(&state, &config.policy, seed.is_empty()).await?;
         policies::reload(&state).await?;
         Ok(Self {
@@ -232,6 +237,7 @@ impl Server {
         }
         update_health(&state).await;
         let watcher = tokio::spawn(health_watch(state.clone()));
+        let epochs = tokio::spawn(rollback::watch(state.clone()));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -319,6 +325,10 @@ impl Server {
             }
         };
         watcher.abort();
+        epochs.abort();
+        if let Err(e) = rollback::record(&state).await {
+            tracing::error!(error = %e, "cannot record the final store epoch in the token");
+        }
         // A final checkpoint, so the token records the whole log as it stands at shutdown.
         if let Auditor::Chained(log) = &state.audit
             && let Err(e) = log.checkpoint().await
@@ -349,7 +359,8 @@ async fn health_watch(state: Arc<State>) {
 pub(crate) async fn update_health(state: &State) {
     let serving = state.hsm.state() == crate::hsm::HsmState::Ready
         && state.hsm.current_master_key().is_some()
-        && state.audit.healthy();
+        && state.audit.healthy()
+        && rollback::ensure_trusted(state).is_ok();
     let status = if serving {
         ServingStatus::Serving
     } else {

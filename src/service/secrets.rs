@@ -193,6 +193,7 @@ impl SecretsService {
 }
 
 async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecretResponse, Error> {
+    super::rollback::ensure_trusted(state)?;
     // Own the plaintext in a zeroizing buffer from here on.
     let value = Zeroizing::new(req.value);
     let name = parse_name(state, &req.name)?;
@@ -290,6 +291,7 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
 }
 
 async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecretResponse, Error> {
+    super::rollback::ensure_trusted(state)?;
     let name = parse_name(state, &req.name)?;
     // A name the caller may not read looks exactly like an absent one.
     if !state
@@ -338,6 +340,7 @@ async fn describe(
     ctx: &Ctx,
     req: &DescribeSecretRequest,
 ) -> Result<DescribeSecretResponse, Error> {
+    super::rollback::ensure_trusted(state)?;
     let name = parse_name(state, &req.name)?;
     if !state
         .policy()
@@ -382,6 +385,7 @@ async fn list(
     ctx: &Ctx,
     req: &ListSecretsRequest,
 ) -> Result<ListSecretsResponse, Error> {
+    super::rollback::ensure_trusted(state)?;
     let max_name = state.limits.max_name_bytes;
     let prefix = NamePrefix::parse(&req.prefix, max_name)
         .map_err(|e| Error::InvalidArgument(format!("prefix: {e}")))?;
@@ -430,6 +434,7 @@ async fn delete(
     ctx: &Ctx,
     req: &DeleteSecretRequest,
 ) -> Result<DeleteSecretResponse, Error> {
+    super::rollback::ensure_trusted(state)?;
     let name = parse_name(state, &req.name)?;
     // Decided before the store is touched, so the answer says nothing about existence.
     if !state

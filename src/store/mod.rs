@@ -123,4 +123,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every record of a namespace, by key.
     fn aux_list(&self, ns: Aux) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// The store's identity and its epoch: a counter bumped by every write, in the same
+    /// atomic batch. Kept in the token too (periodically), so an older copy of the store's
+    /// files is detected.
+    fn epoch(&self) -> Result<(String, u64), StoreError>;
 }

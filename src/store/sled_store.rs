@@ -25,6 +25,9 @@ const WRAPS: u8 = b'w';
 const POLICY: u8 = b'p';
 const APPROVAL: u8 = b'a';
 const META: u8 = b'm';
+/// Meta keys: the store's random identity and its write counter.
+const STORE_ID: &str = "store-id";
+const EPOCH: &str = "epoch";
 
 /// The sled-backed store.
 pub struct SledStore {
@@ -36,10 +39,39 @@ impl SledStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(path).open()?;
+        if db.get(aux_key(Aux::Meta, STORE_ID))?.is_none() {
+            // A new store: give it an identity, so the token's epoch checkpoint can tell it
+            // from an older copy of another store.
+            use ring::rand::SecureRandom;
+            let mut id = [0u8; 16];
+            ring::rand::SystemRandom::new()
+                .fill(&mut id)
+                .map_err(|_| StoreError::Corrupt {
+                    key: STORE_ID.into(),
+                    reason: "the system random generator failed".into(),
+                })?;
+            db.insert(aux_key(Aux::Meta, STORE_ID), hex::encode(id).as_bytes())?;
+            db.flush()?;
+        }
         Ok(Self {
             db,
             write_lock: Mutex::new(()),
         })
+    }
+
+    /// Adds the epoch bump to a batch (the caller holds the write lock).
+    fn bump_epoch(&self, batch: &mut Batch) -> Result<(), StoreError> {
+        let next = self.read_epoch()? + 1;
+        batch.insert(aux_key(Aux::Meta, EPOCH), next.to_be_bytes().to_vec());
+        Ok(())
+    }
+
+    fn read_epoch(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get(aux_key(Aux::Meta, EPOCH))?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
     }
 
     fn read_head(&self, name: &SecretName) -> Result<Option<Head>, StoreError> {
@@ -81,6 +113,7 @@ impl Store for SledStore {
             let mut batch = Batch::default();
             batch.insert(head_key(&name), head.encode_to_vec());
             batch.insert(record_key(&name, record.version), record.encode_to_vec());
+            self.bump_epoch(&mut batch)?;
             self.db.apply_batch(batch)?;
         }
         // Acknowledge only once durable. Flushing outside the lock lets concurrent writers
@@ -166,6 +199,7 @@ impl Store for SledStore {
                 deleted: true,
             };
             batch.insert(head_key(name), tomb.encode_to_vec());
+            self.bump_epoch(&mut batch)?;
             self.db.apply_batch(batch)?;
             destroyed
         };
@@ -197,15 +231,38 @@ impl Store for SledStore {
     }
 
     fn aux_put(&self, ns: Aux, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.db.insert(aux_key(ns, key), value)?;
+        {
+            let _guard = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+            let mut batch = Batch::default();
+            batch.insert(aux_key(ns, key), value);
+            self.bump_epoch(&mut batch)?;
+            self.db.apply_batch(batch)?;
+        }
         self.db.flush()?;
         Ok(())
     }
 
     fn aux_delete(&self, ns: Aux, key: &str) -> Result<bool, StoreError> {
-        let existed = self.db.remove(aux_key(ns, key))?.is_some();
+        let existed = {
+            let _guard = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+            let existed = self.db.get(aux_key(ns, key))?.is_some();
+            let mut batch = Batch::default();
+            batch.remove(aux_key(ns, key));
+            self.bump_epoch(&mut batch)?;
+            self.db.apply_batch(batch)?;
+            existed
+        };
         self.db.flush()?;
         Ok(existed)
+    }
+
+    fn epoch(&self) -> Result<(String, u64), StoreError> {
+        let id = self
+            .db
+            .get(aux_key(Aux::Meta, STORE_ID))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        Ok((id, self.read_epoch()?))
     }
 
     fn aux_list(&self, ns: Aux) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

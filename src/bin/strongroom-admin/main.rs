@@ -94,6 +94,9 @@ pub(crate) enum Command {
         /// Approval id.
         id: String,
     },
+    /// The store (online; accept needs approval).
+    #[command(subcommand)]
+    Store(online::StoreCmd),
     /// Secrets, as officers manage them (online; destroy needs approval).
     #[command(subcommand)]
     Secret(online::SecretCmd),
@@ -208,6 +211,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         | Command::Approve { .. }
         | Command::Reject { .. }
         | Command::Secret(_)
+        | Command::Store(_)
         | Command::Key(KeyCmd::Rotate) => online::run(&cli.online, cli.format, &cli.command),
         Command::Audit(cmd) => audit_cmd::run(&cli, cmd),
         Command::Token(TokenCmd::List) => {

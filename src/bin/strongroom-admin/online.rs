@@ -9,10 +9,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use strongroom::proto::admin_service_client::AdminServiceClient;
 use strongroom::proto::{
-    Approval, ApproveRequest, CheckPolicyRequest, DeletePolicyRequest, DestroySecretRequest,
-    GetApprovalRequest, GetPolicyRequest, ListApprovalsRequest, ListPoliciesRequest,
-    OperationResponse, PolicyInfo, PutPolicyRequest, RejectRequest, RotateMasterKeyRequest,
-    StatusRequest,
+    AcceptStoreStateRequest, Approval, ApproveRequest, CheckPolicyRequest, DeletePolicyRequest,
+    DestroySecretRequest, GetApprovalRequest, GetPolicyRequest, ListApprovalsRequest,
+    ListPoliciesRequest, OperationResponse, PolicyInfo, PutPolicyRequest, RejectRequest,
+    RotateMasterKeyRequest, StatusRequest,
 };
 
 use crate::{Command, Failure, Format, KeyCmd};
@@ -93,6 +93,12 @@ pub(crate) enum ApprovalCmd {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum StoreCmd {
+    /// Accept the store as it is after its rollback check failed (needs approval).
+    Accept,
+}
+
+#[derive(Subcommand)]
 pub(crate) enum SecretCmd {
     /// Destroy every version of a secret (needs approval).
     Destroy {
@@ -142,6 +148,7 @@ async fn run_async(conn: &Connection, format: Format, command: &Command) -> Resu
                         "pending_approvals": s.pending_approvals, "quorum": s.quorum,
                         "dangerous_settings": s.dangerous_settings,
                         "tampered_policies": s.tampered_policies, "policies": s.policies,
+                        "store_rollback": s.store_rollback, "hsm_state": s.hsm_state,
                     })
                 );
                 return Ok(());
@@ -149,8 +156,12 @@ async fn run_async(conn: &Connection, format: Format, command: &Command) -> Resu
             for d in &s.dangerous_settings {
                 println!("!!! DANGEROUS SETTING ON: {d}");
             }
+            if !s.store_rollback.is_empty() {
+                println!("!!! STORE ROLLBACK CHECK FAILED: {}", s.store_rollback);
+                println!("!!! no secret is served; review, then: strongroom-admin store accept");
+            }
             let rows = [
-                ("token", s.token.clone()),
+                ("token", format!("{} ({})", s.token, s.hsm_state)),
                 (
                     "master keys",
                     format!(
@@ -355,6 +366,14 @@ async fn run_async(conn: &Connection, format: Format, command: &Command) -> Resu
         Command::Secret(SecretCmd::Destroy { name }) => {
             let r = c
                 .destroy_secret(DestroySecretRequest { name: name.clone() })
+                .await
+                .map_err(server)?
+                .into_inner();
+            print_operation(format, &r)
+        }
+        Command::Store(StoreCmd::Accept) => {
+            let r = c
+                .accept_store_state(AcceptStoreStateRequest {})
                 .await
                 .map_err(server)?
                 .into_inner();
