@@ -16,8 +16,11 @@
 //! - [`store`]: the [`store::Store`] trait and its sled backend.
 //! - [`hsm`]: the PKCS#11 token, master keys, the worker pool, fault classes.
 //! - [`envelope`]: sealing and opening values under data keys, with AAD.
-//! - [`audit`]: the audit hook every decision passes through.
-//! - [`service`]: the tonic services; [`error`]: one error enum and its gRPC mapping.
+//! - [`audit`]: the HMAC-chained, group-committed audit log every decision passes through,
+//!   and its verifier.
+//! - [`service`]: the tonic services — SecretService for clients, AdminService for officers
+//!   (policies in the store, dual control, rollback acceptance); [`error`]: one error enum and
+//!   its gRPC mapping; [`codec`]: the protobuf codec (malformed input is INVALID_ARGUMENT).
 //! - [`config`]: typed configuration.
 //!
 //! # The path of one GetSecret
@@ -26,7 +29,8 @@
 //! name → policy (may this identity read it? if not, NOT_FOUND, as for an absent name) →
 //! store (load the sealed record) → hsm (unwrap the data key under the record's master key
 //! version, AAD = name, version, master key version) → envelope (decrypt with the same AAD;
-//! the data key is zeroized) → audit (fail closed) → response.
+//! the data key is zeroized) → audit (the entry is MAC'd in the token and fsynced with its
+//! batch; if it cannot be written the request is refused) → response.
 
 #![forbid(unsafe_code)]
 
