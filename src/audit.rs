@@ -790,6 +790,16 @@ pub fn verify<E>(
             }
             _ => false,
         };
+        // A later entry standing before the one expected here: reordered (an adjacent swap
+        // included, where the expected entry follows right after).
+        if seq > expected && later_has_expected {
+            return problem(
+                ProblemKind::Reordered,
+                format!(
+                    "entry {seq} stands at line {line_no}, before entry {expected}: entries were reordered"
+                ),
+            );
+        }
         if next_fits {
             return problem(
                 ProblemKind::Inserted,
@@ -800,14 +810,6 @@ pub fn verify<E>(
             return problem(
                 ProblemKind::Modified,
                 format!("entry {expected} (line {line_no}) was modified"),
-            );
-        }
-        if seq > expected && later_has_expected {
-            return problem(
-                ProblemKind::Reordered,
-                format!(
-                    "entry {seq} stands at line {line_no}, before entry {expected}: entries were reordered"
-                ),
             );
         }
         if seq > expected {

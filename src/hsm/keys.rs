@@ -84,13 +84,16 @@ pub fn find(session: &Session) -> Result<Vec<(u32, ObjectHandle)>, HsmError> {
     Ok(keys)
 }
 
+/// Master keys the service may use (version, handle), and why others were refused.
+pub type TrustedKeys = (Vec<(u32, ObjectHandle)>, Vec<String>);
+
 /// The master keys the service may use: those whose attributes make them unreadable
 /// (SENSITIVE, !EXTRACTABLE, ALWAYS_SENSITIVE, NEVER_EXTRACTABLE, PRIVATE) and whose CKA_ID
 /// matches their label. A key that fails, or a version held by two objects, is left out and
 /// named in the second list: whoever holds the user PIN cannot slip in a readable key.
 pub fn find_trusted(
     session: &Session,
-) -> Result<(Vec<(u32, ObjectHandle)>, Vec<String>), HsmError> {
+) -> Result<TrustedKeys, HsmError> {
     let handles = session.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),

@@ -430,7 +430,7 @@ impl Shared {
         }
         let mut macs = BTreeMap::new();
         for kind in MacKey::ALL {
-            if let Some(h) = keys::find_mac(&anchor, kind)? {
+            if let Some(h) = keys::find_mac(anchor, kind)? {
                 macs.insert(kind, h);
             }
         }

@@ -7,10 +7,12 @@
 mod common;
 
 mod admin;
+mod audit;
 mod auth;
 mod cli;
 mod invariants;
 mod limits;
 mod restart;
+mod rollback;
 mod service;
 mod wycheproof;
