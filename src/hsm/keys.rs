@@ -91,9 +91,7 @@ pub type TrustedKeys = (Vec<(u32, ObjectHandle)>, Vec<String>);
 /// (SENSITIVE, !EXTRACTABLE, ALWAYS_SENSITIVE, NEVER_EXTRACTABLE, PRIVATE) and whose CKA_ID
 /// matches their label. A key that fails, or a version held by two objects, is left out and
 /// named in the second list: whoever holds the user PIN cannot slip in a readable key.
-pub fn find_trusted(
-    session: &Session,
-) -> Result<TrustedKeys, HsmError> {
+pub fn find_trusted(session: &Session) -> Result<TrustedKeys, HsmError> {
     let handles = session.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),

@@ -145,12 +145,13 @@ pub fn classify(rv: RvError) -> FaultClass {
         KeyHandleInvalid | ObjectHandleInvalid => FaultClass::KeyLost,
         DeviceRemoved
         | TokenNotPresent
-        | DeviceError
         | TokenNotRecognized
         | CryptokiNotInitialized
         | SlotIdInvalid => FaultClass::TokenLost,
-        SessionCount | OperationActive | FunctionCanceled | DeviceMemory | HostMemory
-        | CantLock => FaultClass::Transient,
+        // A device error on one call is retried on a fresh session; a token that keeps
+        // failing answers UNAVAILABLE request by request.
+        DeviceError | SessionCount | OperationActive | FunctionCanceled | DeviceMemory
+        | HostMemory | CantLock => FaultClass::Transient,
         // SoftHSM2 reports a failed GCM tag as CKR_GENERAL_ERROR; Kryoptic as
         // CKR_ENCRYPTED_DATA_INVALID. Only decrypt paths consult this class.
         EncryptedDataInvalid | EncryptedDataLenRange => FaultClass::Authentication,

@@ -378,14 +378,26 @@ impl Shared {
     /// Runs `f` on the anchor session of the current context.
     fn with_anchor<R>(
         &self,
-        f: impl FnOnce(&Session) -> Result<R, HsmError>,
+        mut f: impl FnMut(&Session) -> Result<R, HsmError>,
     ) -> Result<R, HsmError> {
         if self.lost.load(Ordering::Acquire) {
             return Err(HsmError::Unavailable);
         }
         let ctx = self.ctx.read().map_err(|_| HsmError::Closed)?;
-        let anchor = ctx.anchor.lock().map_err(|_| HsmError::Closed)?;
-        let result = f(&anchor);
+        let mut anchor = ctx.anchor.lock().map_err(|_| HsmError::Closed)?;
+        let mut result = f(&anchor);
+        if let Err(e) = &result
+            && e.class() == FaultClass::SessionLost
+        {
+            // The anchor itself is gone: open a new one, log in, and retry once. Session
+            // copies of master keys died with it, so find the keys again in that mode.
+            tracing::warn!(error = %e, "the anchor session is lost; reopening it");
+            *anchor = open_anchor(&ctx.pkcs11, ctx.slot, &self.pin)?;
+            if self.key_copy == KeyCopy::Session {
+                self.reload_keys_on(&anchor)?;
+            }
+            result = f(&anchor);
+        }
         if let Err(e) = &result
             && e.class() == FaultClass::TokenLost
         {
@@ -456,6 +468,10 @@ impl Shared {
             .get(&mk)
             .copied()
             .ok_or(HsmError::MasterKeyMissing(mk))
+    }
+
+    fn keyring_empty(&self) -> bool {
+        self.keyring.read().map(|k| k.is_empty()).unwrap_or(true)
     }
 
     fn mac_key(&self, kind: MacKey) -> Result<ObjectHandle, HsmError> {
@@ -559,10 +575,13 @@ impl Worker {
         }
     }
 
-    /// Runs a job; on a lost session, login or key handle, repairs once and retries once.
+    /// Runs a job; on a lost session, login or key handle, repairs and retries.
     /// A lost token is handed to the recovery thread and answered UNAVAILABLE at once.
     fn execute_with_recovery(&mut self, op: &Op) -> Result<Reply, HsmError> {
-        let mut retried = false;
+        // Transient faults (a device error on one call) get two retries, other repairable
+        // faults one: each on a repaired session, and all within the caller's deadline,
+        // which the caller enforces.
+        let mut attempts = 0;
         loop {
             if self.shared.lost.load(Ordering::Acquire) {
                 return Err(HsmError::Unavailable);
@@ -585,14 +604,24 @@ impl Worker {
                 self.shared.mark_lost(&e);
                 return Err(e);
             }
-            if retried {
+            attempts += 1;
+            let allowed = if class == FaultClass::Transient { 3 } else { 2 };
+            if attempts >= allowed {
                 return Err(e);
             }
-            retried = true;
             let repaired = match class {
                 FaultClass::SessionLost | FaultClass::Transient => self.reopen_session(),
                 FaultClass::LoginLost => self.shared.relogin(),
-                FaultClass::KeyLost => self.shared.reload_keys(),
+                FaultClass::KeyLost => self.shared.reload_keys().and_then(|()| {
+                    // Every key vanished at once: the token was reloaded or its storage went
+                    // away underneath the module. Re-initialise as for a lost token.
+                    if self.shared.keyring_empty() {
+                        self.shared.mark_lost(&e);
+                        Err(HsmError::Unavailable)
+                    } else {
+                        Ok(())
+                    }
+                }),
                 _ => return Err(e),
             };
             tracing::warn!(error = %e, "HSM fault; repairing and retrying once");

@@ -129,8 +129,11 @@ impl SecretsService {
                 return Err(status);
             }
         };
-        let deadline = grpc_timeout(request.metadata())
-            .map_or(self.state.hsm_timeout, |d| d.min(self.state.hsm_timeout));
+        // Answer UNAVAILABLE a little before the caller's deadline rather than let the
+        // transport cancel the call at it.
+        let deadline = grpc_timeout(request.metadata()).map_or(self.state.hsm_timeout, |d| {
+            (d * 9 / 10).min(self.state.hsm_timeout)
+        });
         Ok(Ctx {
             identity,
             deadline,

@@ -10,6 +10,7 @@ mod admin;
 mod audit;
 mod auth;
 mod cli;
+mod faults;
 mod invariants;
 mod limits;
 mod restart;
