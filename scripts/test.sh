@@ -10,8 +10,8 @@ scripts/deps.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo doc"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --locked --quiet
 echo "== tests"
-cargo nextest run --locked --all-targets --no-fail-fast "$@"
+cargo nextest run --workspace --locked --lib --bins --tests --no-fail-fast "$@"
