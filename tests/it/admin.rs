@@ -484,8 +484,7 @@ async fn a_policy_edited_in_the_store_files_is_refused() {
             mac: vec![0; 32],
             ..Default::default()
         };
-        db.insert(b"pbackdoor", forged.encode_to_vec())
-            .unwrap();
+        db.insert(b"pbackdoor", forged.encode_to_vec()).unwrap();
         db.flush().unwrap();
     }
     let server = env.start_admin();
