@@ -15,3 +15,5 @@ echo "== cargo doc"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --locked --quiet
 echo "== tests"
 cargo nextest run --workspace --locked --lib --bins --tests --no-fail-fast "$@"
+echo "== fuzz (short run; FUZZ_SECONDS per target)"
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}" scripts/fuzz.sh

@@ -35,6 +35,15 @@ impl Identity {
     pub fn from_certificate(der: &[u8]) -> Result<Self, TlsError> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| TlsError::Certificate(e.to_string()))?;
+        // rustls (webpki) does not check an end entity's key usage; a client certificate
+        // whose key may not sign cannot prove possession in the handshake legitimately.
+        if let Some(ku) = cert
+            .key_usage()
+            .map_err(|e| TlsError::Certificate(e.to_string()))?
+            && !ku.value.digital_signature()
+        {
+            return Err(TlsError::KeyUsage);
+        }
         let san = cert
             .subject_alternative_name()
             .map_err(|e| TlsError::Certificate(e.to_string()))?
@@ -76,6 +85,9 @@ pub enum TlsError {
     /// The peer certificate could not be parsed.
     #[error("the client certificate cannot be parsed: {0}")]
     Certificate(String),
+    /// The certificate's key usage does not allow digital signatures.
+    #[error("the client certificate's key usage does not include digitalSignature")]
+    KeyUsage,
     /// The certificate carries neither a URI nor a DNS SAN.
     #[error("the client certificate has no URI or DNS subject alternative name")]
     NoIdentity,

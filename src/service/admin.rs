@@ -36,17 +36,21 @@ const ACCEPT_STORE_STATE: &str = "AcceptStoreState";
 const MAX_POLICY_DOCUMENT: usize = 256 * 1024;
 
 /// The AdminService implementation.
-pub struct AdminApi {
+pub struct AdminApi(Arc<AdminApiInner>);
+
+/// The handlers' shared part; each call runs in its own task so that a caller going away
+/// never cuts a request between its effect and its audit entry.
+pub(crate) struct AdminApiInner {
     state: Arc<State>,
     next_request_id: AtomicU64,
 }
 
 impl AdminApi {
     pub(crate) fn new(state: Arc<State>) -> Self {
-        Self {
+        Self(Arc::new(AdminApiInner {
             state,
             next_request_id: AtomicU64::new(1),
-        }
+        }))
     }
 }
 
@@ -61,246 +65,314 @@ impl AdminService for AdminApi {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let officer = self.begin(&request, "Status").await?;
-        let result = self.status_inner().await;
-        self.finish(&officer, "Status", None, result, None).await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "Status").await?;
+            let result = this.status_inner().await;
+            this.finish(&officer, "Status", None, result, None).await
+        })
+        .await
     }
 
     async fn put_policy(
         &self,
         request: Request<PutPolicyRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        let officer = self.begin(&request, PUT_POLICY).await?;
-        let req = request.into_inner();
-        let result = async {
-            let name = policies::parse_name(&req.name)?;
-            if req.document.len() > MAX_POLICY_DOCUMENT {
-                return Err(Error::InvalidArgument(format!(
-                    "the policy document is larger than {MAX_POLICY_DOCUMENT} bytes"
-                )));
-            }
-            crate::policy::PolicyDocument::parse(&req.document, self.state.limits.max_name_bytes)
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, PUT_POLICY).await?;
+            let req = request.into_inner();
+            let result = async {
+                let name = policies::parse_name(&req.name)?;
+                if req.document.len() > MAX_POLICY_DOCUMENT {
+                    return Err(Error::InvalidArgument(format!(
+                        "the policy document is larger than {MAX_POLICY_DOCUMENT} bytes"
+                    )));
+                }
+                crate::policy::PolicyDocument::parse(
+                    &req.document,
+                    this.state.limits.max_name_bytes,
+                )
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            self.request_guarded(
-                &officer,
-                PUT_POLICY,
-                vec![("name", name), ("document", req.document.clone())],
-            )
-            .await
-        }
-        .await;
-        let detail = approval_detail(&result);
-        self.finish(&officer, PUT_POLICY, Some(&req.name), result, detail)
-            .await
+                this.request_guarded(
+                    &officer,
+                    PUT_POLICY,
+                    vec![("name", name), ("document", req.document.clone())],
+                )
+                .await
+            }
+            .await;
+            let detail = approval_detail(&result);
+            this.finish(&officer, PUT_POLICY, Some(&req.name), result, detail)
+                .await
+        })
+        .await
     }
 
     async fn get_policy(
         &self,
         request: Request<GetPolicyRequest>,
     ) -> Result<Response<PolicyInfo>, Status> {
-        let officer = self.begin(&request, "GetPolicy").await?;
-        let req = request.into_inner();
-        let result = async {
-            let name = policies::parse_name(&req.name)?;
-            policies::list(&self.state)
-                .await?
-                .into_iter()
-                .find(|(r, _)| r.name == name)
-                .map(|(r, ok)| policy_info(r, ok))
-                .ok_or(Error::NotFound)
-        }
-        .await;
-        self.finish(&officer, "GetPolicy", Some(&req.name), result, None)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "GetPolicy").await?;
+            let req = request.into_inner();
+            let result = async {
+                let name = policies::parse_name(&req.name)?;
+                policies::list(&this.state)
+                    .await?
+                    .into_iter()
+                    .find(|(r, _)| r.name == name)
+                    .map(|(r, ok)| policy_info(r, ok))
+                    .ok_or(Error::NotFound)
+            }
+            .await;
+            this.finish(&officer, "GetPolicy", Some(&req.name), result, None)
+                .await
+        })
+        .await
     }
 
     async fn list_policies(
         &self,
         request: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
-        let officer = self.begin(&request, "ListPolicies").await?;
-        let result = policies::list(&self.state)
-            .await
-            .map(|all| ListPoliciesResponse {
-                policies: all.into_iter().map(|(r, ok)| policy_info(r, ok)).collect(),
-            });
-        self.finish(&officer, "ListPolicies", None, result, None)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "ListPolicies").await?;
+            let result = policies::list(&this.state)
+                .await
+                .map(|all| ListPoliciesResponse {
+                    policies: all.into_iter().map(|(r, ok)| policy_info(r, ok)).collect(),
+                });
+            this.finish(&officer, "ListPolicies", None, result, None)
+                .await
+        })
+        .await
     }
 
     async fn delete_policy(
         &self,
         request: Request<DeletePolicyRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        let officer = self.begin(&request, DELETE_POLICY).await?;
-        let req = request.into_inner();
-        let result = async {
-            let name = policies::parse_name(&req.name)?;
-            self.request_guarded(&officer, DELETE_POLICY, vec![("name", name)])
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, DELETE_POLICY).await?;
+            let req = request.into_inner();
+            let result = async {
+                let name = policies::parse_name(&req.name)?;
+                this.request_guarded(&officer, DELETE_POLICY, vec![("name", name)])
+                    .await
+            }
+            .await;
+            let detail = approval_detail(&result);
+            this.finish(&officer, DELETE_POLICY, Some(&req.name), result, detail)
                 .await
-        }
-        .await;
-        let detail = approval_detail(&result);
-        self.finish(&officer, DELETE_POLICY, Some(&req.name), result, detail)
-            .await
+        })
+        .await
     }
 
     async fn check_policy(
         &self,
         request: Request<CheckPolicyRequest>,
     ) -> Result<Response<CheckPolicyResponse>, Status> {
-        let officer = self.begin(&request, "CheckPolicy").await?;
-        let req = request.into_inner();
-        let result = (|| {
-            let capability = parse_capability(&req.capability)?;
-            let name = SecretName::parse(&req.name, self.state.limits.max_name_bytes)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            if req.identity.is_empty() {
-                return Err(Error::InvalidArgument("identity is empty".into()));
-            }
-            let policy = self.state.policy();
-            let identity = Identity::new(req.identity.clone());
-            Ok(match policy.decide(&identity, capability, &name) {
-                Decision::Allow(i) => CheckPolicyResponse {
-                    allowed: true,
-                    decided_by: policy.rule_label(i),
-                },
-                Decision::Deny => CheckPolicyResponse {
-                    allowed: false,
-                    decided_by: format!(
-                        "no rule grants {capability} on {name} to {identity} (deny by default)"
-                    ),
-                },
-            })
-        })();
-        self.finish(&officer, "CheckPolicy", Some(&req.name), result, None)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "CheckPolicy").await?;
+            let req = request.into_inner();
+            let result = (|| {
+                let capability = parse_capability(&req.capability)?;
+                let name = SecretName::parse(&req.name, this.state.limits.max_name_bytes)
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                if req.identity.is_empty() {
+                    return Err(Error::InvalidArgument("identity is empty".into()));
+                }
+                let policy = this.state.policy();
+                let identity = Identity::new(req.identity.clone());
+                Ok(match policy.decide(&identity, capability, &name) {
+                    Decision::Allow(i) => CheckPolicyResponse {
+                        allowed: true,
+                        decided_by: policy.rule_label(i),
+                    },
+                    Decision::Deny => CheckPolicyResponse {
+                        allowed: false,
+                        decided_by: format!(
+                            "no rule grants {capability} on {name} to {identity} (deny by default)"
+                        ),
+                    },
+                })
+            })();
+            this.finish(&officer, "CheckPolicy", Some(&req.name), result, None)
+                .await
+        })
+        .await
     }
 
     async fn destroy_secret(
         &self,
         request: Request<DestroySecretRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        let officer = self.begin(&request, DESTROY_SECRET).await?;
-        let req = request.into_inner();
-        let result = async {
-            let name = SecretName::parse(&req.name, self.state.limits.max_name_bytes)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            self.request_guarded(
-                &officer,
-                DESTROY_SECRET,
-                vec![("name", name.as_str().to_owned())],
-            )
-            .await
-        }
-        .await;
-        let detail = approval_detail(&result);
-        self.finish(&officer, DESTROY_SECRET, Some(&req.name), result, detail)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, DESTROY_SECRET).await?;
+            let req = request.into_inner();
+            let result = async {
+                let name = SecretName::parse(&req.name, this.state.limits.max_name_bytes)
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                this.request_guarded(
+                    &officer,
+                    DESTROY_SECRET,
+                    vec![("name", name.as_str().to_owned())],
+                )
+                .await
+            }
+            .await;
+            let detail = approval_detail(&result);
+            this.finish(&officer, DESTROY_SECRET, Some(&req.name), result, detail)
+                .await
+        })
+        .await
     }
 
     async fn rotate_master_key(
         &self,
         request: Request<RotateMasterKeyRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        let officer = self.begin(&request, ROTATE_MASTER_KEY).await?;
-        let result = self
-            .request_guarded(&officer, ROTATE_MASTER_KEY, Vec::new())
-            .await;
-        let detail = approval_detail(&result);
-        self.finish(&officer, ROTATE_MASTER_KEY, None, result, detail)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, ROTATE_MASTER_KEY).await?;
+            let result = this
+                .request_guarded(&officer, ROTATE_MASTER_KEY, Vec::new())
+                .await;
+            let detail = approval_detail(&result);
+            this.finish(&officer, ROTATE_MASTER_KEY, None, result, detail)
+                .await
+        })
+        .await
     }
 
     async fn accept_store_state(
         &self,
         request: Request<AcceptStoreStateRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        let officer = self.begin(&request, ACCEPT_STORE_STATE).await?;
-        let result = self
-            .request_guarded(&officer, ACCEPT_STORE_STATE, Vec::new())
-            .await;
-        let detail = approval_detail(&result);
-        self.finish(&officer, ACCEPT_STORE_STATE, None, result, detail)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, ACCEPT_STORE_STATE).await?;
+            let result = this
+                .request_guarded(&officer, ACCEPT_STORE_STATE, Vec::new())
+                .await;
+            let detail = approval_detail(&result);
+            this.finish(&officer, ACCEPT_STORE_STATE, None, result, detail)
+                .await
+        })
+        .await
     }
 
     async fn list_approvals(
         &self,
         request: Request<ListApprovalsRequest>,
     ) -> Result<Response<ListApprovalsResponse>, Status> {
-        let officer = self.begin(&request, "ListApprovals").await?;
-        let all = request.get_ref().all;
-        let result = policies::list_approvals(&self.state).await.map(|list| {
-            let now = unix_now();
-            let mut approvals: Vec<Approval> = list
-                .into_iter()
-                .map(|a| to_proto(a, now))
-                .filter(|a| all || a.state == "pending")
-                .collect();
-            approvals.sort_by_key(|a| a.created_at_unix);
-            ListApprovalsResponse { approvals }
-        });
-        self.finish(&officer, "ListApprovals", None, result, None)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "ListApprovals").await?;
+            let all = request.get_ref().all;
+            let result = policies::list_approvals(&this.state).await.map(|list| {
+                let now = unix_now();
+                let mut approvals: Vec<Approval> = list
+                    .into_iter()
+                    .map(|a| to_proto(a, now))
+                    .filter(|a| all || a.state == "pending")
+                    .collect();
+                approvals.sort_by_key(|a| a.created_at_unix);
+                ListApprovalsResponse { approvals }
+            });
+            this.finish(&officer, "ListApprovals", None, result, None)
+                .await
+        })
+        .await
     }
 
     async fn get_approval(
         &self,
         request: Request<GetApprovalRequest>,
     ) -> Result<Response<Approval>, Status> {
-        let officer = self.begin(&request, "GetApproval").await?;
-        let id = request.into_inner().id;
-        let result = async {
-            check_id(&id)?;
-            Ok(to_proto(
-                policies::load_approval(&self.state, &id).await?,
-                unix_now(),
-            ))
-        }
-        .await;
-        self.finish(&officer, "GetApproval", Some(&id), result, None)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "GetApproval").await?;
+            let id = request.into_inner().id;
+            let result = async {
+                check_id(&id)?;
+                Ok(to_proto(
+                    policies::load_approval(&this.state, &id).await?,
+                    unix_now(),
+                ))
+            }
+            .await;
+            this.finish(&officer, "GetApproval", Some(&id), result, None)
+                .await
+        })
+        .await
     }
 
     async fn approve(
         &self,
         request: Request<ApproveRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        let officer = self.begin(&request, "Approve").await?;
-        let id = request.into_inner().id;
-        let result = self.approve_inner(&officer, &id).await;
-        let detail = approval_detail(&result);
-        self.finish(&officer, "Approve", Some(&id), result, detail)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "Approve").await?;
+            let id = request.into_inner().id;
+            let result = this.approve_inner(&officer, &id).await;
+            let detail = approval_detail(&result);
+            this.finish(&officer, "Approve", Some(&id), result, detail)
+                .await
+        })
+        .await
     }
 
     async fn reject(&self, request: Request<RejectRequest>) -> Result<Response<Approval>, Status> {
-        let officer = self.begin(&request, "Reject").await?;
-        let id = request.into_inner().id;
-        let result = async {
-            check_id(&id)?;
-            let _turn = self.state.admin_lock.lock().await;
-            let mut a = policies::load_approval(&self.state, &id).await?;
-            let now = unix_now();
-            if a.state != "pending" {
-                return Err(Error::FailedPrecondition(format!(
-                    "approval {id} is {}, not pending",
-                    a.state
-                )));
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "Reject").await?;
+            let id = request.into_inner().id;
+            let result = async {
+                check_id(&id)?;
+                let _turn = this.state.admin_lock.lock().await;
+                let mut a = policies::load_approval(&this.state, &id).await?;
+                let now = unix_now();
+                if a.state != "pending" {
+                    return Err(Error::FailedPrecondition(format!(
+                        "approval {id} is {}, not pending",
+                        a.state
+                    )));
+                }
+                a.state = "rejected".into();
+                a.rejected_by = officer.identity.as_str().to_owned();
+                let a = policies::store_approval(&this.state, a).await?;
+                Ok(to_proto(a, now))
             }
-            a.state = "rejected".into();
-            a.rejected_by = officer.identity.as_str().to_owned();
-            let a = policies::store_approval(&self.state, a).await?;
-            Ok(to_proto(a, now))
-        }
-        .await;
-        self.finish(&officer, "Reject", Some(&id), result, None)
-            .await
+            .await;
+            this.finish(&officer, "Reject", Some(&id), result, None)
+                .await
+        })
+        .await
     }
 }
 
-impl AdminApi {
+impl AdminApiInner {
     /// Authenticates the officer: a certificate from the admin CA (checked by TLS) whose
     /// identity is listed in `admin.officers`.
     async fn begin<T>(
@@ -328,16 +400,24 @@ impl AdminApi {
                     .admin
                     .as_ref()
                     .is_some_and(|a| a.officers.iter().any(|o| o == id.as_str()));
-                if listed {
+                let expired = super::call_deadline(request.metadata())
+                    .is_some_and(|d| d < super::MIN_DEADLINE);
+                if listed && expired {
+                    (
+                        Status::deadline_exceeded("the call's deadline has already passed"),
+                        Some(id),
+                    )
+                } else if listed {
                     return Ok(Officer {
                         identity: id,
                         request_id,
                     });
+                } else {
+                    (
+                        Status::permission_denied(format!("{id} is not an officer")),
+                        Some(id),
+                    )
                 }
-                (
-                    Status::permission_denied(format!("{id} is not an officer")),
-                    Some(id),
-                )
             }
         };
         self.audit(

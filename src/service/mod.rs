@@ -396,3 +396,38 @@ pub(crate) async fn blocking<R: Send + 'static>(
         .map_err(|e| crate::error::Error::Internal(format!("store task failed: {e}")))?
         .map_err(crate::error::Error::from)
 }
+
+/// Calls with a deadline shorter than this are refused before anything is done.
+pub(crate) const MIN_DEADLINE: Duration = Duration::from_millis(1);
+
+/// The caller's deadline (`grpc-timeout`), if it sent one.
+pub(crate) fn call_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    secrets::grpc_timeout(metadata)
+}
+
+/// Runs a handler in its own task, so that a caller going away (or the transport cancelling
+/// at the deadline) never cuts a request between its effect and its audit entry, and
+/// answers DEADLINE_EXCEEDED a little before the caller's deadline. A request answered so
+/// may still complete; it is audited either way.
+pub(crate) async fn complete<T: Send + 'static>(
+    deadline: Option<Duration>,
+    work: impl Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let task = tokio::spawn(work);
+    let wait = async {
+        task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "a request handler failed");
+            Err(tonic::Status::internal("internal error"))
+        })
+    };
+    match deadline {
+        Some(d) => tokio::time::timeout(d * 9 / 10, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(
+                    "the deadline passed before the answer; the request is audited either way",
+                ))
+            }),
+        None => wait.await,
+    }
+}

@@ -28,17 +28,21 @@ const MAX_WRITE_ATTEMPTS: usize = 8;
 const DEFAULT_PAGE_SIZE: usize = 100;
 
 /// The SecretService implementation.
-pub struct SecretsService {
+pub struct SecretsService(Arc<SecretsServiceInner>);
+
+/// The handlers' shared part; each call runs in its own task so that a caller going away
+/// never cuts a request between its effect and its audit entry.
+pub(crate) struct SecretsServiceInner {
     state: Arc<State>,
     next_request_id: AtomicU64,
 }
 
 impl SecretsService {
     pub(crate) fn new(state: Arc<State>) -> Self {
-        Self {
+        Self(Arc::new(SecretsServiceInner {
             state,
             next_request_id: AtomicU64::new(1),
-        }
+        }))
     }
 }
 
@@ -55,60 +59,85 @@ impl SecretService for SecretsService {
         &self,
         request: Request<PutSecretRequest>,
     ) -> Result<Response<PutSecretResponse>, Status> {
-        let ctx = self.begin(&request, "PutSecret").await?;
-        let req = request.into_inner();
-        let name = req.name.clone();
-        let result = put(&self.state, &ctx, req).await;
-        self.finish(&ctx, "PutSecret", &name, result, |r| Some(r.version))
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let ctx = this.begin(&request, "PutSecret").await?;
+            let req = request.into_inner();
+            let name = req.name.clone();
+            let result = put(&this.state, &ctx, req).await;
+            this.finish(&ctx, "PutSecret", &name, result, |r| Some(r.version))
+                .await
+        })
+        .await
     }
 
     async fn get_secret(
         &self,
         request: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        let ctx = self.begin(&request, "GetSecret").await?;
-        let req = request.into_inner();
-        let result = get(&self.state, &ctx, &req).await;
-        self.finish(&ctx, "GetSecret", &req.name, result, |r| Some(r.version))
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let ctx = this.begin(&request, "GetSecret").await?;
+            let req = request.into_inner();
+            let result = get(&this.state, &ctx, &req).await;
+            this.finish(&ctx, "GetSecret", &req.name, result, |r| Some(r.version))
+                .await
+        })
+        .await
     }
 
     async fn describe_secret(
         &self,
         request: Request<DescribeSecretRequest>,
     ) -> Result<Response<DescribeSecretResponse>, Status> {
-        let ctx = self.begin(&request, "DescribeSecret").await?;
-        let req = request.into_inner();
-        let result = describe(&self.state, &ctx, &req).await;
-        self.finish(&ctx, "DescribeSecret", &req.name, result, |_| None)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let ctx = this.begin(&request, "DescribeSecret").await?;
+            let req = request.into_inner();
+            let result = describe(&this.state, &ctx, &req).await;
+            this.finish(&ctx, "DescribeSecret", &req.name, result, |_| None)
+                .await
+        })
+        .await
     }
 
     async fn list_secrets(
         &self,
         request: Request<ListSecretsRequest>,
     ) -> Result<Response<ListSecretsResponse>, Status> {
-        let ctx = self.begin(&request, "ListSecrets").await?;
-        let req = request.into_inner();
-        let result = list(&self.state, &ctx, &req).await;
-        self.finish(&ctx, "ListSecrets", &req.prefix, result, |_| None)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let ctx = this.begin(&request, "ListSecrets").await?;
+            let req = request.into_inner();
+            let result = list(&this.state, &ctx, &req).await;
+            this.finish(&ctx, "ListSecrets", &req.prefix, result, |_| None)
+                .await
+        })
+        .await
     }
 
     async fn delete_secret(
         &self,
         request: Request<DeleteSecretRequest>,
     ) -> Result<Response<DeleteSecretResponse>, Status> {
-        let ctx = self.begin(&request, "DeleteSecret").await?;
-        let req = request.into_inner();
-        let result = delete(&self.state, &ctx, &req).await;
-        self.finish(&ctx, "DeleteSecret", &req.name, result, |_| None)
-            .await
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let ctx = this.begin(&request, "DeleteSecret").await?;
+            let req = request.into_inner();
+            let result = delete(&this.state, &ctx, &req).await;
+            this.finish(&ctx, "DeleteSecret", &req.name, result, |_| None)
+                .await
+        })
+        .await
     }
 }
 
-impl SecretsService {
+impl SecretsServiceInner {
     /// Authenticates the caller from its verified certificate and reads the deadline.
     async fn begin<T>(&self, request: &Request<T>, operation: &'static str) -> Result<Ctx, Status> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -129,6 +158,22 @@ impl SecretsService {
                 return Err(status);
             }
         };
+        if let Some(d) = grpc_timeout(request.metadata())
+            && d < super::MIN_DEADLINE
+        {
+            // Expired before it started: nothing is done, and that is audited.
+            let status = Status::deadline_exceeded("the call's deadline has already passed");
+            self.audit(
+                Some(&identity),
+                operation,
+                None,
+                None,
+                status.code(),
+                request_id,
+            )
+            .await?;
+            return Err(status);
+        }
         // Answer UNAVAILABLE a little before the caller's deadline rather than let the
         // transport cancel the call at it.
         let deadline = grpc_timeout(request.metadata()).map_or(self.state.hsm_timeout, |d| {
@@ -542,7 +587,7 @@ pub(crate) fn unix_now() -> i64 {
 }
 
 /// Parses the `grpc-timeout` header (e.g. `100m`, `5S`).
-fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+pub(crate) fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = metadata.get("grpc-timeout")?.to_str().ok()?;
     if v.len() < 2 || v.len() > 9 {
         return None;
