@@ -76,7 +76,8 @@ impl Error {
                 // Every other token fault: the answer is "not now", never wrong data.
                 _ => Code::Unavailable,
             },
-            Error::Store(StoreError::Corrupt { .. }) => Code::DataLoss,
+            Error::Store(StoreError::Corrupt { .. })
+            | Error::Store(StoreError::Backend(sled::Error::Corruption { .. })) => Code::DataLoss,
             Error::Store(_) => Code::Unavailable,
             Error::DataLoss(_) => Code::DataLoss,
             Error::Audit(_) => Code::Unavailable,
@@ -103,7 +104,10 @@ impl Error {
                 ..
             }) => "the HSM has no free session; retry later".into(),
             Error::Hsm(_) => "the HSM is unavailable; retry later".into(),
-            Error::Store(StoreError::Corrupt { .. }) => "the stored record is corrupt".into(),
+            Error::Store(StoreError::Corrupt { .. })
+            | Error::Store(StoreError::Backend(sled::Error::Corruption { .. })) => {
+                "the stored record is corrupt".into()
+            }
             Error::Store(_) => "the store is unavailable; retry later".into(),
             Error::Audit(_) => "the audit log is unavailable; request refused".into(),
             Error::Internal(_) => "internal error".into(),

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -53,7 +52,7 @@ pub enum StartError {
     #[error("HSM: {0}")]
     Hsm(#[from] HsmError),
     /// The store could not be opened.
-    #[error("store: {0}; is another strongroomd using the same store.path?")]
+    #[error("store: {0}")]
     Store(#[from] StoreError),
     /// The audit log could not be opened.
     #[error("audit: {0}")]
@@ -273,10 +272,7 @@ impl Server {
                 let server = tonic::transport::Server::builder()
                     .tls_config(tls)?
                     .add_service(api)
-                    .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(listener),
-                        stopped(stop_rx.clone()),
-                    );
+                    .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone()));
                 Some(tokio::spawn(server))
             }
             _ => None,
@@ -288,10 +284,7 @@ impl Server {
             .add_service(self.health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                stopped(stop_rx.clone()),
-            );
+            .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone()));
         // In-flight requests get the grace period to finish; idle connections that clients
         // keep open do not hold the shutdown beyond it.
         let grace = self.shutdown_grace;
@@ -393,7 +386,17 @@ pub(crate) async fn blocking<R: Send + 'static>(
     let store = state.store.clone();
     tokio::task::spawn_blocking(move || f(store.as_ref()))
         .await
-        .map_err(|e| crate::error::Error::Internal(format!("store task failed: {e}")))?
+        .map_err(|e| {
+            if e.is_panic() {
+                // sled 0.34 panics on some damaged pages instead of returning an error; the
+                // panic is contained in this task and the read answers DATA_LOSS.
+                crate::error::Error::DataLoss(
+                    "the store engine failed reading this data: its files may be damaged".into(),
+                )
+            } else {
+                crate::error::Error::Internal(format!("store task failed: {e}"))
+            }
+        })?
         .map_err(crate::error::Error::from)
 }
 
@@ -430,4 +433,10 @@ pub(crate) async fn complete<T: Send + 'static>(
             }),
         None => wait.await,
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: without it an answer of a few hundred
+/// bytes waits for the client's delayed ACK (~40 ms).
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

@@ -68,7 +68,14 @@ pub(crate) async fn record(state: &State) -> Result<u64, Error> {
     if ensure_trusted(state).is_err() {
         return Ok(0);
     }
-    let (store_id, epoch) = blocking(state, |s| s.epoch()).await?;
+    // Read the epoch, then make it durable, so the token never remembers a write the store
+    // could lose in a crash (which would look like a rollback).
+    let (store_id, epoch) = blocking(state, |s| {
+        let e = s.epoch()?;
+        s.sync()?;
+        Ok(e)
+    })
+    .await?;
     let value = serde_json::to_vec(&StoreCheckpoint { store_id, epoch })
         .map_err(|e| Error::Internal(e.to_string()))?;
     state.hsm.write_data(STORE_CHECKPOINT_LABEL, value).await?;

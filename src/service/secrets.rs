@@ -20,6 +20,7 @@ use crate::proto::{
     PutSecretResponse, VersionInfo, secret_service_server::SecretService,
 };
 use crate::secret::{Mechanism, NamePrefix, SealedRecord, SecretName};
+use crate::store::StoreError;
 use crate::tls::Identity;
 
 /// How many times a write without check-and-set retries after losing a race.
@@ -360,7 +361,18 @@ async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecr
             } else {
                 version
             };
-            s.get(&name, version)
+            let record = s.get(&name, version)?;
+            if record.is_none()
+                && s.head(&name)?
+                    .is_some_and(|h| !h.deleted && version <= h.latest)
+            {
+                // The head says this version exists: its record was lost, not deleted.
+                return Err(StoreError::Corrupt {
+                    key: format!("{name} v{version}"),
+                    reason: "the record of a live version is missing".into(),
+                });
+            }
+            Ok(record)
         }
     })
     .await?

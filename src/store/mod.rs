@@ -23,6 +23,14 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
+    /// The store's files could not be opened.
+    #[error("cannot open the store at {path}: {reason}")]
+    Open {
+        /// The store directory.
+        path: String,
+        /// What went wrong, with what to check.
+        reason: String,
+    },
     /// The write lock was poisoned by a panic in another writer.
     #[error("the store's write lock is poisoned")]
     Poisoned,
@@ -128,4 +136,7 @@ pub trait Store: Send + Sync + 'static {
     /// atomic batch. Kept in the token too (periodically), so an older copy of the store's
     /// files is detected.
     fn epoch(&self) -> Result<(String, u64), StoreError>;
+
+    /// Makes every write so far durable.
+    fn sync(&self) -> Result<(), StoreError>;
 }

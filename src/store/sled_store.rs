@@ -38,7 +38,7 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).open()?;
+        let db = open_db(path)?;
         if db.get(aux_key(Aux::Meta, STORE_ID))?.is_none() {
             // A new store: give it an identity, so the token's epoch checkpoint can tell it
             // from an older copy of another store.
@@ -256,6 +256,11 @@ impl Store for SledStore {
         Ok(existed)
     }
 
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     fn epoch(&self) -> Result<(String, u64), StoreError> {
         let id = self
             .db
@@ -285,6 +290,47 @@ impl Store for SledStore {
             }
         }
         Ok(n)
+    }
+}
+
+/// Opens sled, turning its failures (and the panics its recovery can raise on some damaged
+/// files, e.g. "tried to serialize Uninitialized") into an error that names the store, so the
+/// service exits with a message instead of a backtrace and a crash loop.
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    let fail = |reason: String| StoreError::Open {
+        path: path.display().to_string(),
+        reason,
+    };
+    // While sled recovers, a panic is a finding about the files: log it as such (the default
+    // hook would print a backtrace that reads like a bug in the service) and turn it into an
+    // error below. Opening happens once, at start.
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(%what, "sled failed while recovering the store's files");
+    }));
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        sled::Config::new().path(path).open()
+    }));
+    std::panic::set_hook(previous_hook);
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Io(e))) if e.kind() == std::io::ErrorKind::WouldBlock => Err(fail(
+            format!("{e}; is another strongroomd using the same store.path?"),
+        )),
+        Ok(Err(e @ sled::Error::Corruption { .. })) => Err(fail(format!(
+            "{e}: the store's files are damaged; restore them from a backup (the rollback check will ask officers to accept it)"
+        ))),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail(
+            "sled failed while recovering the files: they are damaged; restore them from a backup"
+                .into(),
+        )),
     }
 }
 
