@@ -377,7 +377,7 @@ pub fn write_data(session: &Session, label: &str, value: &[u8]) -> Result<(), Hs
         .iter()
         .map(|(seq, _, _)| *seq)
         .max()
-        .map_or(1, |s| s + 1);
+        .map_or(1, |s| s.saturating_add(1));
     let mut stored = next.to_be_bytes().to_vec();
     stored.extend_from_slice(value);
     session.create_object(&[
@@ -400,9 +400,12 @@ fn find_data(
     session: &Session,
     label: &str,
 ) -> Result<Vec<(u64, ObjectHandle, Vec<u8>)>, HsmError> {
+    // Only private objects: creating one needs the user PIN, so whoever can only reach the
+    // token's files or a public session cannot plant a checkpoint.
     let handles = session.find_objects(&[
         Attribute::Class(ObjectClass::DATA),
         Attribute::Token(true),
+        Attribute::Private(true),
         Attribute::Label(label.as_bytes().to_vec()),
     ])?;
     let mut out = Vec::with_capacity(handles.len());

@@ -612,19 +612,22 @@ impl Worker {
             let repaired = match class {
                 FaultClass::SessionLost | FaultClass::Transient => self.reopen_session(),
                 FaultClass::LoginLost => self.shared.relogin(),
-                FaultClass::KeyLost => self.shared.reload_keys().and_then(|()| {
-                    // Every key vanished at once: the token was reloaded or its storage went
-                    // away underneath the module. Re-initialise as for a lost token.
-                    if self.shared.keyring_empty() {
-                        self.shared.mark_lost(&e);
-                        Err(HsmError::Unavailable)
-                    } else {
-                        Ok(())
-                    }
-                }),
+                FaultClass::KeyLost => {
+                    let had_keys = !self.shared.keyring_empty();
+                    self.shared.reload_keys().and_then(|()| {
+                        // Every key vanished at once: the token was reloaded or its storage went
+                        // away underneath the module. Re-initialise as for a lost token.
+                        if had_keys && self.shared.keyring_empty() {
+                            self.shared.mark_lost(&e);
+                            Err(HsmError::Unavailable)
+                        } else {
+                            Ok(())
+                        }
+                    })
+                }
                 _ => return Err(e),
             };
-            tracing::warn!(error = %e, "HSM fault; repairing and retrying once");
+            tracing::warn!(error = %e, "HSM fault; repairing and retrying");
             if let Err(r) = repaired {
                 if r.class() == FaultClass::TokenLost {
                     self.shared.mark_lost(&r);
