@@ -13,7 +13,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo doc"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --locked --quiet
-echo "== tests"
-cargo nextest run --workspace --locked --lib --bins --tests --no-fail-fast "$@"
 echo "== fuzz (short run; FUZZ_SECONDS per target)"
 FUZZ_SECONDS="${FUZZ_SECONDS:-15}" scripts/fuzz.sh
+echo "== tests"
+cargo nextest run --workspace --locked --lib --bins --tests --no-fail-fast "$@"
