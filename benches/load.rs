@@ -8,19 +8,28 @@
 //! of a shared machine falls on both sides alike. Per-round ratios are paired; the table shows
 //! their median and range.
 //!
-//! Parts (`--parts`, or `STRONGROOM_BENCH_PARTS`):
+//! Parts (`--parts`, or `STRONGROOM_BENCH_PARTS`; default `audit,floor,hsm,put,big`):
 //! - `audit`: GetSecret (1 KiB) with the audit log on versus `dangerous_disable_audit`;
 //! - `floor`: GetSecret versus a *floor server* — a bare tonic server on the same mutual TLS
-//!   doing one raw C_Decrypt (AES-GCM of a 32-byte key, token-object master key) per request
-//!   and answering a fixed payload — and the same server without the token call;
+//!   doing one raw C_Decrypt (AES-GCM of a 32-byte key under the token-object master key
+//!   `strongroom-mk-1`) per request and answering a fixed payload. The token call is made
+//!   either inline (a mutex-held session) or on a worker thread; the floor is the faster of
+//!   the two in each round. Also measured: the same server without the token call, and served
+//!   through a `TcpListenerStream` (which leaves TCP_NODELAY off, as strongroomd once did);
 //! - `hsm`: `Hsm::unwrap_data_key` from many tasks versus a raw single-thread C_Decrypt loop,
-//!   with `workers` = 1 and 2;
-//! - `put`: durable PutSecret at concurrency 1 and 32 (group commit / fsync sharing);
-//! - `big`: GetSecret on a store of 1M secrets versus 1K, and the service's VmRSS;
-//! - `diag`: where the time goes: the service with its process log at `warn` instead of
-//!   `info`, audit on and off;
+//!   with `workers` = 1 and 2, and the raw loop under a session-object key for comparison;
+//! - `put`: durable PutSecret at concurrency 1 and 32 (group commit / fsync sharing), and
+//!   `SledStore::commit` alone at the same concurrencies;
+//! - `big`: GetSecret on a store of 1M secrets (sealed under the token's master key by a child
+//!   process and written straight into sled) versus 1K (written through the API), and the
+//!   service's VmRSS;
+//! - `diag`: the service with its process log at `warn` instead of `info`, without audit
+//!   checkpoints, and audit on/off at `warn`;
 //! - `custom`: the load generator alone with `--concurrency`, `--connections`,
-//!   `--value-size`, `--read-pct`, `--secs`, `--requests` against a `strongroomd`.
+//!   `--value-size`, `--read-pct`, `--secs`, `--requests` against a `strongroomd` or the floor.
+//!
+//! `--quick` runs the default parts in about a minute. `--perf DIR` records a `perf` profile
+//! of each server during its last slot.
 //!
 //! Roles that need a PKCS#11 context of their own (C_Initialize happens once per process)
 //! run this binary again as a child: `floor-server`, `hsm-bench`, `populate`.
@@ -1940,6 +1949,15 @@ async fn part_reads(lab: &mut Lab, plan: &Plan, parts: &[Part], rows: &mut Vec<R
             ),
             verdict(r.median, 0.85),
         ));
+        if let (Some(f), Some(o)) = (best.server_cpu_us, on.server_cpu_us) {
+            rows.push(row(
+                "floor ratio, server CPU per request",
+                format!("{:.2}", f / o),
+                format!("strongroomd audit on: {o:.0} µs/req"),
+                format!("floor: {f:.0} µs/req"),
+                "(floor CPU / strongroomd CPU: less noisy than rates)",
+            ));
+        }
         rows.push(row(
             "floor ratio, latency",
             format!(
@@ -2064,9 +2082,21 @@ async fn part_hsm(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) -> Res<()> {
             v["p99_us"].as_f64().unwrap_or(f64::NAN),
         )
     };
+    let cpu = |v: &serde_json::Value| {
+        v["cpu_per_op_us"]
+            .as_array()
+            .map(|a| {
+                median(
+                    &a.iter()
+                        .filter_map(serde_json::Value::as_f64)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .unwrap_or(f64::NAN)
+    };
     let raw = arms.get("raw").ok_or("no raw result")?.clone();
     let raw_rates = rates(&raw);
-    let mut best: Option<(usize, Ratio, String)> = None;
+    let mut best: Option<(usize, Ratio, String, f64)> = None;
     for w in &opts.hsm_workers {
         let v = arms.get(&format!("w{w}")).ok_or("missing pool result")?;
         let r = Ratio::of(&rates(v), &raw_rates);
@@ -2078,8 +2108,8 @@ async fn part_hsm(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) -> Res<()> {
             format!("raw 1-thread C_Decrypt: {}", describe(&raw)),
             "",
         ));
-        if best.as_ref().is_none_or(|(_, b, _)| r.median > b.median) {
-            best = Some((*w, r, describe(v)));
+        if best.as_ref().is_none_or(|(_, b, _, _)| r.median > b.median) {
+            best = Some((*w, r, describe(v), cpu(v)));
         }
     }
     if let Some(session) = arms.get("raw-session") {
@@ -2092,13 +2122,20 @@ async fn part_hsm(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) -> Res<()> {
             "(what key_copy = session would give)",
         ));
     }
-    if let Some((w, r, d)) = best {
+    if let Some((w, r, d, pool_cpu)) = best {
         rows.push(row(
             "hsm ratio",
             r.show(),
             format!("best: workers={w}: {d}"),
             format!("raw 1-thread C_Decrypt loop: {}", describe(&raw)),
             verdict(r.median, 0.9),
+        ));
+        rows.push(row(
+            "hsm ratio, CPU per operation",
+            format!("{:.2}", cpu(&raw) / pool_cpu),
+            format!("pool (workers={w}): {pool_cpu:.1} µs/op"),
+            format!("raw loop: {:.1} µs/op", cpu(&raw)),
+            "(raw CPU / pool CPU: less noisy than rates)",
         ));
     }
     Ok(())
