@@ -132,6 +132,60 @@ pub fn client_config(
         .domain_name(server_name))
 }
 
+/// Why a command-line tool could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Local input is wrong (address, files): exit 1.
+    #[error("{0}")]
+    Local(String),
+    /// The server could not be reached or refused the handshake: exit 2.
+    #[error("{0}")]
+    Remote(String),
+}
+
+/// Connects a command-line tool to `addr` over mutual TLS: the server must chain to
+/// `server_ca` and present `server_name` (default: the address's host); the tool presents
+/// `cert` and `key`.
+pub async fn connect(
+    addr: &str,
+    server_ca: &Path,
+    cert: &Path,
+    key: &Path,
+    server_name: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, ConnectError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .map_err(|e| ConnectError::Local(format!("bad address {addr}: {e}")))?;
+    let host = server_name
+        .map(str::to_owned)
+        .or_else(|| {
+            endpoint
+                .uri()
+                .host()
+                .map(|h| h.trim_matches(['[', ']']).to_owned())
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let tls = client_config(server_ca, cert, key, &host)
+        .map_err(|e| ConnectError::Local(e.to_string()))?;
+    endpoint
+        .tls_config(tls)
+        .map_err(|e| ConnectError::Local(format!("TLS: {e}")))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| {
+            let mut chain = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                chain.push_str(": ");
+                chain.push_str(&c.to_string());
+                cur = c.source();
+            }
+            ConnectError::Remote(format!("cannot connect to {addr}: {chain}"))
+        })
+}
+
 /// A certificate authority for development and tests.
 pub struct DevCa {
     issuer: CertifiedIssuer<'static, KeyPair>,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use strongroom::proto::secret_service_client::SecretServiceClient;
@@ -398,47 +398,22 @@ async fn connect(cli: &Cli) -> Result<SecretServiceClient<Channel>, Failure> {
     let cacert = need(&cli.cacert, "--cacert", "STRONGROOM_CACERT")?;
     let cert = need(&cli.cert, "--cert", "STRONGROOM_CLIENT_CERT")?;
     let key = need(&cli.key, "--key", "STRONGROOM_CLIENT_KEY")?;
-    let endpoint = Endpoint::from_shared(cli.addr.clone())
-        .map_err(|e| Failure::Local(format!("bad --addr {}: {e}", cli.addr)))?;
-    let host = cli
-        .server_name
-        .clone()
-        .or_else(|| {
-            endpoint
-                .uri()
-                .host()
-                .map(|h| h.trim_matches(['[', ']']).to_owned())
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let tls = strongroom::tls::client_config(&cacert, &cert, &key, &host)
-        .map_err(|e| Failure::Local(e.to_string()))?;
-    let channel = endpoint
-        .tls_config(tls)
-        .map_err(|e| Failure::Local(format!("TLS: {e}")))?
-        .connect_timeout(Duration::from_secs(cli.timeout))
-        .connect()
-        .await
-        .map_err(|e| {
-            Failure::Server(tonic::Status::unavailable(format!(
-                "cannot connect to {}: {}",
-                cli.addr,
-                error_chain(&e)
-            )))
-        })?;
+    let channel = strongroom::tls::connect(
+        &cli.addr,
+        &cacert,
+        &cert,
+        &key,
+        cli.server_name.as_deref(),
+        Duration::from_secs(cli.timeout),
+    )
+    .await
+    .map_err(|e| match e {
+        strongroom::tls::ConnectError::Local(m) => Failure::Local(m),
+        strongroom::tls::ConnectError::Remote(m) => Failure::Server(tonic::Status::unavailable(m)),
+    })?;
     // Room for the largest value a service may be configured to hold.
     Ok(SecretServiceClient::new(channel)
         .max_decoding_message_size(strongroom::config::MAX_VALUE_BYTES_CEILING + 1024 * 1024))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn emit(

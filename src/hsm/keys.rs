@@ -58,40 +58,19 @@ pub fn template(version: u32) -> Vec<Attribute> {
     ]
 }
 
-/// Finds every master key in the token: `(version, handle)`, lowest version first.
+/// Finds every master key in the token: `(version, handle)`, lowest version first (one
+/// handle per version; [`find_trusted`] is what the service uses).
 pub fn find(session: &Session) -> Result<Vec<(u32, ObjectHandle)>, HsmError> {
-    let handles = session.find_objects(&[
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::Token(true),
-    ])?;
-    let mut keys = Vec::new();
-    for handle in handles {
-        let attrs = session.get_attributes(handle, &[AttributeType::Label])?;
-        let version = attrs.iter().find_map(|a| match a {
-            Attribute::Label(l) => std::str::from_utf8(l)
-                .ok()
-                .and_then(|l| l.strip_prefix(LABEL_PREFIX))
-                .and_then(|v| v.parse::<u32>().ok()),
-            _ => None,
-        });
-        if let Some(version) = version {
-            keys.push((version, handle));
-        }
-    }
-    keys.sort_by_key(|(v, _)| *v);
-    keys.dedup_by_key(|(v, _)| *v);
-    Ok(keys)
+    Ok(find_labelled(session)?
+        .into_iter()
+        .filter_map(|(v, handles)| handles.first().map(|h| (v, *h)))
+        .collect())
 }
 
-/// Master keys the service may use (version, handle), and why others were refused.
-pub type TrustedKeys = (Vec<(u32, ObjectHandle)>, Vec<String>);
-
-/// The master keys the service may use: those whose attributes make them unreadable
-/// (SENSITIVE, !EXTRACTABLE, ALWAYS_SENSITIVE, NEVER_EXTRACTABLE, PRIVATE) and whose CKA_ID
-/// matches their label. A key that fails, or a version held by two objects, is left out and
-/// named in the second list: whoever holds the user PIN cannot slip in a readable key.
-pub fn find_trusted(session: &Session) -> Result<TrustedKeys, HsmError> {
+/// Every AES token key labelled as a master key, grouped by the version in its label.
+fn find_labelled(
+    session: &Session,
+) -> Result<std::collections::BTreeMap<u32, Vec<ObjectHandle>>, HsmError> {
     let handles = session.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -111,6 +90,18 @@ pub fn find_trusted(session: &Session) -> Result<TrustedKeys, HsmError> {
             by_version.entry(v).or_default().push(handle);
         }
     }
+    Ok(by_version)
+}
+
+/// Master keys the service may use (version, handle), and why others were refused.
+pub type TrustedKeys = (Vec<(u32, ObjectHandle)>, Vec<String>);
+
+/// The master keys the service may use: those whose attributes make them unreadable
+/// (SENSITIVE, !EXTRACTABLE, ALWAYS_SENSITIVE, NEVER_EXTRACTABLE, PRIVATE) and whose CKA_ID
+/// matches their label. A key that fails, or a version held by two objects, is left out and
+/// named in the second list: whoever holds the user PIN cannot slip in a readable key.
+pub fn find_trusted(session: &Session) -> Result<TrustedKeys, HsmError> {
+    let by_version = find_labelled(session)?;
     let mut trusted = Vec::new();
     let mut rejected = Vec::new();
     for (version, handles) in by_version {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use strongroom::proto::admin_service_client::AdminServiceClient;
 use strongroom::proto::{
@@ -403,28 +403,19 @@ async fn connect(conn: &Connection) -> Result<AdminServiceClient<Channel>, Failu
     )?;
     let cert = need(&conn.admin_cert, "--admin-cert", "STRONGROOM_ADMIN_CERT")?;
     let key = need(&conn.admin_key, "--admin-key", "STRONGROOM_ADMIN_KEY")?;
-    let endpoint = Endpoint::from_shared(conn.admin_addr.clone())
-        .map_err(|e| Failure::Local(format!("bad --admin-addr {}: {e}", conn.admin_addr)))?;
-    let host = conn
-        .admin_server_name
-        .clone()
-        .or_else(|| {
-            endpoint
-                .uri()
-                .host()
-                .map(|h| h.trim_matches(['[', ']']).to_owned())
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let tls = strongroom::tls::client_config(&cacert, &cert, &key, &host)
-        .map_err(|e| Failure::Local(e.to_string()))?;
-    let channel = endpoint
-        .tls_config(tls)
-        .map_err(|e| Failure::Local(format!("TLS: {e}")))?
-        .connect_timeout(Duration::from_secs(conn.timeout))
-        .timeout(Duration::from_secs(conn.timeout))
-        .connect()
-        .await
-        .map_err(|e| Failure::Token(format!("cannot connect to {}: {e}", conn.admin_addr)))?;
+    let channel = strongroom::tls::connect(
+        &conn.admin_addr,
+        &cacert,
+        &cert,
+        &key,
+        conn.admin_server_name.as_deref(),
+        Duration::from_secs(conn.timeout),
+    )
+    .await
+    .map_err(|e| match e {
+        strongroom::tls::ConnectError::Local(m) => Failure::Local(m),
+        strongroom::tls::ConnectError::Remote(m) => Failure::Token(m),
+    })?;
     Ok(AdminServiceClient::new(channel))
 }
 
