@@ -381,14 +381,7 @@ impl AdminApiInner {
         operation: &'static str,
     ) -> Result<Officer, Status> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let identity = request
-            .peer_certs()
-            .and_then(|certs| {
-                certs
-                    .first()
-                    .map(|c| Identity::from_certificate(c.as_ref()))
-            })
-            .unwrap_or(Err(crate::tls::TlsError::NoIdentity));
+        let identity = super::peer_identity(request);
         let (status, identity) = match identity {
             Err(e) => (
                 Status::unauthenticated(format!("no officer identity: {e}")),

@@ -440,3 +440,17 @@ pub(crate) async fn complete<T: Send + 'static>(
 fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
+
+/// The caller's identity, from the leaf of the certificate chain rustls verified.
+pub(crate) fn peer_identity<T>(
+    request: &tonic::Request<T>,
+) -> Result<crate::tls::Identity, crate::tls::TlsError> {
+    request
+        .peer_certs()
+        .and_then(|certs| {
+            certs
+                .first()
+                .map(|c| crate::tls::Identity::from_certificate(c.as_ref()))
+        })
+        .unwrap_or(Err(crate::tls::TlsError::NoIdentity))
+}

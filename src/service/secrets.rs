@@ -142,14 +142,7 @@ impl SecretsServiceInner {
     /// Authenticates the caller from its verified certificate and reads the deadline.
     async fn begin<T>(&self, request: &Request<T>, operation: &'static str) -> Result<Ctx, Status> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let identity = request
-            .peer_certs()
-            .and_then(|certs| {
-                certs
-                    .first()
-                    .map(|c| Identity::from_certificate(c.as_ref()))
-            })
-            .unwrap_or(Err(crate::tls::TlsError::NoIdentity));
+        let identity = super::peer_identity(request);
         let identity = match identity {
             Ok(id) => id,
             Err(e) => {

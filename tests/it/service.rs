@@ -345,7 +345,10 @@ async fn health_follows_the_master_key_and_reflection_lists_services() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("key generate"), "{}", e.message());
 
-    let tls_channel = health_channel(&server).await;
+    let tls_channel = server
+        .channel(&server.addr, Some("payments"))
+        .await
+        .unwrap();
     let mut health = HealthClient::new(tls_channel.clone());
     let status = |s: i32| ServingStatus::try_from(s).unwrap();
     let check = HealthCheckRequest {
@@ -398,25 +401,4 @@ async fn health_follows_the_master_key_and_reflection_lists_services() {
         names.contains(&"grpc.health.v1.Health".to_owned()),
         "{names:?}"
     );
-}
-
-async fn health_channel(server: &crate::common::Server) -> tonic::transport::Channel {
-    let pki = server.log.parent().unwrap().join("pki");
-    let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read(
-            "server-ca.pem",
-        )))
-        .identity(tonic::transport::Identity::from_pem(
-            read("payments.pem"),
-            read("payments-key.pem"),
-        ))
-        .domain_name("localhost");
-    tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
