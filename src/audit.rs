@@ -1,15 +1,17 @@
 //! The audit trail: every access decision, appended to an HMAC-chained JSON-lines file
 //! before the response leaves.
 //!
-//! Each line is one entry; its `mac` is HMAC-SHA256, computed in the token with a key that
-//! never leaves it, over the previous entry's MAC followed by the entry's own bytes (the line
-//! without its `mac` field). Editing, removing, reordering or inserting an entry breaks the
-//! chain. Periodically (and at shutdown) the chain head and entry count are recorded as a
+//! Each line is one entry; its `mac` is HMAC-SHA256 over the previous entry's MAC followed by
+//! the entry's own bytes (the line without its `mac` field), under a key the token derives
+//! for each segment of 4096 entries from the audit key, which never leaves it (see [`Chain`]).
+//! Editing, removing, reordering or inserting an entry breaks the chain, and forging one needs
+//! the token. Periodically (and at shutdown) the chain head and entry count are recorded as a
 //! checkpoint in the token itself — a private data object that needs the user PIN to change —
 //! so a truncated or rolled-back file is detected too.
 //!
-//! Writes are group-committed: one writer task takes every entry waiting, computes their
-//! MACs in one token job, writes them and fsyncs once, then acknowledges them all. If the
+//! Writes are group-committed: one writer thread, which owns the file, takes every entry
+//! waiting, chains them, writes them and fsyncs once, then acknowledges them all. The token
+//! is asked for a MAC once per segment and for each checkpoint, not once per entry. If the
 //! file cannot be written, every waiting request is refused (fail closed) and health says so.
 
 use std::fs::{File, OpenOptions};
@@ -17,11 +19,12 @@ use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::Code;
+use zeroize::Zeroizing;
 
 use crate::hsm::Hsm;
 use crate::hsm::keys::MacKey;
@@ -211,14 +214,15 @@ struct PendingEntry {
 
 /// The HMAC-chained audit log.
 pub struct AuditLog {
-    tx: mpsc::Sender<Msg>,
+    tx: std::sync::mpsc::Sender<Msg>,
     healthy: Arc<AtomicBool>,
     path: PathBuf,
 }
 
 impl AuditLog {
     /// Opens (or starts) the log at `options.path`, checks it against the token's checkpoint
-    /// and starts the writer task.
+    /// and starts the writer thread. Must be called on a tokio runtime, which the writer
+    /// uses for its token calls.
     pub async fn open(hsm: Arc<Hsm>, options: AuditOptions) -> Result<Self, AuditError> {
         let path = options.path.clone();
         let io = |source| AuditError::Io {
@@ -247,18 +251,20 @@ impl AuditLog {
 
         let mut writer = Writer {
             hsm,
-            file: Some(file),
+            rt: tokio::runtime::Handle::current(),
+            file,
             path: path.clone(),
             options,
             next_seq: 0,
             prev: vec![0u8; MAC_LEN],
-            log_id: String::new(),
+            chain: Chain::new(String::new(), ChainFormat::CURRENT),
             since_checkpoint: 0,
         };
+        let mut start = None;
         match tail {
             Some(tail) => {
                 if let Some(cp) = &checkpoint
-                    && cp.log_id == tail.log_id
+                    && cp.log_id == tail.header.log_id
                     && cp.count > tail.count
                 {
                     return Err(AuditError::BehindCheckpoint {
@@ -267,31 +273,57 @@ impl AuditLog {
                         expected: cp.count,
                     });
                 }
+                if tail.header.format == ChainFormat::Token {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "this audit log uses the older chain format (every MAC computed in the token, one token operation per entry); start a new audit.path for the segment-keyed format"
+                    );
+                }
                 writer.next_seq = tail.count;
                 writer.prev = tail.last_mac;
-                writer.log_id = tail.log_id;
+                writer.chain = Chain::new(tail.header.log_id, tail.header.format);
             }
             None => {
-                // A new log. Its first entry names the previous one the token knew of, so a
-                // deleted log leaves a trace in its successor.
-                writer.log_id = new_log_id()?;
-                let detail = match &checkpoint {
-                    Some(cp) => format!(
-                        "log_id={}; previous log_id={} count={} head={}",
-                        writer.log_id, cp.log_id, cp.count, cp.head
-                    ),
-                    None => format!("log_id={}", writer.log_id),
+                // A new log. Its first entry names the chain format, and the previous log
+                // the token knew of, so a deleted log leaves a trace in its successor.
+                let header = Header {
+                    log_id: new_log_id()?,
+                    format: ChainFormat::CURRENT,
                 };
-                writer
-                    .write_batch(vec![internal_entry("AuditLogStarted", detail)])
-                    .await?;
-                writer.checkpoint().await?;
+                let mut detail = header.to_detail();
+                if let Some(cp) = &checkpoint {
+                    detail.push_str(&format!(
+                        "; previous log_id={} count={} head={}",
+                        cp.log_id, cp.count, cp.head
+                    ));
+                }
+                writer.chain = Chain::new(header.log_id, header.format);
+                start = Some(detail);
             }
         }
 
         let healthy = Arc::new(AtomicBool::new(true));
-        let (tx, rx) = mpsc::channel(writer.options.max_batch.max(1) * 16);
-        tokio::spawn(writer.run(rx, healthy.clone()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ready, started) = oneshot::channel();
+        let thread_healthy = healthy.clone();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                // Starting a new log: its first entry and a checkpoint, before any request.
+                let first = match start {
+                    Some(detail) => writer
+                        .write_batch(vec![internal_entry("AuditLogStarted", detail)])
+                        .and_then(|()| writer.checkpoint()),
+                    None => Ok(()),
+                };
+                let ok = first.is_ok();
+                let _ = ready.send(first);
+                if ok {
+                    writer.run(rx, thread_healthy);
+                }
+            })
+            .map_err(io)?;
+        started.await.map_err(|_| AuditError::Closed)??;
         Ok(Self { tx, healthy, path })
     }
 
@@ -318,9 +350,10 @@ impl AuditLog {
             request_id: event.request_id,
             detail: event.detail.clone(),
         };
+        // Unbounded, but never long: every sender waits for its entry, so the queue holds
+        // at most one entry per request in flight.
         self.tx
             .send(Msg::Append(Pending { entry, done }))
-            .await
             .map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
@@ -330,45 +363,56 @@ impl AuditLog {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Msg::Checkpoint(done))
-            .await
             .map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 }
 
+/// The writer thread's state: it owns the file and the chain.
 struct Writer {
     hsm: Arc<Hsm>,
-    file: Option<File>,
+    rt: tokio::runtime::Handle,
+    file: File,
     path: PathBuf,
     options: AuditOptions,
     next_seq: u64,
     prev: Vec<u8>,
-    log_id: String,
+    chain: Chain,
     since_checkpoint: u64,
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, healthy: Arc<AtomicBool>) {
-        let mut tick = tokio::time::interval(self.options.checkpoint_interval);
-        tick.tick().await;
+    /// Takes every entry waiting (up to `max_batch`), chains, writes and fsyncs them at once,
+    /// then acknowledges them all; checkpoints every `checkpoint_every` entries and every
+    /// `checkpoint_interval` while entries arrive.
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Msg>, healthy: Arc<AtomicBool>) {
+        use std::sync::mpsc::RecvTimeoutError;
+        let interval = self.options.checkpoint_interval;
+        let mut next_tick = Instant::now() + interval;
         loop {
-            let first = tokio::select! {
-                m = rx.recv() => match m {
-                    Some(Msg::Append(p)) => p,
-                    Some(Msg::Checkpoint(done)) => {
-                        let r = if self.since_checkpoint > 0 { self.checkpoint().await } else { Ok(()) };
-                        let _ = done.send(r);
-                        continue;
-                    }
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    if self.since_checkpoint > 0 && let Err(e) = self.checkpoint().await {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let first = match rx.recv_timeout(wait) {
+                Ok(Msg::Append(p)) => p,
+                Ok(Msg::Checkpoint(done)) => {
+                    let r = if self.since_checkpoint > 0 {
+                        self.checkpoint()
+                    } else {
+                        Ok(())
+                    };
+                    let _ = done.send(r);
+                    continue;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    next_tick = Instant::now() + interval;
+                    if self.since_checkpoint > 0
+                        && let Err(e) = self.checkpoint()
+                    {
                         tracing::error!(error = %e, "audit checkpoint failed");
                         healthy.store(false, Ordering::Relaxed);
                     }
                     continue;
                 }
+                Err(RecvTimeoutError::Disconnected) => break,
             };
             let mut batch = vec![first];
             let mut checkpoint_after = None;
@@ -382,19 +426,25 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let (entries, acks): (Vec<_>, Vec<_>) =
-                batch.into_iter().map(|p| (p.entry, p.done)).unzip();
-            let entries = entries.into_iter().map(to_entry).collect();
-            match self.write_batch(entries).await {
+            let (entries, acks): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|p| (to_entry(p.entry), p.done))
+                .unzip();
+            match self.write_batch(entries) {
                 Ok(()) => {
                     healthy.store(true, Ordering::Relaxed);
                     for ack in acks {
                         let _ = ack.send(Ok(()));
                     }
+                    let due = Instant::now() >= next_tick;
                     if checkpoint_after.is_some()
+                        || due
                         || self.since_checkpoint >= self.options.checkpoint_every
                     {
-                        let r = self.checkpoint().await;
+                        if due {
+                            next_tick = Instant::now() + interval;
+                        }
+                        let r = self.checkpoint();
                         if let Err(e) = &r {
                             tracing::error!(error = %e, "audit checkpoint failed");
                             healthy.store(false, Ordering::Relaxed);
@@ -420,65 +470,52 @@ impl Writer {
                 }
             }
         }
-        if self.since_checkpoint > 0
-            && let Err(e) = self.checkpoint().await
-        {
-            tracing::error!(error = %e, "final audit checkpoint failed");
+        // Every handle is gone. If the runtime is still up, record where the log ends; a
+        // runtime already shut down cannot run the token call (tokio panics), and the
+        // service's own shutdown has taken a checkpoint then.
+        if self.since_checkpoint > 0 {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.checkpoint()));
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::error!("final audit checkpoint failed");
+            }
         }
     }
 
-    /// MACs, writes and fsyncs `entries` as the next entries of the chain. On failure the
+    /// Chains, writes and fsyncs `entries` as the next entries of the log. On failure the
     /// file is cut back to where it was and the chain does not advance.
-    async fn write_batch(&mut self, mut entries: Vec<Entry>) -> Result<(), AuditError> {
-        let mut bodies = Vec::with_capacity(entries.len());
+    fn write_batch(&mut self, mut entries: Vec<Entry>) -> Result<(), AuditError> {
+        let mut out = Vec::with_capacity(entries.len() * 320);
+        let mut prev = self.prev.clone();
         for (i, e) in entries.iter_mut().enumerate() {
             e.seq = self.next_seq + i as u64;
-            bodies.push(serde_json::to_vec(e).map_err(|e| AuditError::Io {
+            let body = serde_json::to_vec(e).map_err(|e| AuditError::Io {
                 path: self.path.display().to_string(),
                 source: std::io::Error::other(e),
-            })?);
+            })?;
+            let (hsm, rt, timeout) = (&self.hsm, &self.rt, self.options.hsm_timeout);
+            let mac = self.chain.mac(e.seq, &prev, &body, &mut |data: &[u8]| {
+                let job = hsm.mac_chain(MacKey::Audit, Vec::new(), vec![data.to_vec()], timeout);
+                rt.block_on(job)?.pop().ok_or(AuditError::Closed)
+            })?;
+            out.extend_from_slice(&line_with_mac(&body, &mac));
+            prev = mac;
         }
-        let macs = self
-            .hsm
-            .mac_chain(
-                MacKey::Audit,
-                self.prev.clone(),
-                bodies.clone(),
-                self.options.hsm_timeout,
-            )
-            .await?;
-        let mut out = Vec::new();
-        for (body, mac) in bodies.iter().zip(&macs) {
-            out.extend_from_slice(&line_with_mac(body, mac));
-        }
-        let mut file = self.file.take().ok_or(AuditError::Closed)?;
-        let path = self.path.clone();
-        let (file, result) = tokio::task::spawn_blocking(move || {
-            let result = append_durably(&mut file, &out);
-            (file, result)
-        })
-        .await
-        .map_err(|_| AuditError::Closed)?;
-        self.file = Some(file);
-        result.map_err(|source| AuditError::Io {
-            path: path.display().to_string(),
+        append_durably(&mut self.file, &out).map_err(|source| AuditError::Io {
+            path: self.path.display().to_string(),
             source,
         })?;
         self.next_seq += entries.len() as u64;
         self.since_checkpoint += entries.len() as u64;
-        if let Some(last) = macs.last() {
-            self.prev = last.clone();
-        }
+        self.prev = prev;
         Ok(())
     }
 
     /// Appends a checkpoint entry and records the chain head in the token.
-    async fn checkpoint(&mut self) -> Result<(), AuditError> {
-        let detail = format!("log_id={}; count={}", self.log_id, self.next_seq + 1);
-        self.write_batch(vec![internal_entry("Checkpoint", detail)])
-            .await?;
+    fn checkpoint(&mut self) -> Result<(), AuditError> {
+        let detail = format!("log_id={}; count={}", self.chain.log_id, self.next_seq + 1);
+        self.write_batch(vec![internal_entry("Checkpoint", detail)])?;
         let cp = Checkpoint {
-            log_id: self.log_id.clone(),
+            log_id: self.chain.log_id.clone(),
             count: self.next_seq,
             head: hex::encode(&self.prev),
         };
@@ -486,9 +523,145 @@ impl Writer {
             path: self.path.display().to_string(),
             source: std::io::Error::other(e),
         })?;
-        self.hsm.write_checkpoint(value).await?;
+        self.rt.block_on(self.hsm.write_checkpoint(value))?;
         self.since_checkpoint = 0;
         Ok(())
+    }
+}
+
+/// How a log's MACs are keyed; its first entry says which (`chain=` in its detail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainFormat {
+    /// Every MAC computed in the token with the audit key: one token operation per entry.
+    /// Logs whose first entry names no chain format.
+    Token,
+    /// `chain=hmac-sha256-segment-v2`: the entries `seq` with `seq / len == s` are MAC'd in
+    /// process under a segment key the token derives with the audit key (see [`Chain`]).
+    Segment {
+        /// Entries per segment (`segment=` in the first entry).
+        len: u64,
+    },
+}
+
+impl ChainFormat {
+    /// What new logs use.
+    pub const CURRENT: ChainFormat = ChainFormat::Segment { len: SEGMENT_LEN };
+}
+
+/// Entries per segment key in new logs.
+pub const SEGMENT_LEN: u64 = 4096;
+
+const SEGMENT_FORMAT: &str = "hmac-sha256-segment-v2";
+const SEGMENT_KEY_DOMAIN: &[u8] = b"strongroom audit segment key v2\0";
+
+/// What a log's first entry says about the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The log's random id.
+    pub log_id: String,
+    /// How its MACs are keyed.
+    pub format: ChainFormat,
+}
+
+impl Header {
+    /// Reads the detail of a log's first entry (`log_id=…; chain=…; segment=…; …`).
+    pub fn parse(detail: &str) -> Option<Header> {
+        let mut log_id = None;
+        let mut chain = None;
+        let mut segment = None;
+        for field in detail.split("; ") {
+            match field.split_once('=') {
+                Some(("log_id", v)) => log_id = Some(v.to_owned()),
+                Some(("chain", v)) => chain = Some(v),
+                Some(("segment", v)) => segment = v.parse::<u64>().ok(),
+                _ => {}
+            }
+        }
+        let format = match chain {
+            None => ChainFormat::Token,
+            Some(SEGMENT_FORMAT) => ChainFormat::Segment {
+                len: segment.filter(|&n| n > 0)?,
+            },
+            Some(_) => return None,
+        };
+        Some(Header {
+            log_id: log_id?,
+            format,
+        })
+    }
+
+    fn to_detail(&self) -> String {
+        match self.format {
+            ChainFormat::Token => format!("log_id={}", self.log_id),
+            ChainFormat::Segment { len } => format!(
+                "log_id={}; chain={SEGMENT_FORMAT}; segment={len}",
+                self.log_id
+            ),
+        }
+    }
+}
+
+/// Computes a log's chain: `m_i = HMAC-SHA256(k, m_{i-1} ‖ body_i)`, `m_{-1}` = 32 zero bytes.
+///
+/// In the segment format, `k` for entry `i` is the key of its segment `s = i / len`:
+/// `k_s = HMAC-SHA256(audit key, domain ‖ log_id ‖ 0 ‖ len ‖ s)`, computed in the token with
+/// the audit key, which never leaves it. Forging, editing or re-chaining any entry needs a
+/// segment key, so needs the token (or the memory of the running service, which holds only
+/// the key of the segment it is writing). One token operation per `len` entries instead of
+/// one per entry. In the token format, `k` is the audit key itself and every MAC is a token
+/// operation.
+pub struct Chain {
+    log_id: String,
+    format: ChainFormat,
+    key: Option<(u64, Zeroizing<Vec<u8>>)>,
+}
+
+impl Chain {
+    /// The chain of log `log_id` in `format`.
+    pub fn new(log_id: String, format: ChainFormat) -> Self {
+        Self {
+            log_id,
+            format,
+            key: None,
+        }
+    }
+
+    /// The MAC of entry `seq` with body `body` after `prev`. `token_mac(data)` is
+    /// HMAC-SHA256 of `data` with the audit key, in the token.
+    pub fn mac<E>(
+        &mut self,
+        seq: u64,
+        prev: &[u8],
+        body: &[u8],
+        token_mac: &mut impl FnMut(&[u8]) -> Result<Vec<u8>, E>,
+    ) -> Result<Vec<u8>, E> {
+        let len = match self.format {
+            ChainFormat::Token => {
+                let mut input = Vec::with_capacity(prev.len() + body.len());
+                input.extend_from_slice(prev);
+                input.extend_from_slice(body);
+                return token_mac(&input);
+            }
+            ChainFormat::Segment { len } => len,
+        };
+        let segment = seq / len;
+        let key = match &self.key {
+            Some((s, k)) if *s == segment => k,
+            _ => {
+                let mut input = SEGMENT_KEY_DOMAIN.to_vec();
+                input.extend_from_slice(self.log_id.as_bytes());
+                input.push(0);
+                input.extend_from_slice(&len.to_be_bytes());
+                input.extend_from_slice(&segment.to_be_bytes());
+                let k = Zeroizing::new(token_mac(&input)?);
+                &self.key.insert((segment, k)).1
+            }
+        };
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+        let mut ctx = ring::hmac::Context::with_key(&key);
+        ctx.update(prev);
+        ctx.update(body);
+        Ok(ctx.sign().as_ref().to_vec())
     }
 }
 
@@ -587,7 +760,7 @@ fn append_durably(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
 
 /// The end of an existing log.
 struct Tail {
-    log_id: String,
+    header: Header,
     count: u64,
     last_mac: Vec<u8>,
 }
@@ -632,12 +805,16 @@ fn recover_tail(path: &Path) -> Result<Option<Tail>, AuditError> {
     let (first_body, _) = split_line(first).ok_or_else(|| malformed(1, "no mac"))?;
     let first: Entry =
         serde_json::from_str(&first_body).map_err(|e| malformed(1, &e.to_string()))?;
-    let log_id = first
+    let header = first
         .detail
         .as_deref()
-        .and_then(|d| d.strip_prefix("log_id="))
-        .map(|d| d.split(';').next().unwrap_or(d).to_owned())
-        .ok_or_else(|| malformed(1, "the first entry does not name the log"))?;
+        .and_then(Header::parse)
+        .ok_or_else(|| {
+            malformed(
+                1,
+                "the first entry does not name the log and its chain format",
+            )
+        })?;
     let count = text.lines().count() as u64;
     let last = text
         .lines()
@@ -653,7 +830,7 @@ fn recover_tail(path: &Path) -> Result<Option<Tail>, AuditError> {
         ));
     }
     Ok(Some(Tail {
-        log_id,
+        header,
         count,
         last_mac,
     }))
@@ -699,11 +876,12 @@ pub enum ProblemKind {
     Malformed,
 }
 
-/// Verifies a whole log. `mac(prev, body)` computes the chain MAC (in the token, with the
-/// audit key); `checkpoint` is the token's checkpoint, if the officer's tool could read it.
+/// Verifies a whole log. `token_mac(data)` is HMAC-SHA256 of `data` with the audit key, in
+/// the token (see [`Chain`] for how the log's first entry decides what it is asked);
+/// `checkpoint` is the token's checkpoint, if the officer's tool could read it.
 pub fn verify<E>(
     reader: impl BufRead,
-    mut mac: impl FnMut(&[u8], &[u8]) -> Result<Vec<u8>, E>,
+    mut token_mac: impl FnMut(&[u8]) -> Result<Vec<u8>, E>,
     checkpoint: Option<&Checkpoint>,
 ) -> Result<VerifyReport, E> {
     struct Line {
@@ -713,7 +891,7 @@ pub fn verify<E>(
         well_formed: bool,
     }
     let mut lines = Vec::new();
-    let mut log_id = None;
+    let mut header = None;
     for raw in reader.lines() {
         let Ok(raw) = raw else {
             lines.push(Line {
@@ -731,12 +909,8 @@ pub fn verify<E>(
         });
         match parsed {
             Some((e, body, mac)) => {
-                if e.seq == 0 && log_id.is_none() {
-                    log_id = e
-                        .detail
-                        .as_deref()
-                        .and_then(|d| d.strip_prefix("log_id="))
-                        .map(|d| d.split(';').next().unwrap_or(d).to_owned());
+                if e.seq == 0 && header.is_none() {
+                    header = e.detail.as_deref().and_then(Header::parse);
                 }
                 lines.push(Line {
                     seq: Some(e.seq),
@@ -754,6 +928,14 @@ pub fn verify<E>(
         }
     }
 
+    // Without a readable first entry the chain's keys are unknown: every MAC then fails and
+    // the entry numbers alone say what happened.
+    let log_id = header.as_ref().map(|h| h.log_id.clone());
+    let mut chain = match header {
+        Some(h) => Chain::new(h.log_id, h.format),
+        None => Chain::new(String::new(), ChainFormat::CURRENT),
+    };
+    let mut mac = |seq: u64, prev: &[u8], body: &[u8]| chain.mac(seq, prev, body, &mut token_mac);
     let mut prev = vec![0u8; MAC_LEN];
     let mut expected = 0u64;
     for (i, l) in lines.iter().enumerate() {
@@ -775,7 +957,7 @@ pub fn verify<E>(
                 format!("line {line_no} is not an audit entry"),
             );
         }
-        let computed = mac(&prev, l.body.as_bytes())?;
+        let computed = mac(expected, &prev, l.body.as_bytes())?;
         let seq = l.seq.unwrap_or(u64::MAX);
         if computed == l.mac && seq == expected {
             prev = computed;
@@ -786,7 +968,8 @@ pub fn verify<E>(
         let later_has_expected = lines[i + 1..].iter().any(|o| o.seq == Some(expected));
         let next_fits = match lines.get(i + 1) {
             Some(next) if next.well_formed => {
-                next.seq == Some(expected) && mac(&prev, next.body.as_bytes())? == next.mac
+                next.seq == Some(expected)
+                    && mac(expected, &prev, next.body.as_bytes())? == next.mac
             }
             _ => false,
         };
@@ -869,5 +1052,120 @@ mod tests {
         let (b, m) = split_line(text).unwrap();
         assert_eq!(b.as_bytes(), body);
         assert_eq!(m, mac);
+    }
+
+    /// HMAC-SHA256 with a fixed key: stands in for the token's audit key.
+    fn fake_token(key: &'static [u8]) -> impl FnMut(&[u8]) -> Result<Vec<u8>, ()> {
+        move |data| {
+            let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+            Ok(ring::hmac::sign(&k, data).as_ref().to_vec())
+        }
+    }
+
+    /// A log of `n` entries written with `format`, as lines.
+    fn write_log(format: ChainFormat, n: u64, token_key: &'static [u8]) -> Vec<String> {
+        let header = Header {
+            log_id: "00ff".into(),
+            format,
+        };
+        let mut chain = Chain::new(header.log_id.clone(), format);
+        let mut token = fake_token(token_key);
+        let mut prev = vec![0u8; MAC_LEN];
+        (0..n)
+            .map(|seq| {
+                let mut e = internal_entry("Test", header.to_detail());
+                if seq > 0 {
+                    e.detail = Some(format!("entry {seq}"));
+                }
+                e.seq = seq;
+                let body = serde_json::to_vec(&e).unwrap();
+                let mac = chain.mac(seq, &prev, &body, &mut token).unwrap();
+                let line = String::from_utf8(line_with_mac(&body, &mac)).unwrap();
+                prev = mac;
+                line
+            })
+            .collect()
+    }
+
+    fn check(lines: &[String], token_key: &'static [u8]) -> VerifyReport {
+        let text = lines.concat();
+        verify(text.as_bytes(), fake_token(token_key), None).unwrap()
+    }
+
+    #[test]
+    fn segment_chains_verify_across_segment_boundaries_and_need_the_token_key() {
+        let format = ChainFormat::Segment { len: 4 };
+        let lines = write_log(format, 11, b"audit key");
+        let ok = check(&lines, b"audit key");
+        assert_eq!((ok.verified, ok.problem), (11, None));
+        // The same log checked against another token's key fails at its first entry.
+        let other = check(&lines, b"another key");
+        assert_eq!(other.verified, 0);
+        assert_eq!(other.problem.unwrap().kind, ProblemKind::Modified);
+    }
+
+    #[test]
+    fn an_entry_chained_under_another_segments_key_is_refused() {
+        // Entry 5 (segment 1) re-MAC'd with segment 0's key, as someone holding only the
+        // key of an earlier segment would forge it.
+        let format = ChainFormat::Segment { len: 4 };
+        let mut lines = write_log(format, 8, b"audit key");
+        let (_, prev_mac) = split_line(lines[4].trim_end()).unwrap();
+        let (body, _) = split_line(lines[5].trim_end()).unwrap();
+        let forged_body = body.replace("entry 5", "entry 5, edited");
+        let mut segment0 = Chain::new("00ff".into(), format);
+        let mut token = fake_token(b"audit key");
+        let forged = segment0
+            .mac(0, &prev_mac, forged_body.as_bytes(), &mut token)
+            .unwrap();
+        lines[5] = String::from_utf8(line_with_mac(forged_body.as_bytes(), &forged)).unwrap();
+        let report = check(&lines, b"audit key");
+        assert_eq!(report.verified, 5);
+        let p = report.problem.unwrap();
+        assert_eq!((p.line, p.kind), (6, ProblemKind::Modified));
+    }
+
+    #[test]
+    fn logs_in_the_token_format_still_verify() {
+        let lines = write_log(ChainFormat::Token, 5, b"audit key");
+        assert!(!lines[0].contains("chain="), "{}", lines[0]);
+        let ok = check(&lines, b"audit key");
+        assert_eq!((ok.verified, ok.problem), (5, None));
+        let mut edited = lines.clone();
+        edited[3] = edited[3].replace("entry 3", "entry 4");
+        let p = check(&edited, b"audit key").problem.unwrap();
+        assert_eq!((p.line, p.kind), (4, ProblemKind::Modified));
+    }
+
+    #[test]
+    fn headers_name_the_log_and_its_chain_format() {
+        let h = Header::parse("log_id=ab; chain=hmac-sha256-segment-v2; segment=4096; previous log_id=cd count=3 head=ef").unwrap();
+        assert_eq!(h.log_id, "ab");
+        assert_eq!(h.format, ChainFormat::Segment { len: 4096 });
+        assert_eq!(
+            Header::parse("log_id=ab").unwrap().format,
+            ChainFormat::Token
+        );
+        assert_eq!(Header::parse("log_id=ab; chain=unknown-v9"), None);
+        assert_eq!(
+            Header::parse("log_id=ab; chain=hmac-sha256-segment-v2; segment=0"),
+            None
+        );
+        assert_eq!(
+            Header::parse("chain=hmac-sha256-segment-v2; segment=8"),
+            None
+        );
+        assert_eq!(
+            Header::parse(
+                &Header {
+                    log_id: "x".into(),
+                    format: ChainFormat::CURRENT
+                }
+                .to_detail()
+            )
+            .unwrap()
+            .format,
+            ChainFormat::CURRENT
+        );
     }
 }

@@ -563,12 +563,13 @@ async fn a_clean_log_records_every_request_before_answering_and_verifies() {
         (first.plane.as_str(), first.operation.as_str()),
         ("audit", "AuditLogStarted")
     );
-    let log_id = first
+    let header = first
         .detail
         .as_deref()
-        .and_then(|d| d.strip_prefix("log_id="))
-        .expect("the first entry names the log");
-    assert_eq!(log_id.len(), 32, "{log_id}");
+        .and_then(strongroom::audit::Header::parse)
+        .expect("the first entry names the log and its chain format");
+    assert_eq!(header.log_id.len(), 32, "{header:?}");
+    assert_eq!(header.format, strongroom::audit::ChainFormat::CURRENT);
     assert!(all.iter().any(|e| e.operation == "Checkpoint"));
     // The final checkpoint, written at SIGTERM, counts every line, itself included.
     let last = all.last().unwrap();
@@ -586,7 +587,7 @@ async fn a_clean_log_records_every_request_before_answering_and_verifies() {
     );
     // And the token holds the same log, count and chain head.
     let cp = token_checkpoint(&env).expect("a checkpoint in the token");
-    assert_eq!((cp.log_id.as_str(), cp.count), (log_id, n as u64));
+    assert_eq!((cp.log_id.as_str(), cp.count), (header.log_id.as_str(), n as u64));
     let (_, last_mac) = split_line(lines.last().unwrap()).unwrap();
     assert_eq!(cp.head, hex::encode(last_mac));
     // Exactly one client entry per request, in order, with a distinct request id.
@@ -895,12 +896,12 @@ async fn the_token_checkpoint_follows_the_log() {
     let (_, mac) = split_line(lines.last().unwrap()).unwrap();
     assert_eq!(cp.head, hex::encode(mac));
     assert_eq!(
-        cp.log_id,
+        Some(cp.log_id),
         parse(&lines[0])
             .detail
-            .unwrap()
-            .strip_prefix("log_id=")
-            .unwrap()
+            .as_deref()
+            .and_then(strongroom::audit::Header::parse)
+            .map(|h| h.log_id)
     );
 }
 
@@ -1203,10 +1204,9 @@ async fn the_chain_continues_across_sigterm_and_sigkill_restarts() {
     let log_id = started[0]
         .detail
         .as_deref()
+        .and_then(strongroom::audit::Header::parse)
         .unwrap()
-        .strip_prefix("log_id=")
-        .unwrap()
-        .to_owned();
+        .log_id;
     for e in all.iter().filter(|e| e.operation == "Checkpoint") {
         assert!(
             e.detail

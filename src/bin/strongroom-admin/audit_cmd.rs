@@ -1,5 +1,5 @@
-//! Audit commands, offline on the officer's host: `verify` recomputes the HMAC chain in the
-//! token (the audit key never leaves it) and compares the log's end with the token's
+//! Audit commands, offline on the officer's host: `verify` recomputes the HMAC chain with the
+//! segment keys the token derives (the audit key never leaves it) and compares the log's end with the token's
 //! checkpoint; `tail` and `search` read entries.
 
 use std::fs::File;
@@ -68,15 +68,9 @@ pub(crate) fn run(cli: &Cli, cmd: &AuditCmd) -> Result<(), Failure> {
             })?;
             let checkpoint = keys::read_checkpoint(&session)?
                 .and_then(|v| serde_json::from_slice::<Checkpoint>(&v).ok());
-            let mut input = Vec::new();
             let report = audit::verify(
                 reader,
-                |prev, body| {
-                    input.clear();
-                    input.extend_from_slice(prev);
-                    input.extend_from_slice(body);
-                    keys::hmac(&session, key, &input)
-                },
+                |data| keys::hmac(&session, key, data),
                 checkpoint.as_ref(),
             )?;
             if cli.format == Format::Json {
