@@ -388,16 +388,34 @@ pub(crate) async fn blocking<R: Send + 'static>(
         .await
         .map_err(|e| {
             if e.is_panic() {
-                // sled 0.34 panics on some damaged pages instead of returning an error; the
-                // panic is contained in this task and the read answers DATA_LOSS.
-                crate::error::Error::DataLoss(
-                    "the store engine failed reading this data: its files may be damaged".into(),
-                )
+                store_panic()
             } else {
                 crate::error::Error::Internal(format!("store task failed: {e}"))
             }
         })?
         .map_err(crate::error::Error::from)
+}
+
+/// Runs a short store read on the calling thread: a lookup in sled's in-memory tree (a page
+/// cache read on a miss) costs less than the two thread hand-offs of [`blocking`], about
+/// 12 µs per request here (BENCHMARKS.md). Only for point reads; scans, writes and flushes go
+/// through [`blocking`].
+pub(crate) fn read_inline<R>(
+    state: &State,
+    f: impl FnOnce(&dyn Store) -> Result<R, StoreError>,
+) -> Result<R, crate::error::Error> {
+    let store = state.store.as_ref();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)))
+        .map_err(|_| store_panic())?
+        .map_err(crate::error::Error::from)
+}
+
+/// sled 0.34 panics on some damaged pages instead of returning an error; the panic is
+/// contained and the read answers DATA_LOSS.
+fn store_panic() -> crate::error::Error {
+    crate::error::Error::DataLoss(
+        "the store engine failed reading this data: its files may be damaged".into(),
+    )
 }
 
 /// Calls with a deadline shorter than this are refused before anything is done.

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{State, blocking};
+use super::{State, blocking, read_inline};
 use crate::audit::AuditEvent;
 use crate::envelope::{self, record_aad};
 use crate::error::Error;
@@ -342,33 +342,28 @@ async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecr
     {
         return Err(Error::NotFound);
     }
-    let record = blocking(state, {
-        let name = name.clone();
-        let version = req.version;
-        move |s| {
-            let version = if version == 0 {
-                match s.head(&name)? {
-                    Some(h) if h.live() > 0 => h.live(),
-                    _ => return Ok(None),
-                }
-            } else {
-                version
-            };
-            let record = s.get(&name, version)?;
-            if record.is_none()
-                && s.head(&name)?
-                    .is_some_and(|h| !h.deleted && version <= h.latest)
-            {
-                // The head says this version exists: its record was lost, not deleted.
-                return Err(StoreError::Corrupt {
-                    key: format!("{name} v{version}"),
-                    reason: "the record of a live version is missing".into(),
-                });
+    let record = read_inline(state, |s| {
+        let version = if req.version == 0 {
+            match s.head(&name)? {
+                Some(h) if h.live() > 0 => h.live(),
+                _ => return Ok(None),
             }
-            Ok(record)
+        } else {
+            req.version
+        };
+        let record = s.get(&name, version)?;
+        if record.is_none()
+            && s.head(&name)?
+                .is_some_and(|h| !h.deleted && version <= h.latest)
+        {
+            // The head says this version exists: its record was lost, not deleted.
+            return Err(StoreError::Corrupt {
+                key: format!("{name} v{version}"),
+                reason: "the record of a live version is missing".into(),
+            });
         }
-    })
-    .await?
+        Ok(record)
+    })?
     .ok_or(Error::NotFound)?;
 
     let version = record.version;
@@ -401,11 +396,7 @@ async fn describe(
     {
         return Err(Error::NotFound);
     }
-    let records = blocking(state, {
-        let name = name.clone();
-        move |s| s.versions(&name)
-    })
-    .await?;
+    let records = read_inline(state, |s| s.versions(&name))?;
     if records.is_empty() {
         return Err(Error::NotFound);
     }

@@ -587,7 +587,10 @@ async fn a_clean_log_records_every_request_before_answering_and_verifies() {
     );
     // And the token holds the same log, count and chain head.
     let cp = token_checkpoint(&env).expect("a checkpoint in the token");
-    assert_eq!((cp.log_id.as_str(), cp.count), (header.log_id.as_str(), n as u64));
+    assert_eq!(
+        (cp.log_id.as_str(), cp.count),
+        (header.log_id.as_str(), n as u64)
+    );
     let (_, last_mac) = split_line(lines.last().unwrap()).unwrap();
     assert_eq!(cp.head, hex::encode(last_mac));
     // Exactly one client entry per request, in order, with a distinct request id.
