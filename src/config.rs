@@ -112,6 +112,10 @@ pub struct AuditConfig {
     pub path: PathBuf,
     /// Most entries written with one fsync.
     pub max_batch: usize,
+    /// How long (microseconds) a group commit may wait for requests already being handled
+    /// to bring their entries, so that one fsync covers them too. Only while other requests
+    /// are in their handlers: a lone request never waits. 0 turns the wait off.
+    pub commit_window_us: u64,
     /// Record a checkpoint in the token after this many entries.
     pub checkpoint_every: u64,
     /// And at least this often (seconds) while entries arrive.
@@ -125,6 +129,7 @@ impl Default for AuditConfig {
         Self {
             path: PathBuf::from("audit.log"),
             max_batch: 512,
+            commit_window_us: 500,
             checkpoint_every: 1000,
             checkpoint_interval_secs: 10,
             dangerous_disable_audit: false,

@@ -468,7 +468,7 @@ impl AdminApiInner {
             request_id,
             detail,
         };
-        if let Err(e) = self.state.audit.record(&event).await {
+        if let Err(e) = self.state.audit.record(&event, None).await {
             super::update_health(&self.state).await;
             return Err(Status::from(Error::Audit(e.to_string())));
         }

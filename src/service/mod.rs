@@ -168,6 +168,7 @@ impl Server {
                     AuditOptions {
                         path: config.audit.path.clone(),
                         max_batch: config.audit.max_batch,
+                        commit_window: Duration::from_micros(config.audit.commit_window_us),
                         checkpoint_every: config.audit.checkpoint_every,
                         checkpoint_interval: Duration::from_secs(
                             config.audit.checkpoint_interval_secs.max(1),

@@ -9,7 +9,7 @@ use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::{State, blocking, read_inline};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Expected};
 use crate::envelope::{self, record_aad};
 use crate::error::Error;
 use crate::hsm::HsmError;
@@ -49,6 +49,8 @@ impl SecretsService {
 
 /// What every handler knows about its caller.
 struct Ctx {
+    /// The request's announcement to the audit log.
+    expected: Expected,
     identity: Identity,
     deadline: Duration,
     request_id: u64,
@@ -141,14 +143,23 @@ impl SecretService for SecretsService {
 impl SecretsServiceInner {
     /// Authenticates the caller from its verified certificate and reads the deadline.
     async fn begin<T>(&self, request: &Request<T>, operation: &'static str) -> Result<Ctx, Status> {
+        let expected = self.state.audit.expect();
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let identity = super::peer_identity(request);
         let identity = match identity {
             Ok(id) => id,
             Err(e) => {
                 let status = Status::unauthenticated(format!("no client identity: {e}"));
-                self.audit(None, operation, None, None, status.code(), request_id)
-                    .await?;
+                self.audit(
+                    &expected,
+                    None,
+                    operation,
+                    None,
+                    None,
+                    status.code(),
+                    request_id,
+                )
+                .await?;
                 return Err(status);
             }
         };
@@ -158,6 +169,7 @@ impl SecretsServiceInner {
             // Expired before it started: nothing is done, and that is audited.
             let status = Status::deadline_exceeded("the call's deadline has already passed");
             self.audit(
+                &expected,
                 Some(&identity),
                 operation,
                 None,
@@ -174,6 +186,7 @@ impl SecretsServiceInner {
             (d * 9 / 10).min(self.state.hsm_timeout)
         });
         Ok(Ctx {
+            expected,
             identity,
             deadline,
             request_id,
@@ -195,6 +208,7 @@ impl SecretsServiceInner {
             Err(e) => (e.code(), None),
         };
         self.audit(
+            &ctx.expected,
             Some(&ctx.identity),
             operation,
             Some(name),
@@ -206,8 +220,10 @@ impl SecretsServiceInner {
         result.map(Response::new).map_err(Status::from)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn audit(
         &self,
+        expected: &Expected,
         identity: Option<&Identity>,
         operation: &'static str,
         name: Option<&str>,
@@ -225,7 +241,7 @@ impl SecretsServiceInner {
             request_id,
             detail: None,
         };
-        let recorded = self.state.audit.record(&event).await;
+        let recorded = self.state.audit.record(&event, Some(expected)).await;
         if let Err(e) = recorded {
             super::update_health(&self.state).await;
             return Err(Status::from(Error::Audit(e.to_string())));
