@@ -1260,6 +1260,7 @@ path = "store"
 path = "audit.log"
 dangerous_disable_audit = {disable}
 {checkpoint}
+{audit_extra}
 
 [[policy]]
 identity = "{CLIENT_ID}"
@@ -1273,6 +1274,9 @@ capabilities = ["read", "write", "list", "delete"]
                 checkpoint = checkpoint_every
                     .map(|n| format!("checkpoint_every = {n}"))
                     .unwrap_or_default(),
+                // For trying audit settings (e.g. "commit_window_us = 200") in every
+                // strongroomd of a run.
+                audit_extra = std::env::var("STRONGROOM_BENCH_AUDIT_EXTRA").unwrap_or_default(),
             ),
         )?;
         let mut cmd = Command::new(

@@ -143,6 +143,14 @@ impl Default for AuditConfig {
 pub struct StoreConfig {
     /// Directory of the sled store (`STRONGROOM_STORE_PATH`).
     pub path: PathBuf,
+    /// sled's page cache in MiB: the service's memory is about this plus 30-80 MiB at any
+    /// store size (BENCHMARKS.md: ~1 GiB resident at a million secrets with the default).
+    #[serde(default = "default_cache_mb")]
+    pub cache_capacity_mb: u64,
+}
+
+fn default_cache_mb() -> u64 {
+    crate::store::DEFAULT_CACHE_MB
 }
 
 /// `[limits]`: every size the service accepts.
@@ -332,6 +340,16 @@ impl Config {
                 "audit.max_batch and audit.checkpoint_every must be at least 1".into(),
             ));
         }
+        if self.audit.commit_window_us > 100_000 {
+            return Err(ConfigError::Invalid(
+                "audit.commit_window_us must be at most 100000 (0.1 s): every request under load may wait this long".into(),
+            ));
+        }
+        if !(16..=1 << 20).contains(&self.store.cache_capacity_mb) {
+            return Err(ConfigError::Invalid(
+                "store.cache_capacity_mb must be 16..=1048576 (MiB)".into(),
+            ));
+        }
         crate::policy::Policy::from_rules(&self.policy, l.max_name_bytes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
@@ -393,6 +411,35 @@ impl AdminConfig {
             1
         } else {
             self.quorum
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(store: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+             [hsm]\nmodule = \"m.so\"\ntoken = \"t\"\n[store]\npath = \"s\"\n{store}"
+        );
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn the_store_cache_is_sled_default_unless_set_and_must_be_sane() {
+        assert_eq!(parse("").unwrap().store.cache_capacity_mb, 1024);
+        assert_eq!(
+            parse("cache_capacity_mb = 64").unwrap().store.cache_capacity_mb,
+            64
+        );
+        for bad in ["cache_capacity_mb = 0", "cache_capacity_mb = 2000000"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("store.cache_capacity_mb"), "{bad}: {e}");
         }
     }
 }

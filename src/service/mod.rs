@@ -144,7 +144,7 @@ impl Server {
         };
         let seed = Policy::from_rules(&config.policy, config.limits.max_name_bytes)
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
-        let store = SledStore::open(&config.store.path)?;
+        let store = SledStore::open_with_cache(&config.store.path, config.store.cache_capacity_mb)?;
         let pkcs11 = hsm::load_module(&config.hsm.module)?;
         let options = HsmOptions {
             workers: config.hsm.workers,

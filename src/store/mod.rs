@@ -1,11 +1,15 @@
 //! The secret store: sealed records and per-name bookkeeping, never plaintext.
 //!
 //! [`Store`] is the seam for other backends (etcd comes later); [`SledStore`] is the
-//! embedded default. Calls block (they may fsync): the service runs them off the runtime.
+//! embedded default. Calls may block (writes fsync): the service runs them off the runtime,
+//! except point reads, which cost less than the hand-off (`service::read_inline`).
 
 mod sled_store;
 
 pub use sled_store::SledStore;
+
+/// sled's page cache when the configuration names none, in MiB (sled's own default).
+pub const DEFAULT_CACHE_MB: u64 = 1024;
 
 use crate::secret::{NamePrefix, SealedRecord, SecretName};
 

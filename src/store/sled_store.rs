@@ -36,9 +36,14 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path` with the default page cache.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = open_db(path)?;
+        Self::open_with_cache(path, super::DEFAULT_CACHE_MB)
+    }
+
+    /// Opens (or creates) the store at `path` with a page cache of `cache_mb` MiB.
+    pub fn open_with_cache(path: &Path, cache_mb: u64) -> Result<Self, StoreError> {
+        let db = open_db(path, cache_mb.saturating_mul(1 << 20))?;
         if db.get(aux_key(Aux::Meta, STORE_ID))?.is_none() {
             // A new store: give it an identity, so the token's epoch checkpoint can tell it
             // from an older copy of another store.
@@ -296,7 +301,7 @@ impl Store for SledStore {
 /// Opens sled, turning its failures (and the panics its recovery can raise on some damaged
 /// files, e.g. "tried to serialize Uninitialized") into an error that names the store, so the
 /// service exits with a message instead of a backtrace and a crash loop.
-fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let fail = |reason: String| StoreError::Open {
         path: path.display().to_string(),
         reason,
@@ -315,7 +320,10 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
         tracing::error!(%what, "sled failed while recovering the store's files");
     }));
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        sled::Config::new().path(path).open()
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
     }));
     std::panic::set_hook(previous_hook);
     match opened {

@@ -205,6 +205,10 @@ fn service_refuses_to_start_on_configuration_errors() {
     let out = start(&bad, &[]);
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("max_value_bytes"), "{}", out.stderr);
+    let bad_window = env.config("[audit]\ncommit_window_us = 200000\n");
+    let out = start(&bad_window, &[]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("commit_window_us"), "{}", out.stderr);
     let bad_policy =
         env.config("[[policy]]\nidentity = \"a*b\"\nprefix = \"x\"\ncapabilities = [\"read\"]\n");
     let out = start(&bad_policy, &[]);
