@@ -434,7 +434,10 @@ mod tests {
     fn the_store_cache_is_sled_default_unless_set_and_must_be_sane() {
         assert_eq!(parse("").unwrap().store.cache_capacity_mb, 1024);
         assert_eq!(
-            parse("cache_capacity_mb = 64").unwrap().store.cache_capacity_mb,
+            parse("cache_capacity_mb = 64")
+                .unwrap()
+                .store
+                .cache_capacity_mb,
             64
         );
         for bad in ["cache_capacity_mb = 0", "cache_capacity_mb = 2000000"] {
