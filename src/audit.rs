@@ -496,34 +496,24 @@ impl Writer {
             };
             let mut batch = vec![first];
             let mut checkpoint_after = None;
-            // Take what is waiting; then, while other requests are in their handlers, wait
-            // for their entries up to the commit window: an fsync costs ~50-60 µs of CPU
-            // here (BENCHMARKS.md), so small batches under load waste most of a core.
-            let window_ends = Instant::now() + self.options.commit_window;
+            // Take what is waiting. If other requests are in their handlers, sleep once for
+            // the commit window and take what came meanwhile: an fsync costs ~50-60 µs of
+            // CPU here (BENCHMARKS.md), so without it batches under load were two or three
+            // entries. One sleep, not a wake per arriving entry: each wake is a context
+            // switch, which costs as much as the fsync it saves.
+            let mut slept = self.options.commit_window.is_zero();
             while batch.len() < self.options.max_batch {
-                let next = match rx.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(_) => {
-                        let left = window_ends.saturating_duration_since(Instant::now());
-                        if left.is_zero() || self.expected.load(Ordering::Acquire) == 0 {
-                            None
-                        } else {
-                            rx.recv_timeout(left.min(Duration::from_micros(100))).ok()
-                        }
-                    }
-                };
-                match next {
-                    Some(Msg::Append(p)) => batch.push(p),
-                    Some(Msg::Checkpoint(done)) => {
+                match rx.try_recv() {
+                    Ok(Msg::Append(p)) => batch.push(p),
+                    Ok(Msg::Checkpoint(done)) => {
                         checkpoint_after = Some(done);
                         break;
                     }
-                    None if Instant::now() >= window_ends
-                        || self.expected.load(Ordering::Acquire) == 0 =>
-                    {
-                        break;
+                    Err(_) if !slept && self.expected.load(Ordering::Acquire) > 0 => {
+                        slept = true;
+                        std::thread::sleep(self.options.commit_window);
                     }
-                    None => {}
+                    Err(_) => break,
                 }
             }
             let (entries, acks): (Vec<_>, Vec<_>) = batch

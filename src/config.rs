@@ -129,7 +129,7 @@ impl Default for AuditConfig {
         Self {
             path: PathBuf::from("audit.log"),
             max_batch: 512,
-            commit_window_us: 500,
+            commit_window_us: 200,
             checkpoint_every: 1000,
             checkpoint_interval_secs: 10,
             dangerous_disable_audit: false,
