@@ -291,8 +291,9 @@ async fn expired_versions_are_not_served() {
         .unwrap()
         .as_secs() as i64;
     c.put_secret(put("payments/ttl", b"old")).await.unwrap();
+    // Two seconds ahead: one second could already be "now" when the service checks it.
     c.put_secret(PutSecretRequest {
-        expires_at_unix: Some(now + 1),
+        expires_at_unix: Some(now + 2),
         ..put("payments/ttl", b"short-lived")
     })
     .await
@@ -307,7 +308,7 @@ async fn expired_versions_are_not_served() {
     assert_eq!(past.code(), Code::InvalidArgument);
 
     // Wait for the expiry to pass (the service compares whole seconds).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let e = c.get_secret(get("payments/ttl", 2)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = c.get_secret(get("payments/ttl", 0)).await.unwrap_err();
