@@ -14,8 +14,10 @@
 //!   doing one raw C_Decrypt (AES-GCM of a 32-byte key under the token-object master key
 //!   `strongroom-mk-1`) per request and answering a fixed payload. The token call is made
 //!   either inline (a mutex-held session) or on a worker thread; the floor is the faster of
-//!   the two in each round. Also measured: the same server without the token call, and served
-//!   through a `TcpListenerStream` (which leaves TCP_NODELAY off, as strongroomd once did);
+//!   the two in each round. Also measured: the same server without the token call, served
+//!   through a `TcpListenerStream` (which leaves TCP_NODELAY off, as strongroomd once did), and
+//!   with one durable line per request (the least a fail-closed audit must pay: a writer thread
+//!   group-commits the lines with fdatasync before the answers leave);
 //! - `hsm`: `Hsm::unwrap_data_key` from many tasks versus a raw single-thread C_Decrypt loop,
 //!   with `workers` = 1 and 2, and the raw loop under a session-object key for comparison;
 //! - `put`: durable PutSecret at concurrency 1 and 32 (group commit / fsync sharing), and
@@ -29,7 +31,8 @@
 //!   `--value-size`, `--read-pct`, `--secs`, `--requests` against a `strongroomd` or the floor.
 //!
 //! `--quick` runs the default parts in about a minute. `--perf DIR` records a `perf` profile
-//! of each server during its last slot.
+//! of each server during its last slot. `STRONGROOM_BENCH_AUDIT_EXTRA` adds lines to every
+//! strongroomd's `[audit]` section (e.g. `commit_window_us = 0`).
 //!
 //! Roles that need a PKCS#11 context of their own (C_Initialize happens once per process)
 //! run this binary again as a child: `floor-server`, `hsm-bench`, `populate`.

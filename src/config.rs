@@ -112,9 +112,9 @@ pub struct AuditConfig {
     pub path: PathBuf,
     /// Most entries written with one fsync.
     pub max_batch: usize,
-    /// How long (microseconds) a group commit may wait for requests already being handled
-    /// to bring their entries, so that one fsync covers them too. Only while other requests
-    /// are in their handlers: a lone request never waits. 0 turns the wait off.
+    /// How long (microseconds) a group commit sleeps, once, for requests already being
+    /// handled to bring their entries, so that one fsync covers them too. Only while other
+    /// requests are in their handlers: a lone request never waits. 0 turns the wait off.
     pub commit_window_us: u64,
     /// Record a checkpoint in the token after this many entries.
     pub checkpoint_every: u64,
