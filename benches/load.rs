@@ -2058,12 +2058,12 @@ async fn part_reads(lab: &mut Lab, plan: &Plan, parts: &[Part], rows: &mut Vec<R
             ),
             "",
         ));
-        let rdf = Ratio::of(&durable.rates, &inline.rates);
+        let rdf = Ratio::of(&durable.rates, &floor_rates);
         rows.push(row(
             "floor: durable line / none",
             rdf.show(),
             "floor + durable line",
-            "floor (inline)",
+            "floor (faster of inline / worker thread)",
             "(the cost of making each request durable before answering)",
         ));
         let r2 = Ratio::of(&on.rates, &notok.rates);
@@ -2545,7 +2545,7 @@ async fn part_diag(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) -> Res<()> {
             "diag: audit without checkpoints / audit off".to_owned(),
             2,
             3,
-            "(HMAC in the token + fsync + hops)",
+            "(chain, JSON, fsync, hand-offs)",
         ),
     ];
     for (name, a, b, note) in pairs {

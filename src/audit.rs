@@ -1258,4 +1258,28 @@ mod tests {
             ChainFormat::CURRENT
         );
     }
+
+    #[test]
+    fn an_announced_request_counts_until_its_entry_arrives_and_only_once() {
+        let counter = Arc::new(AtomicUsize::new(0));
+        let announce = || {
+            counter.fetch_add(1, Ordering::AcqRel);
+            Expected {
+                counter: Some(counter.clone()),
+                live: AtomicBool::new(true),
+            }
+        };
+        let (a, b) = (announce(), announce());
+        assert_eq!(counter.load(Ordering::Acquire), 2);
+        a.arrived();
+        a.arrived();
+        assert_eq!(counter.load(Ordering::Acquire), 1);
+        drop(a);
+        assert_eq!(counter.load(Ordering::Acquire), 1);
+        // A request that ends without an entry (cancelled, panicked) stops counting too.
+        drop(b);
+        assert_eq!(counter.load(Ordering::Acquire), 0);
+        // Without a durable log nothing is counted.
+        drop(Auditor::DangerousLogOnly.expect());
+    }
 }
