@@ -314,6 +314,7 @@ impl AuditLog {
             chain: Chain::new(String::new(), ChainFormat::CURRENT),
             since_checkpoint: 0,
             expected: Arc::new(AtomicUsize::new(0)),
+            checkpoint_retry_at: None,
         };
         let expected = writer.expected.clone();
         let mut start = None;
@@ -418,11 +419,13 @@ impl AuditLog {
         };
         // Unbounded, but never long: every sender waits for its entry, so the queue holds
         // at most one entry per request in flight.
-        let sent = self.tx.send(Msg::Append(Pending { entry, done }));
+        // Counted off before it is queued, so the writer never waits for this entry itself.
         if let Some(e) = expected {
             e.arrived();
         }
-        sent.map_err(|_| AuditError::Closed)?;
+        self.tx
+            .send(Msg::Append(Pending { entry, done }))
+            .map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -436,7 +439,6 @@ impl AuditLog {
     }
 }
 
-/// The writer thread's state: it owns the file and the chain.
 impl Drop for AuditLog {
     fn drop(&mut self) {
         // Disconnect the writer (the only sender is ours), then wait for it to end.
@@ -448,6 +450,7 @@ impl Drop for AuditLog {
     }
 }
 
+/// The writer thread's state: it owns the file and the chain.
 struct Writer {
     hsm: Arc<Hsm>,
     rt: tokio::runtime::Handle,
@@ -459,6 +462,27 @@ struct Writer {
     chain: Chain,
     since_checkpoint: u64,
     expected: Arc<AtomicUsize>,
+    /// After a failed checkpoint (the token away), no new attempt before this time: each
+    /// attempt appends a `Checkpoint` entry, and retrying on every batch would fill the log.
+    checkpoint_retry_at: Option<Instant>,
+}
+
+/// Marks the audit log unhealthy if the writer thread ends for any reason (a panic included):
+/// every append then fails, and health must say so.
+struct Stopped(Arc<AtomicBool>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// `now + d`, or a year from now if that overflows (`checkpoint_interval_secs` is large).
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
 }
 
 impl Writer {
@@ -467,8 +491,9 @@ impl Writer {
     /// `checkpoint_interval` while entries arrive.
     fn run(mut self, rx: std::sync::mpsc::Receiver<Msg>, healthy: Arc<AtomicBool>) {
         use std::sync::mpsc::RecvTimeoutError;
+        let _stopped = Stopped(healthy.clone());
         let interval = self.options.checkpoint_interval;
-        let mut next_tick = Instant::now() + interval;
+        let mut next_tick = later(interval);
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             let first = match rx.recv_timeout(wait) {
@@ -483,12 +508,9 @@ impl Writer {
                     continue;
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    next_tick = Instant::now() + interval;
-                    if self.since_checkpoint > 0
-                        && let Err(e) = self.checkpoint()
-                    {
-                        tracing::error!(error = %e, "audit checkpoint failed");
-                        healthy.store(false, Ordering::Relaxed);
+                    next_tick = later(interval);
+                    if self.since_checkpoint > 0 && self.may_checkpoint() {
+                        let _ = self.try_checkpoint(&healthy);
                     }
                     continue;
                 }
@@ -527,18 +549,14 @@ impl Writer {
                         let _ = ack.send(Ok(()));
                     }
                     let due = Instant::now() >= next_tick;
+                    if due {
+                        next_tick = later(interval);
+                    }
                     if checkpoint_after.is_some()
-                        || due
-                        || self.since_checkpoint >= self.options.checkpoint_every
+                        || (self.may_checkpoint()
+                            && (due || self.since_checkpoint >= self.options.checkpoint_every))
                     {
-                        if due {
-                            next_tick = Instant::now() + interval;
-                        }
-                        let r = self.checkpoint();
-                        if let Err(e) = &r {
-                            tracing::error!(error = %e, "audit checkpoint failed");
-                            healthy.store(false, Ordering::Relaxed);
-                        }
+                        let r = self.try_checkpoint(&healthy);
                         if let Some(done) = checkpoint_after.take() {
                             let _ = done.send(r);
                         }
@@ -600,6 +618,27 @@ impl Writer {
         Ok(())
     }
 
+    /// Whether a periodic checkpoint may be attempted now.
+    fn may_checkpoint(&self) -> bool {
+        self.checkpoint_retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// A checkpoint whose failure is logged, shows in health until the next good write, and
+    /// holds off periodic attempts for one checkpoint interval. The entries are durable and
+    /// acknowledged either way; only the token's record of the head waits.
+    fn try_checkpoint(&mut self, healthy: &AtomicBool) -> Result<(), AuditError> {
+        let r = self.checkpoint();
+        match &r {
+            Ok(()) => self.checkpoint_retry_at = None,
+            Err(e) => {
+                tracing::error!(error = %e, "audit checkpoint failed; retrying in one checkpoint interval");
+                healthy.store(false, Ordering::Relaxed);
+                self.checkpoint_retry_at = Some(later(self.options.checkpoint_interval));
+            }
+        }
+        r
+    }
+
     /// Appends a checkpoint entry and records the chain head in the token.
     fn checkpoint(&mut self) -> Result<(), AuditError> {
         let detail = format!("log_id={}; count={}", self.chain.log_id, self.next_seq + 1);
@@ -613,7 +652,12 @@ impl Writer {
             path: self.path.display().to_string(),
             source: std::io::Error::other(e),
         })?;
-        self.rt.block_on(self.hsm.write_checkpoint(value))?;
+        // A token that hangs must not stop the log: the write gets the token deadline. (The
+        // timer is made inside block_on: it needs the runtime's context.)
+        let (hsm, deadline) = (&self.hsm, self.options.hsm_timeout);
+        self.rt
+            .block_on(async { tokio::time::timeout(deadline, hsm.write_checkpoint(value)).await })
+            .map_err(|_| AuditError::Hsm(crate::hsm::HsmError::Timeout))??;
         self.since_checkpoint = 0;
         Ok(())
     }
@@ -703,7 +747,9 @@ impl Header {
 pub struct Chain {
     log_id: String,
     format: ChainFormat,
-    key: Option<(u64, Zeroizing<Vec<u8>>)>,
+    /// The current segment and its key (ring's key schedule; the derived bytes themselves
+    /// are zeroized as soon as it is built).
+    key: Option<(u64, ring::hmac::Key)>,
 }
 
 impl Chain {
@@ -743,12 +789,12 @@ impl Chain {
                 input.push(0);
                 input.extend_from_slice(&len.to_be_bytes());
                 input.extend_from_slice(&segment.to_be_bytes());
-                let k = Zeroizing::new(token_mac(&input)?);
+                let bytes = Zeroizing::new(token_mac(&input)?);
+                let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes);
                 &self.key.insert((segment, k)).1
             }
         };
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-        let mut ctx = ring::hmac::Context::with_key(&key);
+        let mut ctx = ring::hmac::Context::with_key(key);
         ctx.update(prev);
         ctx.update(body);
         Ok(ctx.sign().as_ref().to_vec())
@@ -1050,6 +1096,20 @@ pub fn verify<E>(
         let computed = mac(expected, &prev, l.body.as_bytes())?;
         let seq = l.seq.unwrap_or(u64::MAX);
         if computed == l.mac && seq == expected {
+            // The token's checkpoint names the MAC this entry must have: a chain rebuilt with
+            // a leaked segment key verifies, but does not end at the head the token recorded.
+            if let Some(cp) = checkpoint
+                && log_id.as_deref() == Some(cp.log_id.as_str())
+                && cp.count == expected + 1
+                && cp.head != hex::encode(&computed)
+            {
+                return problem(
+                    ProblemKind::Modified,
+                    format!(
+                        "entry {expected} (line {line_no}) is not the one the token's checkpoint records: entries up to it were rewritten"
+                    ),
+                );
+            }
             prev = computed;
             expected += 1;
             continue;
@@ -1281,5 +1341,68 @@ mod tests {
         assert_eq!(counter.load(Ordering::Acquire), 0);
         // Without a durable log nothing is counted.
         drop(Auditor::DangerousLogOnly.expect());
+    }
+
+    #[test]
+    fn segment_keys_and_macs_follow_the_documented_formula() {
+        // Recomputed here from README's formula with ring alone, not with `Chain`.
+        let token_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"audit key");
+        let lines = write_log(ChainFormat::Segment { len: 4 }, 6, b"audit key");
+        let mut prev = vec![0u8; 32];
+        for (i, line) in lines.iter().enumerate() {
+            let segment = i as u64 / 4;
+            let mut input = b"strongroom audit segment key v2\0".to_vec();
+            input.extend_from_slice(b"00ff");
+            input.push(0);
+            input.extend_from_slice(&4u64.to_be_bytes());
+            input.extend_from_slice(&segment.to_be_bytes());
+            let k_s = ring::hmac::sign(&token_key, &input);
+            let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k_s.as_ref());
+            let (body, mac) = split_line(line.trim_end()).unwrap();
+            let mut data = prev.clone();
+            data.extend_from_slice(body.as_bytes());
+            assert_eq!(ring::hmac::sign(&k, &data).as_ref(), &mac[..], "entry {i}");
+            prev = mac;
+        }
+    }
+
+    #[test]
+    fn a_chain_rewritten_with_a_segment_key_is_caught_by_the_token_checkpoint() {
+        let format = ChainFormat::Segment { len: 4 };
+        let lines = write_log(format, 4, b"audit key");
+        let (_, head) = split_line(lines[3].trim_end()).unwrap();
+        let checkpoint = Checkpoint {
+            log_id: "00ff".into(),
+            count: 4,
+            head: hex::encode(&head),
+        };
+        let check = |lines: &[String]| {
+            verify(
+                lines.concat().as_bytes(),
+                fake_token(b"audit key"),
+                Some(&checkpoint),
+            )
+            .unwrap()
+        };
+        assert_eq!(check(&lines).problem, None);
+        // Whoever holds segment 0's key rewrites entry 2 and re-chains 2 and 3: every MAC
+        // verifies, but entry 3 no longer ends where the token's checkpoint says.
+        let mut chain = Chain::new("00ff".into(), format);
+        let mut token = fake_token(b"audit key");
+        let (_, mut prev) = split_line(lines[1].trim_end()).unwrap();
+        let mut forged = lines[..2].to_vec();
+        for (i, line) in lines.iter().enumerate().skip(2) {
+            let (body, _) = split_line(line.trim_end()).unwrap();
+            let body = body.replace("entry 2", "entry 2, rewritten");
+            let mac = chain
+                .mac(i as u64, &prev, body.as_bytes(), &mut token)
+                .unwrap();
+            forged.push(String::from_utf8(line_with_mac(body.as_bytes(), &mac)).unwrap());
+            prev = mac;
+        }
+        let report = check(&forged);
+        assert_eq!(report.verified, 3);
+        let p = report.problem.unwrap();
+        assert_eq!((p.line, p.kind), (4, ProblemKind::Modified), "{}", p.detail);
     }
 }

@@ -399,8 +399,8 @@ pub(crate) async fn blocking<R: Send + 'static>(
 
 /// Runs a short store read on the calling thread: a lookup in sled's in-memory tree (a page
 /// cache read on a miss) costs less than the two thread hand-offs of [`blocking`], about
-/// 12 µs per request here (BENCHMARKS.md). Only for point reads; scans, writes and flushes go
-/// through [`blocking`].
+/// 12 µs per request here (BENCHMARKS.md). Only for point reads (GetSecret); scans, writes and
+/// flushes go through [`blocking`].
 pub(crate) fn read_inline<R>(
     state: &State,
     f: impl FnOnce(&dyn Store) -> Result<R, StoreError>,

@@ -207,6 +207,11 @@ impl SecretsServiceInner {
             Ok(r) => (Code::Ok, version(r)),
             Err(e) => (e.code(), None),
         };
+        if code == Code::Unavailable {
+            // The token (or the audit log) just failed this request: health says so now,
+            // not at the watcher's next tick.
+            super::update_health(&self.state).await;
+        }
         self.audit(
             &ctx.expected,
             Some(&ctx.identity),
@@ -412,7 +417,12 @@ async fn describe(
     {
         return Err(Error::NotFound);
     }
-    let records = read_inline(state, |s| s.versions(&name))?;
+    // A scan over every version of the name: off the runtime.
+    let records = blocking(state, {
+        let name = name.clone();
+        move |s| s.versions(&name)
+    })
+    .await?;
     if records.is_empty() {
         return Err(Error::NotFound);
     }

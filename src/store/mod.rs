@@ -2,7 +2,7 @@
 //!
 //! [`Store`] is the seam for other backends (etcd comes later); [`SledStore`] is the
 //! embedded default. Calls may block (writes fsync): the service runs them off the runtime,
-//! except point reads, which cost less than the hand-off (`service::read_inline`).
+//! except GetSecret's point reads, which cost less than the hand-off (`service::read_inline`).
 
 mod sled_store;
 
