@@ -80,6 +80,9 @@ pub(crate) struct State {
     pub(crate) hsm_timeout: Duration,
     pub(crate) max_wraps: u64,
     pub(crate) health: HealthReporter,
+    /// Serialises health updates: each one reads the state and publishes it as one step, so
+    /// an older reading never overwrites a newer one.
+    pub(crate) health_update: tokio::sync::Mutex<()>,
     pub(crate) write_stripes: WriteStripes,
     pub(crate) admin: Option<AdminConfig>,
     pub(crate) token_label: String,
@@ -200,6 +203,7 @@ impl Server {
             hsm_timeout,
             max_wraps: config.hsm.max_wraps_per_key,
             health,
+            health_update: tokio::sync::Mutex::new(()),
             write_stripes: WriteStripes::new(256),
             admin: config.admin.clone(),
             token_label: config.hsm.token.clone(),
@@ -351,6 +355,7 @@ async fn health_watch(state: Arc<State>) {
 
 /// Reports SERVING when the token holds a master key and the audit log is writable.
 pub(crate) async fn update_health(state: &State) {
+    let _one_at_a_time = state.health_update.lock().await;
     let serving = state.hsm.state() == crate::hsm::HsmState::Ready
         && state.hsm.current_master_key().is_some()
         && state.audit.healthy()

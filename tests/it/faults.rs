@@ -190,9 +190,19 @@ async fn token_removed_and_restored_under_load_never_gives_wrong_data() {
             .unwrap();
         assert_eq!(got.into_inner().value, value);
     }
-    assert_eq!(health(&server).await, "Serving");
-    // The service logged what happened to the token.
+    // Health follows within the watcher's period (0.5 s).
+    let mut status = health(&server).await;
+    for _ in 0..30 {
+        if status == "Serving" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = health(&server).await;
+    }
     let log = server.log_text();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    assert_eq!(status, "Serving", "log tail (newest first): {tail:#?}");
+    // The service logged what happened to the token.
     assert!(log.contains("the token is lost"), "{log}");
     assert!(log.contains("the token is back"));
 }
