@@ -677,6 +677,47 @@ async fn a_removed_entry_is_found_where_the_gap_is() {
 }
 
 #[tokio::test]
+async fn a_log_past_its_first_segment_verifies_and_an_edit_there_is_found() {
+    // More than one segment key (4096 entries each), all derived by the real token, in the
+    // writer and again in `audit verify`.
+    let env = TestEnv::new();
+    let server = env.start();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let mut c = server.client("payments").await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..540 {
+                let e = c
+                    .get_secret(get(&format!("payments/absent/{t}/{i}"), 0))
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.code(), Code::NotFound);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    terminate(server);
+    let log = env.audit_log();
+    let n = assert_clean(&env, &log);
+    assert!(
+        n > 4096 + 100,
+        "{n} entries: the log must reach its second segment"
+    );
+
+    // An entry of the second segment, edited: found at its line.
+    let lines = read_lines(&log);
+    let k = (4096 + 50..lines.len())
+        .find(|&i| lines[i].contains("payments/absent/"))
+        .unwrap();
+    let mut copy = lines.clone();
+    copy[k] = edit(&copy[k], "payments/absent/", "payments/absent-x/");
+    let v = verify_copy(&env, "second-segment-edited.log", &copy);
+    assert_found(&v, "modified", k + 1);
+}
+
+#[tokio::test]
 async fn entries_moved_earlier_are_reported_as_reordered() {
     let env = TestEnv::new();
     let lines = good_log(&env).await;
