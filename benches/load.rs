@@ -557,6 +557,18 @@ fn check_dek(plain: &[u8]) -> Res<()> {
 }
 
 impl Floor {
+    /// One C_Decrypt of data key `index` on the runtime's thread (a mutex-held session).
+    fn decrypt_inline(&self, index: usize) -> Result<(), Status> {
+        let (iv, ct) = &self.wrapped[index];
+        let session = self
+            .inline
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?;
+        let plain = raw_decrypt(&session, self.key, iv, &self.aad, ct)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        check_dek(&plain).map_err(|e| Status::internal(e.to_string()))
+    }
+
     fn reply(&self, name: String) -> Response<GetSecretResponse> {
         Response::new(GetSecretResponse {
             name,
@@ -577,16 +589,7 @@ impl SecretService for Floor {
         let name = request.into_inner().name;
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.wrapped.len();
         match name.as_str() {
-            FLOOR_TOKEN => {
-                let (iv, ct) = &self.wrapped[index];
-                let session = self
-                    .inline
-                    .lock()
-                    .map_err(|_| Status::internal("poisoned"))?;
-                let plain = raw_decrypt(&session, self.key, iv, &self.aad, ct)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                check_dek(&plain).map_err(|e| Status::internal(e.to_string()))?;
-            }
+            FLOOR_TOKEN => self.decrypt_inline(index)?,
             FLOOR_WORKER => {
                 let (reply, rx) = tokio::sync::oneshot::channel();
                 self.jobs
@@ -599,16 +602,7 @@ impl SecretService for Floor {
             }
             FLOOR_NOTOKEN => {}
             FLOOR_DURABLE => {
-                let (iv, ct) = &self.wrapped[index];
-                {
-                    let session = self
-                        .inline
-                        .lock()
-                        .map_err(|_| Status::internal("poisoned"))?;
-                    let plain = raw_decrypt(&session, self.key, iv, &self.aad, ct)
-                        .map_err(|e| Status::internal(e.to_string()))?;
-                    check_dek(&plain).map_err(|e| Status::internal(e.to_string()))?;
-                }
+                self.decrypt_inline(index)?;
                 // About the size of an audit entry.
                 let line = format!(
                     "{{\"seq\":{index},\"operation\":\"GetSecret\",\"name\":\"{name}\",\"status\":\"Ok\",\"pad\":\"{}\"}}\n",

@@ -183,7 +183,7 @@ impl Auditor {
     /// Announces a request whose entry will follow: while it is in its handler, a group
     /// commit may wait for it (up to the commit window) instead of paying another fsync.
     /// The entry's [`Auditor::record`] (or dropping the guard) ends the announcement.
-    pub fn expect(&self) -> Expected {
+    pub fn announce(&self) -> Expected {
         let counter = match self {
             Auditor::Chained(log) => {
                 log.expected.fetch_add(1, Ordering::AcqRel);
@@ -198,7 +198,7 @@ impl Auditor {
     }
 }
 
-/// A request announced to the audit log (see [`Auditor::expect`]).
+/// A request announced to the audit log (see [`Auditor::announce`]).
 pub struct Expected {
     counter: Option<Arc<AtomicUsize>>,
     live: AtomicBool,
@@ -229,7 +229,7 @@ pub struct AuditOptions {
     /// Most entries in one group commit.
     pub max_batch: usize,
     /// How long a group commit may wait for requests in their handlers (see
-    /// [`Auditor::expect`]) to bring their entries.
+    /// [`Auditor::announce`]) to bring their entries.
     pub commit_window: Duration,
     /// Write a checkpoint after this many entries.
     pub checkpoint_every: u64,
@@ -1340,7 +1340,7 @@ mod tests {
         drop(b);
         assert_eq!(counter.load(Ordering::Acquire), 0);
         // Without a durable log nothing is counted.
-        drop(Auditor::DangerousLogOnly.expect());
+        drop(Auditor::DangerousLogOnly.announce());
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl SecretService for SecretsService {
 impl SecretsServiceInner {
     /// Authenticates the caller from its verified certificate and reads the deadline.
     async fn begin<T>(&self, request: &Request<T>, operation: &'static str) -> Result<Ctx, Status> {
-        let expected = self.state.audit.expect();
+        let expected = self.state.audit.announce();
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let identity = super::peer_identity(request);
         let identity = match identity {

@@ -1,6 +1,6 @@
 //! Audit commands, offline on the officer's host: `verify` recomputes the HMAC chain with the
-//! segment keys the token derives (the audit key never leaves it) and compares the log's end with the token's
-//! checkpoint; `tail` and `search` read entries.
+//! segment keys the token derives (the audit key never leaves it) and compares the log's end
+//! with the token's checkpoint; `tail` and `search` read entries.
 
 use std::fs::File;
 use std::io::BufReader;
