@@ -47,6 +47,194 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight requests may take to finish, in milliseconds.
     #[serde(default = "default_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Certificate revocation lists (PEM) of the client CA: a revoked client certificate is
+    /// refused during the handshake. With any CRL named, a client certificate whose issuer
+    /// has no CRL here is refused too.
+    #[serde(default)]
+    pub client_crls: Vec<PathBuf>,
+    /// How often (milliseconds) the TLS files of both listeners (certificate, key, CA, CRLs)
+    /// are checked for changes; a change takes effect for new connections without a
+    /// restart. A file that no longer loads is logged and the previous settings stay.
+    #[serde(default = "default_tls_reload_ms")]
+    pub tls_reload_ms: u64,
+    /// Caps and deadlines of the client listener's connections (`[server.connections]`).
+    #[serde(default)]
+    pub connections: ConnectionLimits,
+}
+
+/// `[server.connections]` / `[admin.connections]`: what one listener's connections may
+/// hold. Unset values take the listener's defaults ([`FrontLimits::client`],
+/// [`FrontLimits::admin`]), which are meant to be safe on the internet.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// How long a client has to complete the TLS handshake, in milliseconds.
+    pub handshake_timeout_ms: Option<u64>,
+    /// Handshakes in progress at once; beyond it the oldest handshake is dropped.
+    pub max_handshakes: Option<usize>,
+    /// Open connections; beyond it the oldest connection still in its handshake is dropped,
+    /// else the new one. Lowered at start to fit the process's descriptor limit.
+    pub max_connections: Option<usize>,
+    /// Open connections from one source address; beyond it new ones are closed at once.
+    pub max_connections_per_ip: Option<usize>,
+    /// A connection with no request in flight for this long is closed, in seconds.
+    pub idle_timeout_secs: Option<u64>,
+    /// HTTP/2 keepalive: a PING after this many seconds of silence...
+    pub keepalive_interval_secs: Option<u64>,
+    /// ...and the connection is closed if its answer takes longer than this.
+    pub keepalive_timeout_secs: Option<u64>,
+    /// HTTP/2 streams (requests) in flight on one connection.
+    pub max_concurrent_streams: Option<u32>,
+    /// Largest HTTP/2 header list a client may send, in bytes.
+    pub max_header_list_bytes: Option<u32>,
+}
+
+impl ConnectionLimits {
+    /// These settings over `defaults`.
+    pub fn resolve(&self, defaults: FrontLimits) -> FrontLimits {
+        use std::time::Duration;
+        let d = defaults;
+        FrontLimits {
+            handshake_timeout: self
+                .handshake_timeout_ms
+                .map_or(d.handshake_timeout, Duration::from_millis),
+            max_handshakes: self.max_handshakes.unwrap_or(d.max_handshakes),
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .unwrap_or(d.max_connections_per_ip),
+            idle_timeout: self
+                .idle_timeout_secs
+                .map_or(d.idle_timeout, Duration::from_secs),
+            keepalive_interval: self
+                .keepalive_interval_secs
+                .map_or(d.keepalive_interval, Duration::from_secs),
+            keepalive_timeout: self
+                .keepalive_timeout_secs
+                .map_or(d.keepalive_timeout, Duration::from_secs),
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .unwrap_or(d.max_concurrent_streams),
+            max_header_list_bytes: self
+                .max_header_list_bytes
+                .unwrap_or(d.max_header_list_bytes),
+        }
+    }
+
+    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        let bad = |what: &str, range: &str| {
+            Err(ConfigError::Invalid(format!(
+                "{section}.connections.{what} must be {range}"
+            )))
+        };
+        if self
+            .handshake_timeout_ms
+            .is_some_and(|v| !(1..=600_000).contains(&v))
+        {
+            return bad("handshake_timeout_ms", "1..=600000");
+        }
+        if self
+            .max_handshakes
+            .is_some_and(|v| !(1..=1_000_000).contains(&v))
+        {
+            return bad("max_handshakes", "1..=1000000");
+        }
+        if self
+            .max_connections
+            .is_some_and(|v| !(1..=1_000_000).contains(&v))
+        {
+            return bad("max_connections", "1..=1000000");
+        }
+        if self
+            .max_connections_per_ip
+            .is_some_and(|v| !(1..=1_000_000).contains(&v))
+        {
+            return bad("max_connections_per_ip", "1..=1000000");
+        }
+        if self
+            .idle_timeout_secs
+            .is_some_and(|v| !(1..=86_400).contains(&v))
+        {
+            return bad("idle_timeout_secs", "1..=86400");
+        }
+        if self
+            .keepalive_interval_secs
+            .is_some_and(|v| !(1..=86_400).contains(&v))
+        {
+            return bad("keepalive_interval_secs", "1..=86400");
+        }
+        if self
+            .keepalive_timeout_secs
+            .is_some_and(|v| !(1..=3_600).contains(&v))
+        {
+            return bad("keepalive_timeout_secs", "1..=3600");
+        }
+        if self
+            .max_concurrent_streams
+            .is_some_and(|v| !(1..=10_000).contains(&v))
+        {
+            return bad("max_concurrent_streams", "1..=10000");
+        }
+        if self
+            .max_header_list_bytes
+            .is_some_and(|v| !(1024..=1 << 20).contains(&v))
+        {
+            return bad("max_header_list_bytes", "1024..=1048576");
+        }
+        Ok(())
+    }
+}
+
+/// The resolved caps and deadlines of one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrontLimits {
+    /// TLS handshake deadline.
+    pub handshake_timeout: std::time::Duration,
+    /// Handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Open connections.
+    pub max_connections: usize,
+    /// Open connections per source address.
+    pub max_connections_per_ip: usize,
+    /// Idle connections are closed after this.
+    pub idle_timeout: std::time::Duration,
+    /// HTTP/2 keepalive PING interval.
+    pub keepalive_interval: std::time::Duration,
+    /// HTTP/2 keepalive PING answer deadline.
+    pub keepalive_timeout: std::time::Duration,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 header list size.
+    pub max_header_list_bytes: u32,
+}
+
+impl FrontLimits {
+    /// Defaults of the client listener.
+    pub const fn client() -> Self {
+        use std::time::Duration;
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 256,
+            max_connections: 4096,
+            max_connections_per_ip: 256,
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            max_concurrent_streams: 128,
+            max_header_list_bytes: 16 * 1024,
+        }
+    }
+
+    /// Defaults of the admin listener: a handful of officers.
+    pub const fn admin() -> Self {
+        let c = Self::client();
+        Self {
+            max_handshakes: 32,
+            max_connections: 128,
+            max_connections_per_ip: 32,
+            ..c
+        }
+    }
 }
 
 /// `[hsm]`.
@@ -102,6 +290,12 @@ pub struct AdminConfig {
     /// health and the log.
     #[serde(default)]
     pub dangerous_single_officer: bool,
+    /// Certificate revocation lists (PEM) of the admin CA; see `server.client_crls`.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Caps and deadlines of the admin listener's connections (`[admin.connections]`).
+    #[serde(default)]
+    pub connections: ConnectionLimits,
 }
 
 /// `[audit]`.
@@ -198,6 +392,9 @@ fn default_timeout_ms() -> u64 {
 fn default_grace_ms() -> u64 {
     5000
 }
+fn default_tls_reload_ms() -> u64 {
+    5000
+}
 fn default_max_wraps() -> u64 {
     DEFAULT_MAX_WRAPS
 }
@@ -283,7 +480,10 @@ impl Config {
             &mut self.server.client_ca,
             &mut self.store.path,
             &mut self.audit.path,
-        ] {
+        ]
+        .into_iter()
+        .chain(self.server.client_crls.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -292,7 +492,10 @@ impl Config {
             *p = base.join(&*p);
         }
         if let Some(admin) = self.admin.as_mut() {
-            for p in [&mut admin.cert, &mut admin.key, &mut admin.ca] {
+            for p in [&mut admin.cert, &mut admin.key, &mut admin.ca]
+                .into_iter()
+                .chain(admin.crls.iter_mut())
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
@@ -332,6 +535,12 @@ impl Config {
             ));
         }
         self.token_selector()?;
+        self.server.connections.validate("server")?;
+        if !(100..=3_600_000).contains(&self.server.tls_reload_ms) {
+            return Err(ConfigError::Invalid(
+                "server.tls_reload_ms must be 100..=3600000".into(),
+            ));
+        }
         if let Some(admin) = &self.admin {
             admin.validate(self)?;
         }
@@ -372,17 +581,15 @@ impl AdminConfig {
                     .into(),
             ));
         }
-        let same_ca = match (
-            std::fs::read(&self.ca),
-            std::fs::read(&config.server.client_ca),
-        ) {
-            (Ok(a), Ok(c)) => a == c,
-            _ => false,
-        };
-        if same_ca {
-            return Err(ConfigError::Invalid(
-                "admin.ca must be a different CA from server.client_ca".into(),
-            ));
+        self.connections.validate("admin")?;
+        // Compared as parsed certificates (subject and public key), so two files that differ
+        // only in whitespace, comments or order cannot make one CA serve both planes.
+        if let Some(shared) = crate::tls::shared_ca(&self.ca, &config.server.client_ca)
+            .map_err(|e| ConfigError::Invalid(format!("admin.ca / server.client_ca: {e}")))?
+        {
+            return Err(ConfigError::Invalid(format!(
+                "admin.ca must be a different CA from server.client_ca: both files hold the CA \"{shared}\" (same subject and public key)"
+            )));
         }
         if self.officers.is_empty() {
             return Err(ConfigError::Invalid(

@@ -39,6 +39,7 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod front;
 pub mod hsm;
 pub mod policy;
 pub mod secret;

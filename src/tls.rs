@@ -7,7 +7,8 @@
 //! or, failing that, its first DNS SAN.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
@@ -49,19 +50,59 @@ impl Identity {
             .map_err(|e| TlsError::Certificate(e.to_string()))?
             .ok_or(TlsError::NoIdentity)?;
         let names = &san.value.general_names;
-        let uri = names.iter().find_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        });
-        let dns = names.iter().find_map(|n| match n {
-            GeneralName::DNSName(d) => Some(*d),
-            _ => None,
-        });
-        uri.or(dns)
-            .filter(|s| !s.is_empty())
-            .map(|s| Self(s.to_owned()))
-            .ok_or(TlsError::NoIdentity)
+        let uris: Vec<&str> = names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect();
+        let dns: Vec<&str> = names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        // One certificate, one identity: the single URI SAN, or, without one, the single
+        // DNS SAN. Several candidates would let the policy match whichever suits the caller.
+        match (uris.as_slice(), dns.as_slice()) {
+            ([uri], _) if uri.contains("://") => Ok(Self((*uri).to_owned())),
+            ([_], _) => Err(TlsError::BadIdentity(
+                "its URI SAN has no scheme (expected e.g. spiffe://domain/path)".into(),
+            )),
+            ([_, _, ..], _) => Err(TlsError::BadIdentity(format!(
+                "it has {} URI SANs; an identity certificate carries exactly one",
+                uris.len()
+            ))),
+            ([], [name]) if is_dns_identity(name) => Ok(Self((*name).to_owned())),
+            // A DNS SAN can never look like a URI identity (or anything but a host name).
+            ([], [_]) => Err(TlsError::BadIdentity(
+                "its DNS SAN is not a host name (letters, digits, '-' and '.')".into(),
+            )),
+            ([], [_, _, ..]) => Err(TlsError::BadIdentity(format!(
+                "it has no URI SAN and {} DNS SANs; an identity certificate carries exactly one",
+                dns.len()
+            ))),
+            ([], []) => Err(TlsError::NoIdentity),
+        }
     }
+}
+
+/// A DNS SAN usable as an identity: a host name of labels of letters, digits and `-`, so it
+/// can never contain `:` or `/` and look like a URI identity, nor a wildcard.
+fn is_dns_identity(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 impl fmt::Display for Identity {
@@ -91,6 +132,21 @@ pub enum TlsError {
     /// The certificate carries neither a URI nor a DNS SAN.
     #[error("the client certificate has no URI or DNS subject alternative name")]
     NoIdentity,
+    /// The certificate's SANs do not name one identity.
+    #[error("the client certificate names no usable identity: {0}")]
+    BadIdentity(String),
+    /// The connection's certificate was refused as an identity (the reason, as text: it is
+    /// read once per connection and shared by its requests).
+    #[error("{0}")]
+    Peer(String),
+    /// A PEM file holds no usable item, or rustls refused the material.
+    #[error("{path}: {reason}")]
+    Material {
+        /// The file (or files).
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Generating a development certificate failed.
     #[error("cannot generate a certificate: {0}")]
     Generate(#[from] rcgen::Error),
@@ -114,6 +170,202 @@ pub fn server_config(
         .identity(identity)
         .client_ca_root(Certificate::from_pem(read(client_ca)?))
         .client_auth_optional(false))
+}
+
+/// The TLS files of one listener.
+#[derive(Debug, Clone)]
+pub struct ServerTlsFiles {
+    /// The certificate chain the listener presents, PEM.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// The CA (or CAs) that peers' certificates must chain to, PEM.
+    pub ca: PathBuf,
+    /// Revocation lists of that CA, PEM; empty: no revocation check.
+    pub crls: Vec<PathBuf>,
+}
+
+/// A listener's rustls settings, rebuilt when its files change: the accept loop takes
+/// [`ServerTls::current`] for each new connection, so a replaced CRL (or certificate) takes
+/// effect without a restart while established connections keep the settings they began with.
+pub struct ServerTls {
+    files: ServerTlsFiles,
+    current: RwLock<Loaded>,
+}
+
+struct Loaded {
+    config: Arc<rustls::ServerConfig>,
+    /// SHA-256 over every file's bytes: what [`ServerTls::reload_if_changed`] compares.
+    digest: [u8; 32],
+}
+
+impl ServerTls {
+    /// Loads the files; any problem (unreadable, empty, unparsable, key not matching the
+    /// certificate, a CRL not signed by the CA) is an error naming the file.
+    pub fn load(files: ServerTlsFiles) -> Result<Self, TlsError> {
+        let (config, digest) = build_server(&files)?;
+        Ok(Self {
+            files,
+            current: RwLock::new(Loaded { config, digest }),
+        })
+    }
+
+    /// The settings for the next connection.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        match self.current.read() {
+            Ok(l) => l.config.clone(),
+            Err(poisoned) => poisoned.into_inner().config.clone(),
+        }
+    }
+
+    /// Reads the files again; when their bytes changed, the new settings replace the old
+    /// ones. `Ok(true)` when they were replaced. On an error the old settings stay.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let digest = digest_files(&self.files)?;
+        let same = match self.current.read() {
+            Ok(l) => l.digest == digest,
+            Err(poisoned) => poisoned.into_inner().digest == digest,
+        };
+        if same {
+            return Ok(false);
+        }
+        let (config, digest) = build_server(&self.files)?;
+        let mut slot = match self.current.write() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *slot = Loaded { config, digest };
+        Ok(true)
+    }
+
+    /// The files these settings come from.
+    pub fn files(&self) -> &ServerTlsFiles {
+        &self.files
+    }
+}
+
+fn all_files(files: &ServerTlsFiles) -> impl Iterator<Item = &Path> {
+    [
+        files.cert.as_path(),
+        files.key.as_path(),
+        files.ca.as_path(),
+    ]
+    .into_iter()
+    .chain(files.crls.iter().map(PathBuf::as_path))
+}
+
+fn digest_files(files: &ServerTlsFiles) -> Result<[u8; 32], TlsError> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for path in all_files(files) {
+        let bytes = read(path)?;
+        ctx.update(&(bytes.len() as u64).to_be_bytes());
+        ctx.update(&bytes);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
+}
+
+fn build_server(files: &ServerTlsFiles) -> Result<(Arc<rustls::ServerConfig>, [u8; 32]), TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+    let material = |path: &Path, reason: String| TlsError::Material {
+        path: path.display().to_string(),
+        reason,
+    };
+    // Digest first, then parse the same bytes: a file replaced in between is picked up by
+    // the next reload, never half-read.
+    let digest = digest_files(files)?;
+    let pems = |path: &Path| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs = CertificateDer::pem_slice_iter(&read(path)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| material(path, format!("not a PEM certificate file: {e}")))?;
+        if certs.is_empty() {
+            return Err(material(path, "holds no certificate".into()));
+        }
+        Ok(certs)
+    };
+    let chain = pems(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
+        .map_err(|e| material(&files.key, format!("no usable private key: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pems(&files.ca)? {
+        roots
+            .add(ca)
+            .map_err(|e| material(&files.ca, format!("not a usable CA certificate: {e}")))?;
+    }
+    let mut crls = Vec::new();
+    for path in &files.crls {
+        let found = CertificateRevocationListDer::pem_slice_iter(&read(path)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| material(path, format!("not a PEM CRL file: {e}")))?;
+        if found.is_empty() {
+            return Err(material(path, "holds no CRL".into()));
+        }
+        crls.extend(found);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    );
+    if !crls.is_empty() {
+        // The leaf is checked against its issuer's CRL; a leaf whose issuer has no CRL here
+        // is refused (rustls' default), so a forgotten CRL fails closed.
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = verifier.build().map_err(|e| TlsError::Material {
+        path: all_files(files)
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        reason: format!("cannot build the client verifier: {e}"),
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| material(&files.cert, e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| material(&files.key, format!("does not match the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(config), digest))
+}
+
+/// Whether two CA files share a CA, compared as parsed certificates (subject and public
+/// key), not as bytes: `Some(subject)` of the first one found in both.
+pub fn shared_ca(a: &Path, b: &Path) -> Result<Option<String>, TlsError> {
+    /// Subject (DER), public key (DER), subject (text).
+    type CaKey = (Vec<u8>, Vec<u8>, String);
+    let keys = |path: &Path| -> Result<Vec<CaKey>, TlsError> {
+        let bytes = read(path)?;
+        let mut out = Vec::new();
+        for pem in x509_parser::pem::Pem::iter_from_buffer(&bytes) {
+            let pem = pem.map_err(|e| TlsError::Material {
+                path: path.display().to_string(),
+                reason: format!("not a PEM file: {e}"),
+            })?;
+            if pem.label != "CERTIFICATE" {
+                continue;
+            }
+            let cert = pem.parse_x509().map_err(|e| TlsError::Material {
+                path: path.display().to_string(),
+                reason: format!("a certificate does not parse: {e}"),
+            })?;
+            out.push((
+                cert.subject().as_raw().to_vec(),
+                cert.public_key().raw.to_vec(),
+                cert.subject().to_string(),
+            ));
+        }
+        Ok(out)
+    };
+    let left = keys(a)?;
+    let right = keys(b)?;
+    Ok(left
+        .into_iter()
+        .find(|(subject, key, _)| right.iter().any(|(s, k, _)| s == subject && k == key))
+        .map(|(_, _, name)| name))
 }
 
 /// The client side: the CA the server must chain to, and the client's certificate and key.
@@ -215,6 +467,34 @@ impl DevCa {
     /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> String {
         self.issuer.pem()
+    }
+
+    /// A revocation list of this CA naming the given certificates (PEM) as revoked; `number`
+    /// is the CRL number (newer lists carry larger ones).
+    pub fn crl_pem(&self, revoked: &[&str], number: u64) -> Result<String, TlsError> {
+        let mut revoked_certs = Vec::with_capacity(revoked.len());
+        for pem in revoked {
+            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+                .map_err(|e| TlsError::Certificate(e.to_string()))?;
+            let cert = pem
+                .parse_x509()
+                .map_err(|e| TlsError::Certificate(e.to_string()))?;
+            revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(cert.raw_serial()),
+                revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 
     /// A server certificate for the given DNS names and IP addresses.

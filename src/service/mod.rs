@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use tokio::net::TcpListener;
-use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -24,7 +23,8 @@ pub use admin::AdminApi;
 pub use secrets::SecretsService;
 
 use crate::audit::{AuditLog, AuditOptions, Auditor};
-use crate::config::{AdminConfig, Config};
+use crate::config::{AdminConfig, Config, FrontLimits};
+use crate::front::{self, Listener};
 use crate::hsm::keys::MacKey;
 use crate::hsm::{self, Hsm, HsmError, HsmOptions};
 use crate::policy::Policy;
@@ -63,9 +63,9 @@ pub enum StartError {
     /// TLS material could not be loaded.
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
-    /// The server failed.
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    /// A listener could not be set up.
+    #[error("listener: {0}")]
+    Listener(String),
 }
 
 /// Everything a request needs, shared by all handlers.
@@ -125,8 +125,11 @@ impl WriteStripes {
 /// A started service, ready to serve.
 pub struct Server {
     state: Arc<State>,
-    tls: ServerTlsConfig,
-    admin_tls: Option<ServerTlsConfig>,
+    tls: Arc<crate::tls::ServerTls>,
+    admin_tls: Option<Arc<crate::tls::ServerTls>>,
+    limits: FrontLimits,
+    admin_limits: Option<FrontLimits>,
+    tls_reload: Duration,
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     shutdown_grace: Duration,
@@ -136,15 +139,24 @@ impl Server {
     /// Opens the token (logging in with `pin`), the store and the audit log, and loads TLS
     /// material and the policies.
     pub async fn start(config: &Config, pin: AuthPin) -> Result<Self, StartError> {
-        let tls = crate::tls::server_config(
-            &config.server.cert,
-            &config.server.key,
-            &config.server.client_ca,
-        )?;
+        let tls = Arc::new(crate::tls::ServerTls::load(crate::tls::ServerTlsFiles {
+            cert: config.server.cert.clone(),
+            key: config.server.key.clone(),
+            ca: config.server.client_ca.clone(),
+            crls: config.server.client_crls.clone(),
+        })?);
         let admin_tls = match &config.admin {
-            Some(a) => Some(crate::tls::server_config(&a.cert, &a.key, &a.ca)?),
+            Some(a) => Some(Arc::new(crate::tls::ServerTls::load(
+                crate::tls::ServerTlsFiles {
+                    cert: a.cert.clone(),
+                    key: a.key.clone(),
+                    ca: a.ca.clone(),
+                    crls: a.crls.clone(),
+                },
+            )?)),
             None => None,
         };
+        let (limits, admin_limits) = connection_caps(config);
         let seed = Policy::from_rules(&config.policy, config.limits.max_name_bytes)
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
         let store = SledStore::open_with_cache(&config.store.path, config.store.cache_capacity_mb)?;
@@ -218,6 +230,9 @@ impl Server {
             state,
             tls,
             admin_tls,
+            limits,
+            admin_limits,
+            tls_reload: Duration::from_millis(config.server.tls_reload_ms),
             health_service,
             shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
         })
@@ -243,23 +258,20 @@ impl Server {
         let watcher = tokio::spawn(health_watch(state.clone()));
         let epochs = tokio::spawn(rollback::watch(state.clone()));
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
-
         // Room for values well beyond the limit, so that an oversized value reaches the
         // handler and gets an INVALID_ARGUMENT that names the limit; beyond this transport cap
         // tonic refuses the message itself (OUT_OF_RANGE) without reading it into memory.
         let max_message = (state.limits.max_value_bytes + 64 * 1024).max(TRANSPORT_MESSAGE_CAP);
         let secrets = SecretServiceServer::new(SecretsService::new(state.clone()))
             .max_decoding_message_size(max_message);
+        // Each listener reflects only the services it serves.
+        let client_routes = tonic::service::Routes::new(secrets)
+            .add_service(self.health_service.clone())
+            .add_service(reflection_v1(&[SECRET_SERVICE_NAME, HEALTH_SERVICE_NAME])?)
+            .add_service(reflection_v1alpha(&[
+                SECRET_SERVICE_NAME,
+                HEALTH_SERVICE_NAME,
+            ])?);
 
         // One shutdown signal for both listeners.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -267,61 +279,68 @@ impl Server {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
 
-        let admin_task = match (admin_listener, self.admin_tls) {
-            (Some(listener), Some(tls)) => {
-                let api = AdminServiceServer::new(AdminApi::new(state.clone()));
-                let server = tonic::transport::Server::builder()
-                    .tls_config(tls)?
-                    .add_service(api)
-                    .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone()));
-                Some(tokio::spawn(server))
+        let mut reloads = vec![("client", self.tls.clone())];
+        let admin_task = match (admin_listener, self.admin_tls, self.admin_limits) {
+            (Some(socket), Some(tls), Some(limits)) => {
+                reloads.push(("admin", tls.clone()));
+                let routes = tonic::service::Routes::new(AdminServiceServer::new(AdminApi::new(
+                    state.clone(),
+                )))
+                .add_service(self.health_service)
+                .add_service(reflection_v1(&[ADMIN_SERVICE_NAME, HEALTH_SERVICE_NAME])?)
+                .add_service(reflection_v1alpha(&[
+                    ADMIN_SERVICE_NAME,
+                    HEALTH_SERVICE_NAME,
+                ])?);
+                let listener = Listener {
+                    plane: "admin",
+                    socket,
+                    tls,
+                    limits,
+                };
+                Some(tokio::spawn(front::serve(
+                    listener,
+                    routes,
+                    stop_rx.clone(),
+                )))
             }
             _ => None,
         };
-
-        let serve = tonic::transport::Server::builder()
-            .tls_config(self.tls)?
-            .add_service(secrets)
-            .add_service(self.health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone()));
+        let reloader = tokio::spawn(front::reload_tls(reloads, self.tls_reload));
+        let serve = front::serve(
+            Listener {
+                plane: "client",
+                socket: listener,
+                tls: self.tls,
+                limits: self.limits,
+            },
+            client_routes,
+            stop_rx.clone(),
+        );
         // In-flight requests get the grace period to finish; idle connections that clients
         // keep open do not hold the shutdown beyond it.
         let grace = self.shutdown_grace;
         let both = async {
             let admin = async {
-                match admin_task {
-                    Some(task) => match task.await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!(error = %e, "admin listener task failed");
-                            Ok(())
-                        }
-                    },
-                    None => Ok(()),
+                if let Some(task) = admin_task
+                    && let Err(e) = task.await
+                {
+                    tracing::error!(error = %e, "admin listener task failed");
                 }
             };
-            let (client, admin) = tokio::join!(serve, admin);
-            if let Err(e) = admin {
-                tracing::error!(error = %e, "admin listener failed");
-            }
-            client
+            tokio::join!(serve, admin);
         };
-        let result = tokio::select! {
-            r = both => r,
+        tokio::select! {
+            () = both => {}
             () = async move {
-                stopped(stop_rx).await;
+                front::stopped(stop_rx).await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::info!("shutdown grace period over; closing the remaining connections");
-                Ok(())
             }
-        };
+        }
+        reloader.abort();
         watcher.abort();
         epochs.abort();
         if let Err(e) = rollback::record(&state).await {
@@ -333,8 +352,76 @@ impl Server {
         {
             tracing::error!(error = %e, "final audit checkpoint failed");
         }
-        result.map_err(StartError::from)
+        Ok(())
     }
+}
+
+/// The name health and reflection use for the health service.
+const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
+
+fn reflection_builder(services: &[&str]) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for name in services {
+        builder = builder.with_service_name(*name);
+    }
+    builder
+}
+
+fn reflection_v1(
+    services: &[&str],
+) -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    StartError,
+> {
+    reflection_builder(services)
+        .build_v1()
+        .map_err(|e| StartError::Listener(format!("reflection: {e}")))
+}
+
+fn reflection_v1alpha(
+    services: &[&str],
+) -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    StartError,
+> {
+    reflection_builder(services)
+        .build_v1alpha()
+        .map_err(|e| StartError::Listener(format!("reflection: {e}")))
+}
+
+/// The listeners' connection caps from the configuration, fitted under the descriptor limit
+/// (raised to its hard limit first); both figures are logged.
+fn connection_caps(config: &Config) -> (FrontLimits, Option<FrontLimits>) {
+    let client = config.server.connections.resolve(FrontLimits::client());
+    let admin = config
+        .admin
+        .as_ref()
+        .map(|a| a.connections.resolve(FrontLimits::admin()));
+    let limit = front::descriptors::raise_limit();
+    let (client, admin, lowered) = front::descriptors::fit(limit.soft, client, admin);
+    tracing::info!(
+        nofile = limit.soft,
+        hard = limit.hard,
+        raised = limit.raised,
+        client_max_connections = client.max_connections,
+        admin_max_connections = admin.map(|a| a.max_connections),
+        "descriptor limit"
+    );
+    if lowered {
+        tracing::warn!(
+            nofile = limit.soft,
+            client_max_connections = client.max_connections,
+            admin_max_connections = admin.map(|a| a.max_connections),
+            "connection caps lowered to fit the descriptor limit; raise LimitNOFILE to serve more"
+        );
+    }
+    (client, admin)
 }
 
 /// Re-checks the token every few seconds while something is missing, so health turns
@@ -459,22 +546,16 @@ pub(crate) async fn complete<T: Send + 'static>(
     }
 }
 
-/// Accepted connections with Nagle's algorithm off: without it an answer of a few hundred
-/// bytes waits for the client's delayed ACK (~40 ms).
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
-/// The caller's identity, from the leaf of the certificate chain rustls verified.
+/// The caller's identity, read once per connection by the front door from the leaf of the
+/// certificate chain rustls verified.
 pub(crate) fn peer_identity<T>(
     request: &tonic::Request<T>,
 ) -> Result<crate::tls::Identity, crate::tls::TlsError> {
-    request
-        .peer_certs()
-        .and_then(|certs| {
-            certs
-                .first()
-                .map(|c| crate::tls::Identity::from_certificate(c.as_ref()))
-        })
-        .unwrap_or(Err(crate::tls::TlsError::NoIdentity))
+    match request.extensions().get::<front::Peer>() {
+        Some(peer) => match peer.identity.as_ref() {
+            Ok(id) => Ok(id.clone()),
+            Err(why) => Err(crate::tls::TlsError::Peer(why.clone())),
+        },
+        None => Err(crate::tls::TlsError::NoIdentity),
+    }
 }

@@ -1,0 +1,174 @@
+//! One connection: the TLS handshake under its deadline (or until evicted), then HTTP/2 with
+//! keepalive, stream and header caps, closed when idle or when the listener stops.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::Peer;
+use super::table::Admission;
+use crate::config::FrontLimits;
+use crate::tls::Identity;
+
+/// RST_STREAMs a client may cause before the connection is closed (the HTTP/2 "rapid reset"
+/// attack opens and cancels streams faster than the server can notice).
+const MAX_PENDING_RESETS: usize = 32;
+/// Streams the server may reset for protocol errors before it closes the connection.
+const MAX_LOCAL_RESETS: usize = 1024;
+
+/// What a connection task needs from its listener.
+pub(super) struct Context {
+    pub(super) plane: &'static str,
+    pub(super) tls: Arc<rustls::ServerConfig>,
+    pub(super) limits: FrontLimits,
+    pub(super) routes: tonic::service::Routes,
+    pub(super) stop: watch::Receiver<bool>,
+}
+
+/// Serves one accepted connection to its end.
+pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admission: Admission) {
+    let Context {
+        plane,
+        tls,
+        limits,
+        routes,
+        mut stop,
+    } = ctx;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => r,
+        () = admission.evicted() => {
+            tracing::debug!(plane, %addr, "handshake dropped to make room for a new connection");
+            return;
+        }
+        () = super::stop_requested(&mut stop) => return,
+    };
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(plane, %addr, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(plane, %addr, "TLS handshake deadline passed; connection dropped");
+            return;
+        }
+    };
+    if !admission.handshake_done() {
+        return;
+    }
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map_or(Err("no client certificate".to_owned()), |leaf| {
+            Identity::from_certificate(leaf.as_ref()).map_err(|e| e.to_string())
+        });
+    let peer = Peer {
+        identity: Arc::new(identity),
+        addr,
+    };
+
+    let activity = Arc::new(Activity::new());
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(peer.clone());
+            let in_flight = activity.begin();
+            let routes = routes.clone();
+            async move {
+                let response = tower::ServiceExt::oneshot(routes, request).await?;
+                // The request counts as in flight until its answer's body is done, so a
+                // streaming answer is not cut by the idle timeout.
+                Ok::<_, Infallible>(response.map(move |body| {
+                    body.map_frame(move |frame| {
+                        let _in_flight = &in_flight;
+                        frame
+                    })
+                }))
+            }
+        })
+    };
+    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http.timer(TokioTimer::new())
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_bytes)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_LOCAL_RESETS);
+    let connection = http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let mut closing = false;
+    loop {
+        let check_at = activity.idle_since().unwrap_or_else(Instant::now) + limits.idle_timeout;
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(plane, %addr, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            () = super::stop_requested(&mut stop), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = tokio::time::sleep_until(check_at.into()), if !closing => {
+                if activity
+                    .idle_since()
+                    .is_some_and(|since| since.elapsed() >= limits.idle_timeout)
+                {
+                    tracing::debug!(plane, %addr, "idle connection closed");
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+    drop(admission);
+}
+
+/// Requests in flight on a connection, and since when it has had none.
+struct Activity(Mutex<(usize, Option<Instant>)>);
+
+impl Activity {
+    fn new() -> Self {
+        Self(Mutex::new((0, Some(Instant::now()))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<Instant>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        let mut a = self.lock();
+        a.0 += 1;
+        a.1 = None;
+        InFlight(self.clone())
+    }
+
+    /// `None` while a request is in flight.
+    fn idle_since(&self) -> Option<Instant> {
+        self.lock().1
+    }
+}
+
+/// One request in flight; counted off when dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut a = self.0.lock();
+        a.0 = a.0.saturating_sub(1);
+        if a.0 == 0 {
+            a.1 = Some(Instant::now());
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The front door: every TCP connection of a listener from accept to close, under caps and
+//! deadlines that no peer, with or without a certificate, can exhaust.
+//!
+//! [`serve`] owns the accept loop. Each accepted connection is admitted against the
+//! listener's [`Table`] (open connections in total and per source address, handshakes in
+//! progress), gets a TLS handshake deadline, and is then served as HTTP/2 by hyper with
+//! keepalive pings, stream and header caps and an idle timeout ([`conn`]). The caller's
+//! verified certificate is read once per connection and handed to every request as a
+//! [`Peer`] extension. Accept errors (out of descriptors) back off instead of spinning.
+
+mod conn;
+pub mod descriptors;
+mod table;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use table::Table;
+
+use crate::config::FrontLimits;
+use crate::tls::{Identity, ServerTls};
+
+/// What a request knows about the connection it came on: added to every request's
+/// extensions by the front door.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The caller's identity from its verified certificate, or why there is none.
+    pub identity: Arc<Result<Identity, String>>,
+    /// The source address.
+    pub addr: SocketAddr,
+}
+
+/// One listener: its name (for logs), socket, TLS settings and caps.
+pub struct Listener {
+    /// `client` or `admin`.
+    pub plane: &'static str,
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// The TLS settings, reloaded when their files change.
+    pub tls: Arc<ServerTls>,
+    /// Caps and deadlines.
+    pub limits: FrontLimits,
+}
+
+/// Serves `routes` on `listener` until `stop` turns true; then stops accepting, asks every
+/// connection to finish (HTTP/2 GOAWAY: requests in flight complete) and returns once all
+/// have closed. The caller bounds that wait with its grace period.
+pub async fn serve(
+    listener: Listener,
+    routes: tonic::service::Routes,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Listener {
+        plane,
+        socket,
+        tls,
+        limits,
+    } = listener;
+    let table = Arc::new(Table::new(limits));
+    let routes = routes.prepare();
+    let mut backoff = AcceptBackoff::new(plane);
+    let mut connections = tokio::task::JoinSet::new();
+    let conn_stop = stop.clone();
+    loop {
+        tokio::select! {
+            biased;
+            () = stop_requested(&mut stop) => break,
+            accepted = socket.accept() => match accepted {
+                Ok((tcp, addr)) => {
+                    backoff.accepted();
+                    let Some(admission) = table.admit(addr.ip()) else {
+                        // Over the per-source cap, or every slot is an established
+                        // connection: closed at once, before any TLS work.
+                        drop(tcp);
+                        continue;
+                    };
+                    // Nagle off: without it an answer of a few hundred bytes waits for the
+                    // client's delayed ACK (~40 ms).
+                    let _ = tcp.set_nodelay(true);
+                    let ctx = conn::Context {
+                        plane,
+                        tls: tls.current(),
+                        limits,
+                        routes: routes.clone(),
+                        stop: conn_stop.clone(),
+                    };
+                    connections.spawn(conn::run(ctx, tcp, addr, admission));
+                }
+                Err(e) => backoff.failed(&e).await,
+            },
+            // Reap finished connection tasks so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(socket);
+    tracing::debug!(
+        plane,
+        open = connections.len(),
+        "listener closed; draining connections"
+    );
+    while connections.join_next().await.is_some() {}
+}
+
+/// Watches the TLS files of the listeners and swaps in new settings when they change.
+pub async fn reload_tls(sets: Vec<(&'static str, Arc<ServerTls>)>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The error last logged per listener, so a broken file is reported once, not per tick.
+    let mut last_error: Vec<Option<String>> = vec![None; sets.len()];
+    loop {
+        tick.tick().await;
+        for ((plane, tls), last) in sets.iter().zip(last_error.iter_mut()) {
+            let tls = tls.clone();
+            let result = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
+            match result {
+                Ok(Ok(true)) => {
+                    *last = None;
+                    tracing::info!(plane, "TLS files changed: new connections use them");
+                }
+                Ok(Ok(false)) => *last = None,
+                Ok(Err(e)) => {
+                    let text = e.to_string();
+                    if last.as_deref() != Some(text.as_str()) {
+                        tracing::error!(plane, error = %text, "TLS files changed but do not load; the previous settings stay");
+                        *last = Some(text);
+                    }
+                }
+                Err(e) => tracing::error!(plane, error = %e, "TLS reload task failed"),
+            }
+        }
+    }
+}
+
+/// Backs off after accept errors (EMFILE, ENFILE, ENOBUFS, ...): retrying at once would spin
+/// a core while the condition lasts. Logs once per interval with the count.
+struct AcceptBackoff {
+    plane: &'static str,
+    delay: Duration,
+    failures: u64,
+    last_log: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    fn new(plane: &'static str) -> Self {
+        Self {
+            plane,
+            delay: Self::FIRST,
+            failures: 0,
+            last_log: None,
+        }
+    }
+
+    fn accepted(&mut self) {
+        self.delay = Self::FIRST;
+    }
+
+    async fn failed(&mut self, error: &std::io::Error) {
+        use std::io::ErrorKind;
+        // The peer gave up between SYN and accept: nothing is wrong with the listener.
+        if matches!(
+            error.kind(),
+            ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted
+        ) {
+            return;
+        }
+        self.failures += 1;
+        if self.last_log.is_none_or(|t| t.elapsed() >= Self::LOG_EVERY) {
+            tracing::warn!(
+                plane = self.plane,
+                error = %error,
+                failures = self.failures,
+                retry_in_ms = self.delay.as_millis() as u64,
+                "accept failed; backing off (out of descriptors? see RLIMIT_NOFILE and [*.connections])"
+            );
+            self.last_log = Some(Instant::now());
+            self.failures = 0;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Self::MAX);
+    }
+}
+
+/// Completes when the stop signal turns true (or its sender is gone).
+pub async fn stopped(mut rx: watch::Receiver<bool>) {
+    stop_requested(&mut rx).await
+}
+
+/// Completes when `rx` turns true (or its sender is gone); the guard `wait_for` returns is
+/// dropped inside, so the future stays `Send`.
+async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
