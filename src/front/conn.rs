@@ -29,6 +29,7 @@ pub(super) struct Context {
     pub(super) limits: FrontLimits,
     pub(super) routes: tonic::service::Routes,
     pub(super) stop: watch::Receiver<bool>,
+    pub(super) refusals: Arc<super::LogLimit>,
 }
 
 /// Serves one accepted connection to its end.
@@ -39,6 +40,7 @@ pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admi
         limits,
         routes,
         mut stop,
+        refusals,
     } = ctx;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake = tokio::select! {
@@ -52,7 +54,11 @@ pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admi
     let stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
-            tracing::debug!(plane, %addr, error = %e, "TLS handshake failed");
+            // Refused certificates (revoked, expired, unknown CA) are what an operator looks
+            // for; anyone can cause them, so they are logged at a bounded rate.
+            if refusals.allow() {
+                tracing::info!(plane, %addr, error = %e, "TLS handshake refused");
+            }
             return;
         }
         Err(_) => {

@@ -7,8 +7,8 @@ use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use crate::config::FrontLimits;
 
 /// Descriptors kept for everything but connections: the store's files, the token's files
-/// (SoftHSM2 opens them on every operation on a token object), the audit log, the runtime,
-/// logs, and connections evicted but not yet closed.
+/// (SoftHSM2 opens them on every operation on a token object), the audit log, the runtime
+/// and logs. Each listener also keeps room for connections evicted but not yet closed.
 const MIN_RESERVE: u64 = 96;
 
 /// The soft RLIMIT_NOFILE after trying to raise it to the hard limit, and the hard limit.
@@ -69,7 +69,9 @@ pub fn fit(
     client: FrontLimits,
     admin: Option<FrontLimits>,
 ) -> (FrontLimits, Option<FrontLimits>, bool) {
-    let reserve = MIN_RESERVE.max(soft / 8);
+    let listeners = if admin.is_some() { 2 } else { 1 };
+    let reserve =
+        MIN_RESERVE.max(soft / 8) + listeners * super::table::MAX_PENDING_EVICTIONS as u64;
     let available = usize::try_from(soft.saturating_sub(reserve))
         .unwrap_or(usize::MAX)
         .max(2);
@@ -116,7 +118,8 @@ mod tests {
         let (c, a, lowered) = fit(256, FrontLimits::client(), Some(FrontLimits::admin()));
         let a = a.unwrap();
         assert!(lowered);
-        assert!(c.max_connections + a.max_connections <= 256 - MIN_RESERVE as usize);
+        let pending = 2 * crate::front::table::MAX_PENDING_EVICTIONS;
+        assert!(c.max_connections + a.max_connections + pending <= 256 - MIN_RESERVE as usize);
         assert!(a.max_connections >= 16, "{a:?}");
         assert!(c.max_handshakes <= c.max_connections);
         assert!(c.max_connections_per_ip <= c.max_connections);

@@ -63,6 +63,7 @@ pub async fn serve(
     let table = Arc::new(Table::new(limits));
     let routes = routes.prepare();
     let mut backoff = AcceptBackoff::new(plane);
+    let refusals = Arc::new(LogLimit::new(plane, 20, Duration::from_secs(10)));
     let mut connections = tokio::task::JoinSet::new();
     let conn_stop = stop.clone();
     loop {
@@ -87,6 +88,7 @@ pub async fn serve(
                         limits,
                         routes: routes.clone(),
                         stop: conn_stop.clone(),
+                        refusals: refusals.clone(),
                     };
                     connections.spawn(conn::run(ctx, tcp, addr, admission));
                 }
@@ -131,6 +133,48 @@ pub async fn reload_tls(sets: Vec<(&'static str, Arc<ServerTls>)>, every: Durati
                 }
                 Err(e) => tracing::error!(plane, error = %e, "TLS reload task failed"),
             }
+        }
+    }
+}
+
+/// At most `burst` log lines per `window` for events any peer can cause; what is held back
+/// is counted and reported with the next line allowed.
+pub(crate) struct LogLimit {
+    plane: &'static str,
+    burst: u32,
+    window: Duration,
+    state: std::sync::Mutex<(Instant, u32, u64)>,
+}
+
+impl LogLimit {
+    pub(crate) fn new(plane: &'static str, burst: u32, window: Duration) -> Self {
+        Self {
+            plane,
+            burst,
+            window,
+            state: std::sync::Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// Whether to log this event.
+    pub(crate) fn allow(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0.elapsed() >= self.window {
+            if s.2 > 0 {
+                tracing::info!(
+                    plane = self.plane,
+                    suppressed = s.2,
+                    "more TLS handshakes were refused than logged"
+                );
+            }
+            *s = (Instant::now(), 0, 0);
+        }
+        if s.1 < self.burst {
+            s.1 += 1;
+            true
+        } else {
+            s.2 += 1;
+            false
         }
     }
 }

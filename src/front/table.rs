@@ -12,7 +12,7 @@ use crate::config::FrontLimits;
 /// Evictions asked for but not yet carried out (the evicted task has not run): while this
 /// many are pending, new connections are refused instead, so the descriptor count stays
 /// within the cap plus this margin.
-const MAX_PENDING_EVICTIONS: usize = 64;
+pub(crate) const MAX_PENDING_EVICTIONS: usize = 16;
 
 /// Counts of one listener's connections, under its caps.
 pub struct Table {

@@ -14,6 +14,7 @@ mod cli;
 mod corruption;
 mod crash;
 mod faults;
+mod frontdoor;
 mod invariants;
 mod limits;
 mod mtls;

@@ -248,6 +248,11 @@ path = "store"
 
     /// Starts `strongroomd` with a configuration and extra environment.
     pub fn start_with(&self, config: &Path, env: &[(&str, &str)]) -> Server {
+        self.start_under(&[], config, env)
+    }
+
+    /// Starts `strongroomd` as the last argument of `wrapper` (e.g. `prlimit --nofile=…`).
+    pub fn start_under(&self, wrapper: &[&str], config: &Path, env: &[(&str, &str)]) -> Server {
         let log = self.dir.path().join(format!(
             "strongroomd-{}.log",
             std::time::SystemTime::now()
@@ -255,7 +260,14 @@ path = "store"
                 .unwrap()
                 .as_nanos()
         ));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroomd"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(env!("CARGO_BIN_EXE_strongroomd"));
+                cmd
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_strongroomd")),
+        };
         self.apply_env(&mut cmd);
         cmd.arg("--config")
             .arg(config)
