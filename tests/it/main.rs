@@ -16,6 +16,7 @@ mod crash;
 mod faults;
 mod invariants;
 mod limits;
+mod list;
 mod mtls;
 mod overload;
 mod restart;
