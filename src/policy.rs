@@ -261,8 +261,16 @@ impl Policy {
             .collect();
         scope.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         scope.dedup();
-        let wider = scope.clone();
-        scope.retain(|p| !wider.iter().any(|w| w != p && w.matches(p.as_str())));
+        // Drop every prefix that lies under another one: a prefix's wider prefixes are its
+        // ancestors by segment (and "" above all), each looked up once.
+        let kept: BTreeSet<String> = scope.iter().map(|p| p.as_str().to_owned()).collect();
+        if kept.contains("") {
+            return vec![NamePrefix::all()];
+        }
+        scope.retain(|p| {
+            let p = p.as_str();
+            !p.match_indices('/').any(|(i, _)| kept.contains(&p[..i]))
+        });
         scope
     }
 }
