@@ -357,6 +357,9 @@ pub struct Limits {
     pub max_name_bytes: usize,
     /// Largest ListSecrets page.
     pub max_page_size: usize,
+    /// Most keys one ListSecrets call examines; a listing that needs more continues over
+    /// several calls with page tokens.
+    pub max_list_scan: u64,
 }
 
 impl Default for Limits {
@@ -365,9 +368,15 @@ impl Default for Limits {
             max_value_bytes: 64 * 1024,
             max_name_bytes: 256,
             max_page_size: 1000,
+            max_list_scan: DEFAULT_MAX_LIST_SCAN,
         }
     }
 }
+
+/// Keys one ListSecrets call examines when the configuration says nothing.
+pub const DEFAULT_MAX_LIST_SCAN: u64 = 10_000;
+/// The hard ceiling on `max_list_scan`.
+pub const MAX_LIST_SCAN_CEILING: u64 = 10_000_000;
 
 /// The hard ceiling on `max_value_bytes`.
 pub const MAX_VALUE_BYTES_CEILING: usize = 16 * 1024 * 1024;
@@ -521,6 +530,11 @@ impl Config {
                 "limits.max_page_size must be 1..=100000".into(),
             ));
         }
+        if l.max_list_scan == 0 || l.max_list_scan > MAX_LIST_SCAN_CEILING {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_list_scan must be 1..={MAX_LIST_SCAN_CEILING}"
+            )));
+        }
         if self.hsm.request_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "hsm.request_timeout_ms must be at least 1".into(),
@@ -650,6 +664,22 @@ mod tests {
         for bad in ["cache_capacity_mb = 0", "cache_capacity_mb = 2000000"] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains("store.cache_capacity_mb"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_list_scan_cap_defaults_and_must_be_sane() {
+        assert_eq!(parse("").unwrap().limits.max_list_scan, 10_000);
+        assert_eq!(
+            parse("[limits]\nmax_list_scan = 50")
+                .unwrap()
+                .limits
+                .max_list_scan,
+            50
+        );
+        for bad in ["max_list_scan = 0", "max_list_scan = 10000001"] {
+            let e = parse(&format!("[limits]\n{bad}")).unwrap_err().to_string();
+            assert!(e.contains("limits.max_list_scan"), "{bad}: {e}");
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A policy is a list of rules; a rule grants capabilities on the names under a prefix to
 //! the identities its pattern matches. A request is allowed when any rule grants the
-//! capability; nothing is ever denied explicitly, so rule order does not matter.
+//! capability; nothing is ever denied explicitly, so rule order does not matter. Listing is
+//! decided from the rules before any name is read ([`Policy::list_scope`]).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -240,6 +241,50 @@ impl Policy {
     pub fn allows(&self, identity: &Identity, capability: Capability, name: &SecretName) -> bool {
         matches!(self.decide(identity, capability, name), Decision::Allow(_))
     }
+
+    /// The parts of `requested` that `identity` may list, decided from the rules alone: for
+    /// every rule granting [`Capability::List`] to the identity, the overlap of its prefix
+    /// with `requested`. The result is sorted and minimal (no prefix lies under another), so
+    /// the prefixes are disjoint; empty when nothing may be listed there.
+    ///
+    /// A name under `requested` is under one of the prefixes exactly when
+    /// [`allows`](Self::allows) grants List on it: prefixes are segment sets, so two of them
+    /// either nest or do not meet, and their overlap is the narrower one.
+    pub fn list_scope(&self, identity: &Identity, requested: &NamePrefix) -> Vec<NamePrefix> {
+        let mut scope: Vec<NamePrefix> = self
+            .rules
+            .iter()
+            .filter(|r| {
+                r.capabilities.contains(&Capability::List) && r.identity.matches(identity.as_str())
+            })
+            .filter_map(|r| overlap(&r.prefix, requested))
+            .collect();
+        scope.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        scope.dedup();
+        // Drop every prefix that lies under another one: a prefix's wider prefixes are its
+        // ancestors by segment (and "" above all), each looked up once.
+        let kept: BTreeSet<String> = scope.iter().map(|p| p.as_str().to_owned()).collect();
+        if kept.contains("") {
+            return vec![NamePrefix::all()];
+        }
+        scope.retain(|p| {
+            let p = p.as_str();
+            !p.match_indices('/').any(|(i, _)| kept.contains(&p[..i]))
+        });
+        scope
+    }
+}
+
+/// The names under both prefixes, as a prefix: the narrower one when they nest, none when
+/// they do not meet.
+fn overlap(a: &NamePrefix, b: &NamePrefix) -> Option<NamePrefix> {
+    if a.matches(b.as_str()) {
+        Some(b.clone())
+    } else if b.matches(a.as_str()) {
+        Some(a.clone())
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -299,6 +344,79 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn list_scope_is_the_overlap_of_grants_and_prefix() {
+        use Capability::*;
+        let policy = Policy::from_rules(
+            &[
+                rule("a", "pay", &[List]),
+                rule("a", "payments/db", &[List, Read]),
+                rule("a", "payments/db/x", &[List]),
+                rule("a", "hr", &[Read]),
+                rule("a*", "ops/logs", &[List]),
+                rule("b", "", &[List]),
+            ],
+            256,
+        )
+        .unwrap();
+        let scope = |id: &str, prefix: &str| -> Vec<String> {
+            policy
+                .list_scope(&Identity::new(id), &NamePrefix::parse(prefix, 256).unwrap())
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect()
+        };
+        // Segment-aware: "pay" does not reach "payments".
+        assert_eq!(scope("a", "payments"), vec!["payments/db"]);
+        assert_eq!(scope("a", ""), vec!["ops/logs", "pay", "payments/db"]);
+        assert_eq!(scope("a", "payments/db/x/y"), vec!["payments/db/x/y"]);
+        assert_eq!(scope("a", "hr"), Vec::<String>::new());
+        assert_eq!(scope("ab", "ops"), vec!["ops/logs"]);
+        assert_eq!(scope("b", "payments/"), vec!["payments"]);
+        assert_eq!(scope("b", ""), vec![""]);
+        assert_eq!(scope("c", ""), Vec::<String>::new());
+        assert!(
+            Policy::default()
+                .list_scope(&Identity::new("a"), &NamePrefix::all())
+                .is_empty()
+        );
+    }
+
+    /// The scope decides exactly as `allows` does, name by name.
+    #[test]
+    fn list_scope_agrees_with_allows() {
+        use Capability::*;
+        let policy = Policy::from_rules(
+            &[
+                rule("a", "p", &[List]),
+                rule("a", "p-x/q", &[List]),
+                rule("a", "p.y", &[Read]),
+                rule("a*", "r/s", &[List]),
+                rule("z", "", &[List]),
+            ],
+            256,
+        )
+        .unwrap();
+        let names = [
+            "p", "p/a", "p/a/b", "p-x", "p-x/q", "p-x/q/r", "p-x/qq", "p.y", "p.y/z", "pa", "q",
+            "r", "r/s", "r/s/t", "r/st", "s",
+        ];
+        let prefixes = ["", "p", "p/a", "p-x", "p-x/q/r", "r", "r/s/t", "q", "pa"];
+        for id in ["a", "ab", "z", "y"] {
+            let id = Identity::new(id);
+            for prefix in prefixes {
+                let prefix = NamePrefix::parse(prefix, 256).unwrap();
+                let scope = policy.list_scope(&id, &prefix);
+                for n in names {
+                    let name = SecretName::parse(n, 256).unwrap();
+                    let by_rules = prefix.matches(n) && policy.allows(&id, List, &name);
+                    let by_scope = scope.iter().any(|p| p.matches(n));
+                    assert_eq!(by_rules, by_scope, "{id:?} {prefix:?} {n}");
+                }
+            }
+        }
     }
 
     #[test]

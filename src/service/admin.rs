@@ -686,6 +686,7 @@ impl AdminApiInner {
                 crate::hsm::HsmState::Ready => "ready".into(),
                 crate::hsm::HsmState::Recovering => "recovering".into(),
             },
+            list_keys_examined: state.store.list_keys_examined(),
         })
     }
 }

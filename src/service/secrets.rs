@@ -13,6 +13,7 @@ use crate::audit::{AuditEvent, Expected};
 use crate::envelope::{self, record_aad};
 use crate::error::Error;
 use crate::hsm::HsmError;
+use crate::hsm::keys::MacKey;
 use crate::policy::Capability;
 use crate::proto::{
     DeleteSecretRequest, DeleteSecretResponse, DescribeSecretRequest, DescribeSecretResponse,
@@ -20,7 +21,7 @@ use crate::proto::{
     PutSecretResponse, VersionInfo, secret_service_server::SecretService,
 };
 use crate::secret::{Mechanism, NamePrefix, SealedRecord, SecretName};
-use crate::store::StoreError;
+use crate::store::{NameRange, StoreError};
 use crate::tls::Identity;
 
 /// How many times a write without check-and-set retries after losing a race.
@@ -36,14 +37,28 @@ pub struct SecretsService(Arc<SecretsServiceInner>);
 pub(crate) struct SecretsServiceInner {
     state: Arc<State>,
     next_request_id: AtomicU64,
+    /// Authenticates ListSecrets page tokens; derived from the token once, at start.
+    page_key: tokio::sync::OnceCell<PageTokenKey>,
 }
 
 impl SecretsService {
     pub(crate) fn new(state: Arc<State>) -> Self {
-        Self(Arc::new(SecretsServiceInner {
+        let inner = Arc::new(SecretsServiceInner {
             state,
             next_request_id: AtomicU64::new(1),
-        }))
+            page_key: tokio::sync::OnceCell::new(),
+        });
+        // Derive the page-token key now, so that no ListSecrets waits for the token; if the
+        // token cannot answer yet, the first call that needs the key tries again.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let early = inner.clone();
+            runtime.spawn(async move {
+                if let Err(e) = early.page_key().await {
+                    tracing::warn!(error = %e, "cannot derive the page-token key yet; ListSecrets will try again when it needs it");
+                }
+            });
+        }
+        Self(inner)
     }
 }
 
@@ -116,7 +131,7 @@ impl SecretService for SecretsService {
         super::complete(deadline, async move {
             let ctx = this.begin(&request, "ListSecrets").await?;
             let req = request.into_inner();
-            let result = list(&this.state, &ctx, &req).await;
+            let result = list(&this, &ctx, &req).await;
             this.finish(&ctx, "ListSecrets", &req.prefix, result, |_| None)
                 .await
         })
@@ -141,6 +156,13 @@ impl SecretService for SecretsService {
 }
 
 impl SecretsServiceInner {
+    /// The page-token key, derived from the token the first time it is needed.
+    async fn page_key(&self) -> Result<&PageTokenKey, Error> {
+        self.page_key
+            .get_or_try_init(|| PageTokenKey::derive(&self.state))
+            .await
+    }
+
     /// Authenticates the caller from its verified certificate and reads the deadline.
     async fn begin<T>(&self, request: &Request<T>, operation: &'static str) -> Result<Ctx, Status> {
         let expected = self.state.audit.announce();
@@ -450,11 +472,16 @@ async fn describe(
     })
 }
 
+/// ListSecrets: decided from the caller's grants before the store is touched. A caller whose
+/// list rules do not meet the prefix gets an empty page without a store access; otherwise
+/// only the overlap of the prefix with the grants is scanned, at most `max_list_scan` keys per
+/// call, and each name still passes the policy.
 async fn list(
-    state: &State,
+    inner: &SecretsServiceInner,
     ctx: &Ctx,
     req: &ListSecretsRequest,
 ) -> Result<ListSecretsResponse, Error> {
+    let state = &inner.state;
     super::rollback::ensure_trusted(state)?;
     let max_name = state.limits.max_name_bytes;
     let prefix = NamePrefix::parse(&req.prefix, max_name)
@@ -471,31 +498,45 @@ async fn list(
     };
     let after = match req.page_token.as_str() {
         "" => None,
-        token => Some(decode_page_token(token, max_name)?),
+        token => Some(
+            inner
+                .page_key()
+                .await?
+                .open(token, &ctx.identity, &prefix)?,
+        ),
     };
-    let identity = ctx.identity.clone();
     let policy = state.policy();
+    let scope = policy.list_scope(&ctx.identity, &prefix);
+    if scope.is_empty() {
+        // Nothing here may be listed by this caller: the answer needs no store access, so it
+        // costs the same and says the same whatever the store holds.
+        return Ok(ListSecretsResponse::default());
+    }
+    let ranges = NameRange::covering(&scope);
+    let max_scan = state.limits.max_list_scan;
+    let (identity, under) = (ctx.identity.clone(), prefix.clone());
     let page = blocking(state, move |s| {
-        // Deny by default: a caller sees only names it may list.
-        let visible = |n: &SecretName| policy.allows(&identity, Capability::List, n);
-        s.list(
-            &prefix,
-            after.as_ref().map(SecretName::as_str),
-            page_size,
-            &visible,
-        )
+        // Defence in depth: the ranges already hold only what the rules grant.
+        let visible = |n: &SecretName| {
+            under.matches(n.as_str()) && policy.allows(&identity, Capability::List, n)
+        };
+        s.list(&ranges, after.as_deref(), page_size, max_scan, &visible)
     })
     .await?;
+    let next_page_token = match &page.next_after {
+        Some(resume) => inner
+            .page_key()
+            .await?
+            .issue(&ctx.identity, &prefix, resume),
+        None => String::new(),
+    };
     Ok(ListSecretsResponse {
         names: page
             .names
             .into_iter()
             .map(|n| n.as_str().to_owned())
             .collect(),
-        next_page_token: page
-            .next_after
-            .map(|a| hex::encode(a.as_bytes()))
-            .unwrap_or_default(),
+        next_page_token,
     })
 }
 
@@ -527,11 +568,127 @@ fn parse_name(state: &State, name: &str) -> Result<SecretName, Error> {
         .map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
-fn decode_page_token(token: &str, max_name: usize) -> Result<SecretName, Error> {
-    let bad = || Error::InvalidArgument("page_token is not a token this service issued".into());
-    let bytes = hex::decode(token).map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    SecretName::parse(&text, max_name).map_err(|_| bad())
+/// What the token's store MAC key signs to derive the page-token key. No other MAC under
+/// that key starts with these bytes (policies and approvals have their own domains).
+const PAGE_TOKEN_KEY_DOMAIN: &[u8] = b"strongroom/page-token-key/v1\0";
+/// What every page-token MAC starts with.
+const PAGE_TOKEN_DOMAIN: &[u8] = b"strongroom/page-token/v1\0";
+/// The encoding of page tokens this build issues and accepts.
+const PAGE_TOKEN_VERSION: u8 = 1;
+/// HMAC-SHA256 tag length.
+const PAGE_TOKEN_TAG_LEN: usize = 32;
+/// The longest token text a valid token can be (version, a name at the ceiling, tag), so a
+/// large token is refused before it is decoded.
+const MAX_PAGE_TOKEN_CHARS: usize =
+    (1 + crate::secret::MAX_NAME_BYTES_CEILING + PAGE_TOKEN_TAG_LEN).div_ceil(3) * 4;
+
+/// The key that authenticates ListSecrets page tokens.
+///
+/// Derived from the token's store MAC key (HMAC-SHA256 of a fixed domain string), so every
+/// replica on the same token computes the same key and tokens survive restarts; the token
+/// is asked once, and the derived key lives in process. No `Debug`, no `Clone`; zeroized on
+/// drop.
+pub(crate) struct PageTokenKey(Zeroizing<[u8; 32]>);
+
+impl PageTokenKey {
+    /// Asks the token for the key: one MAC under the store key.
+    async fn derive(state: &State) -> Result<Self, Error> {
+        let macs = state
+            .hsm
+            .mac_chain(
+                MacKey::Store,
+                Vec::new(),
+                vec![PAGE_TOKEN_KEY_DOMAIN.to_vec()],
+                state.hsm_timeout,
+            )
+            .await?;
+        let tag = Zeroizing::new(macs.into_iter().next().unwrap_or_default());
+        let mut key = Zeroizing::new([0u8; 32]);
+        if tag.len() != key.len() {
+            return Err(Error::Internal(format!(
+                "the token's store MAC is {} bytes, not 32",
+                tag.len()
+            )));
+        }
+        key.copy_from_slice(&tag);
+        Ok(Self(key))
+    }
+
+    /// A token to resume a listing of `prefix` by `identity` after `resume`: base64url of
+    /// `version || resume || HMAC(domain || version || identity || prefix || resume)`, each
+    /// variable field but the last length-prefixed. Only this service can make one, and it
+    /// is good only for this caller and this prefix.
+    fn issue(&self, identity: &Identity, prefix: &NamePrefix, resume: &str) -> String {
+        use base64::Engine as _;
+        let tag = self.tag(PAGE_TOKEN_VERSION, identity, prefix, resume.as_bytes());
+        let mut token = Vec::with_capacity(1 + resume.len() + PAGE_TOKEN_TAG_LEN);
+        token.push(PAGE_TOKEN_VERSION);
+        token.extend_from_slice(resume.as_bytes());
+        // The tag is public by design: it is what the caller hands back.
+        token.extend_from_slice(tag.as_ref());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token)
+    }
+
+    /// The resume point of a token this service issued to `identity` for `prefix`; any other
+    /// token is INVALID_ARGUMENT.
+    fn open(&self, token: &str, identity: &Identity, prefix: &NamePrefix) -> Result<String, Error> {
+        use base64::Engine as _;
+        let refuse = || {
+            Error::InvalidArgument(
+                "page_token was not issued by this service for this caller and prefix; list again from the start"
+                    .into(),
+            )
+        };
+        if token.len() > MAX_PAGE_TOKEN_CHARS {
+            return Err(refuse());
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| refuse())?;
+        if bytes.len() < 1 + PAGE_TOKEN_TAG_LEN || bytes[0] != PAGE_TOKEN_VERSION {
+            return Err(refuse());
+        }
+        let (body, tag) = bytes.split_at(bytes.len() - PAGE_TOKEN_TAG_LEN);
+        let resume = &body[1..];
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.0.as_ref());
+        let input = page_token_input(PAGE_TOKEN_VERSION, identity, prefix, resume);
+        ring::hmac::verify(&key, &input, tag).map_err(|_| refuse())?;
+        String::from_utf8(resume.to_vec()).map_err(|_| refuse())
+    }
+
+    fn tag(
+        &self,
+        version: u8,
+        identity: &Identity,
+        prefix: &NamePrefix,
+        resume: &[u8],
+    ) -> ring::hmac::Tag {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.0.as_ref());
+        ring::hmac::sign(&key, &page_token_input(version, identity, prefix, resume))
+    }
+}
+
+/// What a page token's MAC covers: domain, version, the caller's identity and the
+/// requested prefix (each length-prefixed), then the resume key.
+fn page_token_input(
+    version: u8,
+    identity: &Identity,
+    prefix: &NamePrefix,
+    resume: &[u8],
+) -> Vec<u8> {
+    let id = identity.as_str().as_bytes();
+    let prefix = prefix.as_str().as_bytes();
+    let mut input =
+        Vec::with_capacity(PAGE_TOKEN_DOMAIN.len() + 9 + id.len() + prefix.len() + resume.len());
+    input.extend_from_slice(PAGE_TOKEN_DOMAIN);
+    input.push(version);
+    for field in [id, prefix] {
+        // Identities and prefixes are far below 4 GiB (certificate SANs, max_name_bytes).
+        input.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        input.extend_from_slice(field);
+    }
+    input.extend_from_slice(resume);
+    input
 }
 
 /// The master key for new writes; looks in the token again if none was known.
@@ -644,10 +801,57 @@ mod tests {
     }
 
     #[test]
-    fn page_tokens_round_trip_and_reject_garbage() {
-        let t = hex::encode("payments/db");
-        assert_eq!(decode_page_token(&t, 256).unwrap().as_str(), "payments/db");
-        assert!(decode_page_token("zz", 256).is_err());
-        assert!(decode_page_token(&hex::encode("a//b"), 256).is_err());
+    fn page_tokens_round_trip_and_bind_caller_and_prefix() {
+        use base64::Engine as _;
+        let key = PageTokenKey(Zeroizing::new([7; 32]));
+        let alice = Identity::new("spiffe://t/alice");
+        let bob = Identity::new("spiffe://t/bob");
+        let prefix = |p: &str| NamePrefix::parse(p, 256).unwrap();
+        let t = key.issue(&alice, &prefix("payments"), "payments/db");
+        assert!(!t.contains("payments"), "{t}");
+        assert_eq!(
+            key.open(&t, &alice, &prefix("payments")).unwrap(),
+            "payments/db"
+        );
+        // "payments/" is the same prefix as "payments".
+        assert!(key.open(&t, &alice, &prefix("payments/")).is_ok());
+        let refused = |token: &str, id: &Identity, p: &str| {
+            let e = key.open(token, id, &prefix(p)).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(e.to_string().contains("not issued by this service"), "{e}");
+        };
+        refused(&t, &bob, "payments");
+        refused(&t, &alice, "payments/db");
+        refused(&t, &alice, "");
+        // Another key (another token) did not issue it.
+        let other = PageTokenKey(Zeroizing::new([8; 32]));
+        assert!(other.open(&t, &alice, &prefix("payments")).is_err());
+        // Every single-bit change anywhere in the token is refused.
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&t)
+            .unwrap();
+        for i in 0..raw.len() {
+            for bit in 0..8 {
+                let mut bad = raw.clone();
+                bad[i] ^= 1 << bit;
+                let bad = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bad);
+                refused(&bad, &alice, "payments");
+            }
+        }
+        // Garbage, the old format (hex of a name), truncations and giants.
+        for bad in [
+            "zz".to_owned(),
+            hex::encode("payments/db"),
+            t[..t.len() - 2].to_owned(),
+            String::new() + "A",
+            "A".repeat(MAX_PAGE_TOKEN_CHARS + 4),
+        ] {
+            refused(&bad, &alice, "payments");
+        }
+        // The longest valid token fits the length bound.
+        let longest = "n".repeat(crate::secret::MAX_NAME_BYTES_CEILING);
+        let t = key.issue(&alice, &prefix(""), &longest);
+        assert!(t.len() <= MAX_PAGE_TOKEN_CHARS);
+        assert_eq!(key.open(&t, &alice, &prefix("")).unwrap(), longest);
     }
 }

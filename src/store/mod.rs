@@ -68,8 +68,54 @@ impl Head {
 pub struct Page {
     /// Names, lexically ordered.
     pub names: Vec<SecretName>,
-    /// Where the next page starts (exclusive), if there is one.
+    /// Where the next page starts (exclusive), if there may be one: the last name returned
+    /// when the page is full, or the last key examined when the scan's budget ran out.
     pub next_after: Option<String>,
+    /// How many keys this call examined (live, deleted and invisible ones alike).
+    pub examined: u64,
+}
+
+/// A half-open range of names in byte order, `start <= name < end` (no end: every name
+/// from `start` on), as the store scans them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameRange {
+    /// The first name of the range.
+    pub start: String,
+    /// The first name past the range.
+    pub end: Option<String>,
+}
+
+impl NameRange {
+    /// The ranges that hold exactly the names under the given prefixes, in name order. The
+    /// prefixes must not nest (as [`Policy::list_scope`](crate::policy::Policy::list_scope)
+    /// returns them), so the ranges are disjoint.
+    ///
+    /// A prefix `p` covers the name `p` and the names that start with `p/`, which are not
+    /// adjacent in byte order (`p-x` and `p.x` lie between them): two ranges, `[p, p\0)` and
+    /// `[p/, p0)` (`0` follows `/`), so no name outside the prefix is ever read.
+    pub fn covering(prefixes: &[NamePrefix]) -> Vec<NameRange> {
+        let mut out = Vec::with_capacity(prefixes.len() * 2);
+        for p in prefixes {
+            let p = p.as_str();
+            if p.is_empty() {
+                out.push(NameRange {
+                    start: String::new(),
+                    end: None,
+                });
+                continue;
+            }
+            out.push(NameRange {
+                start: p.to_owned(),
+                end: Some(format!("{p}\0")),
+            });
+            out.push(NameRange {
+                start: format!("{p}/"),
+                end: Some(format!("{p}0")),
+            });
+        }
+        out.sort_by(|a, b| a.start.cmp(&b.start));
+        out
+    }
 }
 
 /// Namespaces of the records officers manage, kept beside the secrets.
@@ -102,14 +148,21 @@ pub trait Store: Send + Sync + 'static {
     /// Every live version of a secret, oldest first.
     fn versions(&self, name: &SecretName) -> Result<Vec<SealedRecord>, StoreError>;
 
-    /// Live names under `prefix`, after `after`, for which `visible` holds; at most `limit`.
+    /// Live names in `ranges` (disjoint, in order; see [`NameRange::covering`]) after
+    /// `after`, for which `visible` holds: at most `limit` names, and at most `max_examined`
+    /// keys read, so no call does unbounded work. Reads nothing outside the ranges.
     fn list(
         &self,
-        prefix: &NamePrefix,
+        ranges: &[NameRange],
         after: Option<&str>,
         limit: usize,
+        max_examined: u64,
         visible: &dyn Fn(&SecretName) -> bool,
     ) -> Result<Page, StoreError>;
+
+    /// Keys [`list`](Self::list) has examined since the store was opened, every call
+    /// together.
+    fn list_keys_examined(&self) -> u64;
 
     /// Destroys every version of `name`; returns how many. Durable on return.
     fn delete(&self, name: &SecretName) -> Result<u64, StoreError>;

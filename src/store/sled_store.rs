@@ -11,13 +11,14 @@
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
 use sled::{Batch, IVec};
 
-use super::{Aux, Head, Page, Store, StoreError, VersionConflict};
+use super::{Aux, Head, NameRange, Page, Store, StoreError, VersionConflict};
 use crate::proto::HeadV1;
-use crate::secret::{NamePrefix, SealedRecord, SecretName};
+use crate::secret::{SealedRecord, SecretName};
 
 const HEAD: u8 = b'h';
 const RECORD: u8 = b'r';
@@ -33,6 +34,8 @@ const EPOCH: &str = "epoch";
 pub struct SledStore {
     db: sled::Db,
     write_lock: Mutex<()>,
+    /// Keys `list` has examined, for the admin plane's status.
+    examined: AtomicU64,
 }
 
 impl SledStore {
@@ -61,6 +64,7 @@ impl SledStore {
         Ok(Self {
             db,
             write_lock: Mutex::new(()),
+            examined: AtomicU64::new(0),
         })
     }
 
@@ -146,45 +150,76 @@ impl Store for SledStore {
 
     fn list(
         &self,
-        prefix: &NamePrefix,
+        ranges: &[NameRange],
         after: Option<&str>,
         limit: usize,
+        max_examined: u64,
         visible: &dyn Fn(&SecretName) -> bool,
     ) -> Result<Page, StoreError> {
-        let mut scan_prefix = vec![HEAD];
-        scan_prefix.extend_from_slice(prefix.as_str().as_bytes());
-        let start = match after {
-            Some(after) => {
-                let mut k = vec![HEAD];
-                k.extend_from_slice(after.as_bytes());
-                k.push(0);
-                k.max(scan_prefix.clone())
-            }
-            None => scan_prefix.clone(),
-        };
-        let mut names = Vec::new();
+        // A call always makes progress.
+        let (limit, max_examined) = (limit.max(1), max_examined.max(1));
+        // Resume strictly after `after`: names never contain `\0`, so `after\0` is the next
+        // possible name.
+        let resume = after.map(|a| {
+            let mut k = vec![HEAD];
+            k.extend_from_slice(a.as_bytes());
+            k.push(0);
+            k
+        });
+        let mut names: Vec<SecretName> = Vec::new();
+        let mut examined = 0u64;
         let mut next_after = None;
-        for kv in self.db.range(start..) {
-            let (k, v) = kv?;
-            if !k.starts_with(&scan_prefix) {
-                break;
+        'ranges: for range in ranges {
+            let mut start = vec![HEAD];
+            start.extend_from_slice(range.start.as_bytes());
+            if let Some(r) = &resume
+                && *r > start
+            {
+                start.clone_from(r);
             }
-            let text = std::str::from_utf8(&k[1..]).map_err(|e| corrupt(&k, e))?;
-            let name = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING)
-                .map_err(|e| corrupt(&k, e))?;
-            if !prefix.matches(name.as_str()) || decode_head(&name, &v)?.deleted {
+            let end = match &range.end {
+                Some(e) => {
+                    let mut k = vec![HEAD];
+                    k.extend_from_slice(e.as_bytes());
+                    k
+                }
+                // Every head: the keys of the next kind start with the next tag.
+                None => vec![HEAD + 1],
+            };
+            if start >= end {
                 continue;
             }
-            if !visible(&name) {
-                continue;
+            for kv in self.db.range(start..end) {
+                let (k, v) = kv?;
+                examined += 1;
+                self.examined.fetch_add(1, Ordering::Relaxed);
+                let text = std::str::from_utf8(&k[1..]).map_err(|e| corrupt(&k, e))?;
+                let name = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING)
+                    .map_err(|e| corrupt(&k, e))?;
+                if !decode_head(&name, &v)?.deleted && visible(&name) {
+                    if names.len() >= limit {
+                        // One more name exists: the next page starts after this page's last.
+                        next_after = names.last().map(|n| n.as_str().to_owned());
+                        break 'ranges;
+                    }
+                    names.push(name);
+                }
+                if examined >= max_examined {
+                    // The budget is spent: the caller resumes after the last key examined.
+                    next_after = Some(text.to_owned());
+                    break 'ranges;
+                }
             }
-            if names.len() == limit {
-                next_after = names.last().map(|n: &SecretName| n.as_str().to_owned());
-                break;
-            }
-            names.push(name);
         }
-        Ok(Page { names, next_after })
+        Ok(Page {
+            names,
+            next_after,
+            examined,
+        })
+    }
+
+    fn list_keys_examined(&self) -> u64 {
+        self.examined.load(Ordering::Relaxed)
     }
 
     fn delete(&self, name: &SecretName) -> Result<u64, StoreError> {
@@ -399,6 +434,7 @@ fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::NamePrefix;
 
     fn name(s: &str) -> SecretName {
         SecretName::parse(s, 256).unwrap()
@@ -454,27 +490,96 @@ mod tests {
         assert_eq!(store.head(&n).unwrap().unwrap().live(), 0);
     }
 
+    fn ranges(prefixes: &[&str]) -> Vec<NameRange> {
+        let prefixes: Vec<NamePrefix> = prefixes
+            .iter()
+            .map(|p| NamePrefix::parse(p, 256).unwrap())
+            .collect();
+        NameRange::covering(&prefixes)
+    }
+
+    fn texts(names: &[SecretName]) -> Vec<&str> {
+        names.iter().map(SecretName::as_str).collect()
+    }
+
     #[test]
     fn list_is_segment_aware_and_paginated() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
-        for n in ["p/a", "p/b", "p/c", "p-x/a", "q"] {
+        for n in ["p", "p/a", "p/b", "p/c", "p-x/a", "p.y", "q"] {
             store.commit(&record(n, 1), None).unwrap().unwrap();
         }
-        let p = NamePrefix::parse("p", 256).unwrap();
+        let p = ranges(&["p"]);
         let all = |_: &SecretName| true;
-        let page = store.list(&p, None, 2, &all).unwrap();
-        assert_eq!(page.names, vec![name("p/a"), name("p/b")]);
-        let page2 = store.list(&p, page.next_after.as_deref(), 2, &all).unwrap();
-        assert_eq!(page2.names, vec![name("p/c")]);
+        let page = store.list(&p, None, 2, 100, &all).unwrap();
+        assert_eq!(texts(&page.names), ["p", "p/a"]);
+        // Only the prefix's own keys were read: "p-x/a" and "p.y" lie between "p" and "p/a".
+        assert_eq!(page.examined, 3);
+        let page2 = store
+            .list(&p, page.next_after.as_deref(), 2, 100, &all)
+            .unwrap();
+        assert_eq!(texts(&page2.names), ["p/b", "p/c"]);
         assert_eq!(page2.next_after, None);
         let only_b = |n: &SecretName| n.as_str() == "p/b";
         assert_eq!(
-            store.list(&p, None, 10, &only_b).unwrap().names,
-            vec![name("p/b")]
+            texts(&store.list(&p, None, 10, 100, &only_b).unwrap().names),
+            ["p/b"]
         );
-        assert_eq!(store.secret_count().unwrap(), 5);
+        // Several disjoint prefixes come back in name order.
+        let mixed = ranges(&["q", "p-x", "p/b"]);
+        let page = store.list(&mixed, None, 10, 100, &all).unwrap();
+        assert_eq!(texts(&page.names), ["p-x/a", "p/b", "q"]);
+        assert_eq!(page.examined, 3);
+        let everything = store.list(&ranges(&[""]), None, 100, 100, &all).unwrap();
+        assert_eq!(everything.names.len(), 7);
+        assert_eq!(store.list_keys_examined(), 3 + 2 + 4 + 3 + 7);
+        assert!(
+            store
+                .list(&[], None, 10, 100, &all)
+                .unwrap()
+                .names
+                .is_empty()
+        );
+        assert_eq!(store.secret_count().unwrap(), 7);
         assert_eq!(store.count_wraps(1, 1).unwrap(), 1);
         assert_eq!(store.count_wraps(1, 2).unwrap(), 3);
+    }
+
+    #[test]
+    fn list_stops_at_its_budget_and_resumes_after_the_last_key_examined() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut want = Vec::new();
+        for i in 0..30 {
+            let n = format!("s/{i:02}");
+            store.commit(&record(&n, 1), None).unwrap().unwrap();
+            if i % 3 == 0 {
+                want.push(n);
+            }
+        }
+        store.delete(&name("s/03")).unwrap();
+        want.retain(|n| n != "s/03");
+        let visible = |n: &SecretName| n.as_str()[2..].parse::<u32>().unwrap() % 3 == 0;
+        let all = ranges(&["s"]);
+        let mut got = Vec::new();
+        let mut after = None;
+        let mut calls = 0;
+        loop {
+            let page = store.list(&all, after.as_deref(), 4, 7, &visible).unwrap();
+            assert!(page.examined <= 7);
+            assert!(page.names.len() <= 4);
+            got.extend(page.names.iter().map(|n| n.as_str().to_owned()));
+            calls += 1;
+            after = page.next_after;
+            if after.is_none() {
+                break;
+            }
+        }
+        assert_eq!(got, want);
+        assert!(calls >= 30 / 7, "{calls}");
+        // A budget of one key still makes progress.
+        let page = store.list(&all, None, 4, 1, &visible).unwrap();
+        assert_eq!(page.examined, 1);
+        assert_eq!(page.next_after.as_deref(), Some("s/00"));
     }
 }

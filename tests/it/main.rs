@@ -17,6 +17,7 @@ mod faults;
 mod frontdoor;
 mod invariants;
 mod limits;
+mod list;
 mod mtls;
 mod overload;
 mod restart;

@@ -149,6 +149,7 @@ async fn run_async(conn: &Connection, format: Format, command: &Command) -> Resu
                         "dangerous_settings": s.dangerous_settings,
                         "tampered_policies": s.tampered_policies, "policies": s.policies,
                         "store_rollback": s.store_rollback, "hsm_state": s.hsm_state,
+                        "list_keys_examined": s.list_keys_examined,
                     })
                 );
                 return Ok(());
@@ -179,6 +180,7 @@ async fn run_async(conn: &Connection, format: Format, command: &Command) -> Resu
                 ),
                 ("secrets", s.secrets.to_string()),
                 ("store bytes", s.store_bytes.to_string()),
+                ("list keys examined", s.list_keys_examined.to_string()),
                 ("policies", s.policies.to_string()),
                 (
                     "tampered policies",
