@@ -435,7 +435,7 @@ async fn certificates_with_several_uri_sans_or_uri_looking_dns_sans_name_no_iden
         "two-uris",
         vec![uri(PAYMENTS), uri("spiffe://strongroom.test/ops")],
     );
-    let mut issue = |stem: &str, sans: Vec<SanType>| {
+    let issue = |stem: &str, sans: Vec<SanType>| {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
