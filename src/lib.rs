@@ -9,7 +9,11 @@
 //!
 //! The modules follow the path of a request:
 //!
-//! - [`tls`]: TLS settings and the caller's [`tls::Identity`] from its verified certificate.
+//! - [`front`]: the front door: the accept loop, per-listener caps (connections in total and
+//!   per source, handshakes in progress), the TLS handshake deadline, HTTP/2 limits, the idle
+//!   timeout, and the descriptor budget; every request gets its connection's [`front::Peer`].
+//! - [`tls`]: TLS settings (reloaded when their files change, CRLs included) and the caller's
+//!   [`tls::Identity`] from its verified certificate (one URI SAN, or one host-name DNS SAN).
 //! - [`secret`]: [`secret::SecretName`] (parsed), [`secret::SecretValue`] (zeroizing, no
 //!   `Debug`), the sealed record.
 //! - [`policy`]: pure authorisation decisions.
@@ -25,7 +29,9 @@
 //!
 //! # The path of one GetSecret
 //!
-//! TLS (client certificate chains to the client CA) → identity (URI or DNS SAN) → parse the
+//! front door (admitted under the listener's caps; TLS within the handshake deadline; the
+//! client certificate chains to the client CA and is not revoked) → identity (read once per
+//! connection: one URI SAN, or one DNS SAN) → parse the
 //! name → policy (may this identity read it? if not, NOT_FOUND, as for an absent name) →
 //! store (load the sealed record) → hsm (unwrap the data key under the record's master key
 //! version, AAD = name, version, master key version) → envelope (decrypt with the same AAD;
