@@ -145,6 +145,8 @@ impl Server {
             Some(a) => Some(crate::tls::server_config(&a.cert, &a.key, &a.ca)?),
             None => None,
         };
+        // Each request message's decode limit follows these (src/codec.rs).
+        crate::codec::set_limits(&config.limits);
         let seed = Policy::from_rules(&config.policy, config.limits.max_name_bytes)
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
         let store = SledStore::open_with_cache(&config.store.path, config.store.cache_capacity_mb)?;
@@ -171,6 +173,7 @@ impl Server {
                     AuditOptions {
                         path: config.audit.path.clone(),
                         max_batch: config.audit.max_batch,
+                        max_batch_bytes: config.audit.max_batch_bytes,
                         commit_window: Duration::from_micros(config.audit.commit_window_us),
                         checkpoint_every: config.audit.checkpoint_every,
                         checkpoint_interval: Duration::from_secs(
