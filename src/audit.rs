@@ -42,8 +42,9 @@ pub struct AuditEvent<'a> {
     pub identity: Option<&'a Identity>,
     /// The RPC.
     pub operation: &'static str,
-    /// The secret name, policy name or approval id as requested (may be invalid input).
-    pub name: Option<&'a str>,
+    /// The secret name, prefix, policy name or approval id as requested (may be invalid
+    /// input), bounded for recording.
+    pub name: Option<RecordedName<'a>>,
     /// The version served or written, if any.
     pub version: Option<u64>,
     /// The outcome's status code.
@@ -52,6 +53,78 @@ pub struct AuditEvent<'a> {
     pub request_id: u64,
     /// Extra context (e.g. the approval an operation created).
     pub detail: Option<String>,
+}
+
+/// A requested name as the audit log and the process log record it: whole when it is plain
+/// (at most the limit, only bytes some name grammar of the service allows:
+/// `A-Z a-z 0-9 . _ - / *`), which every valid secret name, prefix, policy name and approval
+/// id is; otherwise at most the limit's worth of it plus its length and SHA-256, so that a
+/// caller with no rights cannot make either log grow by more than a bounded amount per call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedName<'a> {
+    /// The name, or for a name that is not plain, its longest prefix (cut on a character
+    /// boundary) whose JSON form is at most the limit's bytes.
+    pub text: &'a str,
+    /// For a name that is not plain: what identifies it whole.
+    pub invalid: Option<InvalidName>,
+}
+
+/// The length and digest of a requested name that is not recorded as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidName {
+    /// Its length in bytes.
+    pub len: u64,
+    /// SHA-256 of its bytes, lowercase hex.
+    pub sha256: String,
+    /// Whether [`RecordedName::text`] is only a prefix of it.
+    pub truncated: bool,
+}
+
+impl<'a> RecordedName<'a> {
+    /// How `name` is recorded when names of up to `limit` bytes are valid.
+    pub fn new(name: &'a str, limit: usize) -> Self {
+        let plain = name.len() <= limit
+            && name.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b'*')
+            });
+        if plain {
+            return Self {
+                text: name,
+                invalid: None,
+            };
+        }
+        let mut json = 0usize;
+        let mut end = 0usize;
+        for (at, c) in name.char_indices() {
+            json += json_len(c);
+            if json > limit {
+                break;
+            }
+            end = at + c.len_utf8();
+        }
+        Self {
+            text: &name[..end],
+            invalid: Some(InvalidName {
+                len: name.len() as u64,
+                sha256: name_sha256(name),
+                truncated: end < name.len(),
+            }),
+        }
+    }
+}
+
+/// SHA-256 of a name, lowercase hex, as `name_sha256` records it.
+pub fn name_sha256(name: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, name.as_bytes()))
+}
+
+/// The bytes `c` takes in a JSON string as serde_json writes it.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\u{8}' | '\u{c}' | '\n' | '\r' | '\t' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
 }
 
 /// An audit entry as written: the line without its `mac` field. Field order is the byte
@@ -69,9 +142,19 @@ pub struct Entry {
     pub identity: Option<String>,
     /// The operation.
     pub operation: String,
-    /// The secret name, policy name or approval id.
+    /// The secret name, prefix, policy name or approval id; for a name that is not plain
+    /// (see [`RecordedName`]), at most the limit's worth of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// A name that is not plain: its whole length in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_len: Option<u64>,
+    /// A name that is not plain: the SHA-256 of its whole bytes, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_sha256: Option<String>,
+    /// A name that is not plain and was cut: `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_truncated: Option<bool>,
     /// The version served or written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
@@ -156,12 +239,16 @@ impl Auditor {
         event: &AuditEvent<'_>,
         expected: Option<&Expected>,
     ) -> Result<(), AuditError> {
+        let invalid = event.name.as_ref().and_then(|n| n.invalid.as_ref());
         tracing::info!(
             target: "strongroom::audit",
             plane = event.plane,
             identity = event.identity.map(Identity::as_str),
             operation = event.operation,
-            name = event.name,
+            name = event.name.as_ref().map(|n| n.text),
+            name_len = invalid.map(|i| i.len),
+            name_sha256 = invalid.map(|i| i.sha256.as_str()),
+            name_truncated = invalid.and_then(|i| i.truncated.then_some(true)),
             version = event.version,
             status = ?event.status,
             request_id = event.request_id,
@@ -228,6 +315,8 @@ pub struct AuditOptions {
     pub path: PathBuf,
     /// Most entries in one group commit.
     pub max_batch: usize,
+    /// Most bytes of lines in one group commit (a single larger entry is written alone).
+    pub max_batch_bytes: usize,
     /// How long a group commit may wait for requests in their handlers (see
     /// [`Auditor::announce`]) to bring their entries.
     pub commit_window: Duration,
@@ -240,12 +329,14 @@ pub struct AuditOptions {
 }
 
 struct Pending {
-    entry: PendingEntry,
+    entry: Entry,
+    /// At most the bytes its line takes (see [`line_len_bound`]).
+    bytes: usize,
     done: oneshot::Sender<Result<(), AuditError>>,
 }
 
 enum Msg {
-    Append(Pending),
+    Append(Box<Pending>),
     Checkpoint(oneshot::Sender<Result<(), AuditError>>),
 }
 
@@ -254,6 +345,7 @@ struct PendingEntry {
     identity: Option<String>,
     operation: String,
     name: Option<String>,
+    invalid_name: Option<InvalidName>,
     version: Option<u64>,
     status: Code,
     request_id: u64,
@@ -407,16 +499,19 @@ impl AuditLog {
         expected: Option<&Expected>,
     ) -> Result<(), AuditError> {
         let (done, rx) = oneshot::channel();
-        let entry = PendingEntry {
+        let entry = to_entry(PendingEntry {
             plane: event.plane.to_owned(),
             identity: event.identity.map(|i| i.as_str().to_owned()),
             operation: event.operation.to_owned(),
-            name: event.name.map(str::to_owned),
+            name: event.name.as_ref().map(|n| n.text.to_owned()),
+            invalid_name: event.name.as_ref().and_then(|n| n.invalid.clone()),
             version: event.version,
             status: event.status,
             request_id: event.request_id,
             detail: event.detail.clone(),
-        };
+        });
+        // Measured here, in the caller's task, so the writer can bound its batches in bytes.
+        let bytes = line_len_bound(&entry);
         // Unbounded, but never long: every sender waits for its entry, so the queue holds
         // at most one entry per request in flight.
         // Counted off before it is queued, so the writer never waits for this entry itself.
@@ -424,7 +519,7 @@ impl AuditLog {
             e.arrived();
         }
         self.tx
-            .send(Msg::Append(Pending { entry, done }))
+            .send(Msg::Append(Box::new(Pending { entry, bytes, done })))
             .map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
@@ -485,6 +580,64 @@ fn later(d: Duration) -> Instant {
         .unwrap_or(now)
 }
 
+/// What bounds one group commit.
+struct BatchLimits {
+    max_entries: usize,
+    max_bytes: usize,
+    commit_window: Duration,
+}
+
+/// One group commit's entries, and a checkpoint request that came after them.
+struct Batch {
+    pending: Vec<Pending>,
+    checkpoint_after: Option<oneshot::Sender<Result<(), AuditError>>>,
+}
+
+/// Takes `first` and what is waiting after it, up to `max_entries` entries and `max_bytes`
+/// bytes of lines (the first entry is taken whatever its size); an entry that would take the
+/// batch over `max_bytes` is left in `carry` for the next one. If requests are in their
+/// handlers (`expected`), sleeps once for the commit window and takes what came meanwhile:
+/// an fsync costs ~50-60 µs of CPU here (BENCHMARKS.md), so without it batches under load
+/// were two or three entries. One sleep, not a wake per arriving entry: each wake is a
+/// context switch, which costs as much as the fsync it saves.
+fn gather(
+    rx: &std::sync::mpsc::Receiver<Msg>,
+    first: Box<Pending>,
+    carry: &mut Option<Box<Pending>>,
+    limits: &BatchLimits,
+    expected: &AtomicUsize,
+) -> Batch {
+    let mut bytes = first.bytes;
+    let mut pending = vec![*first];
+    let mut checkpoint_after = None;
+    let mut slept = limits.commit_window.is_zero();
+    while pending.len() < limits.max_entries && bytes < limits.max_bytes {
+        match rx.try_recv() {
+            Ok(Msg::Append(p)) => {
+                if bytes.saturating_add(p.bytes) > limits.max_bytes {
+                    *carry = Some(p);
+                    break;
+                }
+                bytes += p.bytes;
+                pending.push(*p);
+            }
+            Ok(Msg::Checkpoint(done)) => {
+                checkpoint_after = Some(done);
+                break;
+            }
+            Err(_) if !slept && expected.load(Ordering::Acquire) > 0 => {
+                slept = true;
+                std::thread::sleep(limits.commit_window);
+            }
+            Err(_) => break,
+        }
+    }
+    Batch {
+        pending,
+        checkpoint_after,
+    }
+}
+
 impl Writer {
     /// Takes every entry waiting (up to `max_batch`), chains, writes and fsyncs them at once,
     /// then acknowledges them all; checkpoints every `checkpoint_every` entries and every
@@ -494,9 +647,15 @@ impl Writer {
         let _stopped = Stopped(healthy.clone());
         let interval = self.options.checkpoint_interval;
         let mut next_tick = later(interval);
+        // An entry taken from the queue that did not fit in the last batch's bytes.
+        let mut carry: Option<Box<Pending>> = None;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            let first = match rx.recv_timeout(wait) {
+            let received = match carry.take() {
+                Some(p) => Ok(Msg::Append(p)),
+                None => rx.recv_timeout(wait),
+            };
+            let first = match received {
                 Ok(Msg::Append(p)) => p,
                 Ok(Msg::Checkpoint(done)) => {
                     let r = if self.since_checkpoint > 0 {
@@ -516,32 +675,17 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let mut batch = vec![first];
-            let mut checkpoint_after = None;
-            // Take what is waiting. If other requests are in their handlers, sleep once for
-            // the commit window and take what came meanwhile: an fsync costs ~50-60 µs of
-            // CPU here (BENCHMARKS.md), so without it batches under load were two or three
-            // entries. One sleep, not a wake per arriving entry: each wake is a context
-            // switch, which costs as much as the fsync it saves.
-            let mut slept = self.options.commit_window.is_zero();
-            while batch.len() < self.options.max_batch {
-                match rx.try_recv() {
-                    Ok(Msg::Append(p)) => batch.push(p),
-                    Ok(Msg::Checkpoint(done)) => {
-                        checkpoint_after = Some(done);
-                        break;
-                    }
-                    Err(_) if !slept && self.expected.load(Ordering::Acquire) > 0 => {
-                        slept = true;
-                        std::thread::sleep(self.options.commit_window);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let (entries, acks): (Vec<_>, Vec<_>) = batch
-                .into_iter()
-                .map(|p| (to_entry(p.entry), p.done))
-                .unzip();
+            let limits = BatchLimits {
+                max_entries: self.options.max_batch,
+                max_bytes: self.options.max_batch_bytes,
+                commit_window: self.options.commit_window,
+            };
+            let Batch {
+                pending,
+                mut checkpoint_after,
+            } = gather(&rx, first, &mut carry, &limits, &self.expected);
+            let (entries, acks): (Vec<_>, Vec<_>) =
+                pending.into_iter().map(|p| (p.entry, p.done)).unzip();
             match self.write_batch(entries) {
                 Ok(()) => {
                     healthy.store(true, Ordering::Relaxed);
@@ -819,6 +963,12 @@ fn to_entry(p: PendingEntry) -> Entry {
         identity: p.identity,
         operation: p.operation,
         name: p.name,
+        name_len: p.invalid_name.as_ref().map(|i| i.len),
+        name_truncated: p
+            .invalid_name
+            .as_ref()
+            .and_then(|i| i.truncated.then_some(true)),
+        name_sha256: p.invalid_name.map(|i| i.sha256),
         version: p.version,
         decision: decision.to_owned(),
         status: format!("{:?}", p.status),
@@ -835,6 +985,9 @@ fn internal_entry(operation: &str, detail: String) -> Entry {
         identity: None,
         operation: operation.into(),
         name: None,
+        name_len: None,
+        name_sha256: None,
+        name_truncated: None,
         version: None,
         decision: "allow".into(),
         status: "Ok".into(),
@@ -859,6 +1012,33 @@ fn new_log_id() -> Result<String, AuditError> {
             source: std::io::Error::other("the system random generator failed"),
         })?;
     Ok(hex::encode(id))
+}
+
+/// The bytes [`line_with_mac`] adds to a body: `,"mac":"`, the hex MAC and `"}\n`, less the
+/// body's closing `}`.
+const MAC_SUFFIX_LEN: usize = 8 + 2 * MAC_LEN + 3 - 1;
+
+/// At most the bytes `entry`'s line takes once chained, whatever its `seq` becomes.
+fn line_len_bound(entry: &Entry) -> usize {
+    struct Count(usize);
+    impl Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serialising an `Entry` to a writer that cannot fail does not fail (its fields are
+    // strings, integers and options); were it to, the entry counts as large.
+    if serde_json::to_writer(&mut count, entry).is_err() {
+        return usize::MAX;
+    }
+    // `seq` may take up to 20 digits where it takes 1 now.
+    let seq_room = u64::MAX.to_string().len() - entry.seq.to_string().len();
+    count.0 + seq_room + MAC_SUFFIX_LEN
 }
 
 /// The line for an entry body (`{...}`) and its MAC: `{...,"mac":"<hex>"}\n`.
@@ -1182,6 +1362,17 @@ pub fn verify<E>(
     })
 }
 
+impl Entry {
+    /// Whether this entry is about the name `name`: it records it whole, or records a cut
+    /// of it with its SHA-256.
+    pub fn is_about(&self, name: &str) -> bool {
+        match &self.name_sha256 {
+            Some(sha) => *sha == name_sha256(name),
+            None => self.name.as_deref() == Some(name),
+        }
+    }
+}
+
 /// Reads a log's entries without checking MACs (for `audit tail` and `audit search`).
 pub fn read_entries(reader: impl BufRead) -> impl Iterator<Item = Entry> {
     reader.lines().map_while(Result::ok).filter_map(|l| {
@@ -1192,6 +1383,171 @@ pub fn read_entries(reader: impl BufRead) -> impl Iterator<Item = Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A queued entry whose detail is `n` bytes.
+    fn queued(n: usize, id: u64) -> Box<Pending> {
+        let mut entry = internal_entry("Test", "d".repeat(n));
+        entry.request_id = id;
+        let bytes = line_len_bound(&entry);
+        Box::new(Pending {
+            entry,
+            bytes,
+            done: oneshot::channel().0,
+        })
+    }
+
+    #[test]
+    fn line_len_bound_covers_the_line_at_any_seq() {
+        for seq in [0, 9, 10, 12345, u64::MAX] {
+            let p = queued(100, 1);
+            let mut e = p.entry.clone();
+            e.seq = seq;
+            let line = line_with_mac(&serde_json::to_vec(&e).unwrap(), &[7u8; MAC_LEN]);
+            assert!(
+                line.len() <= p.bytes,
+                "seq {seq}: {} > {}",
+                line.len(),
+                p.bytes
+            );
+        }
+        let mut e = queued(100, 1).entry;
+        e.seq = u64::MAX;
+        let line = line_with_mac(&serde_json::to_vec(&e).unwrap(), &[7u8; MAC_LEN]);
+        assert_eq!(
+            line.len(),
+            queued(100, 1).bytes,
+            "the bound is exact at the widest seq"
+        );
+    }
+
+    #[test]
+    fn group_commits_are_bounded_in_bytes_as_well_as_entries() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // 40 entries of about 1 KiB, one of 20 KiB, 10 more of about 1 KiB.
+        let sizes: Vec<usize> = (0..40)
+            .map(|_| 1000)
+            .chain([20_000])
+            .chain((0..10).map(|_| 1000))
+            .collect();
+        for (i, n) in sizes.iter().enumerate() {
+            tx.send(Msg::Append(queued(*n, i as u64))).unwrap();
+        }
+        let limits = BatchLimits {
+            max_entries: 512,
+            max_bytes: 8 * 1024,
+            commit_window: Duration::ZERO,
+        };
+        let expected = AtomicUsize::new(0);
+        let mut carry = None;
+        let mut seen = Vec::new();
+        let mut batches = Vec::new();
+        loop {
+            let first = match carry.take() {
+                Some(p) => p,
+                None => match rx.try_recv() {
+                    Ok(Msg::Append(p)) => p,
+                    _ => break,
+                },
+            };
+            let batch = gather(&rx, first, &mut carry, &limits, &expected);
+            let bytes: usize = batch.pending.iter().map(|p| p.bytes).sum();
+            let n = batch.pending.len();
+            assert!(
+                bytes <= limits.max_bytes || n == 1,
+                "a batch of {n} entries holds {bytes} bytes"
+            );
+            seen.extend(batch.pending.iter().map(|p| p.entry.request_id));
+            batches.push((n, bytes));
+        }
+        // Every entry once, in order; the big one alone; the others filled batches up to
+        // the bound (as many whole entries as fit in 8 KiB).
+        assert_eq!(seen, (0..sizes.len() as u64).collect::<Vec<_>>());
+        assert!(
+            batches.iter().any(|&(n, b)| n == 1 && b > 20_000),
+            "{batches:?}"
+        );
+        let one = queued(1000, 0).bytes;
+        assert_eq!(
+            batches[0],
+            (8 * 1024 / one, 8 * 1024 / one * one),
+            "{batches:?}"
+        );
+        // The entry bound still holds when entries are small.
+        for i in 0..20 {
+            tx.send(Msg::Append(queued(10, i))).unwrap();
+        }
+        let small = BatchLimits {
+            max_entries: 8,
+            ..limits
+        };
+        let Ok(Msg::Append(first)) = rx.try_recv() else {
+            panic!("queued")
+        };
+        let batch = gather(&rx, first, &mut carry, &small, &expected);
+        assert_eq!(batch.pending.len(), 8);
+        assert!(carry.is_none());
+    }
+
+    #[test]
+    fn names_that_are_not_plain_are_recorded_bounded_with_length_and_digest() {
+        // Valid names, prefixes, policy names and approval ids are recorded whole.
+        for ok in [
+            "payments/db/password",
+            "payments/",
+            "*",
+            "",
+            "0123456789abcdef",
+        ] {
+            assert_eq!(
+                RecordedName::new(ok, 256),
+                RecordedName {
+                    text: ok,
+                    invalid: None
+                }
+            );
+        }
+        // Too long: cut to the limit, with the whole name's length and SHA-256.
+        let long = "a".repeat(5 << 20);
+        let r = RecordedName::new(&long, 256);
+        assert_eq!(r.text, &long[..256]);
+        let i = r.invalid.unwrap();
+        assert_eq!((i.len, i.truncated), (5 << 20, true));
+        assert_eq!(
+            i.sha256,
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, long.as_bytes()))
+        );
+        // Just over: cut by one byte.
+        let over = "b".repeat(257);
+        assert_eq!(RecordedName::new(&over, 256).text.len(), 256);
+        // Bad characters: recorded with its length and digest; cut only if its JSON form
+        // would be longer than the limit, and never inside a character.
+        let short = RecordedName::new("a b", 256);
+        assert_eq!(short.text, "a b");
+        assert!(!short.invalid.as_ref().unwrap().truncated);
+        let nuls = "\0".repeat(1000);
+        let r = RecordedName::new(&nuls, 256);
+        assert_eq!(r.text.len(), 256 / 6);
+        assert!(serde_json::to_string(r.text).unwrap().len() <= 256 + 2);
+        let wide = "é".repeat(200);
+        let r = RecordedName::new(&wide, 255);
+        assert_eq!(r.text.len(), 254);
+        assert!(r.invalid.unwrap().truncated);
+    }
+
+    #[test]
+    fn entries_are_found_by_a_name_recorded_whole_or_cut() {
+        let long = "x".repeat(300);
+        let recorded = RecordedName::new(&long, 256);
+        let mut e = internal_entry("Test", String::new());
+        e.name = Some(recorded.text.to_owned());
+        e.name_sha256 = recorded.invalid.map(|i| i.sha256);
+        assert!(e.is_about(&long));
+        assert!(!e.is_about(&long[..256]));
+        e.name = Some("payments/a".into());
+        e.name_sha256 = None;
+        assert!(e.is_about("payments/a"));
+        assert!(!e.is_about("payments/b"));
+    }
 
     #[test]
     fn lines_split_back_into_body_and_mac() {

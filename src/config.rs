@@ -306,6 +306,9 @@ pub struct AuditConfig {
     pub path: PathBuf,
     /// Most entries written with one fsync.
     pub max_batch: usize,
+    /// Most bytes of entries written with one fsync (an entry larger than this is written
+    /// alone).
+    pub max_batch_bytes: usize,
     /// How long (microseconds) a group commit sleeps, once, for requests already being
     /// handled to bring their entries, so that one fsync covers them too. Only while other
     /// requests are in their handlers: a lone request never waits. 0 turns the wait off.
@@ -323,6 +326,7 @@ impl Default for AuditConfig {
         Self {
             path: PathBuf::from("audit.log"),
             max_batch: 512,
+            max_batch_bytes: DEFAULT_AUDIT_MAX_BATCH_BYTES,
             commit_window_us: 200,
             checkpoint_every: 1000,
             checkpoint_interval_secs: 10,
@@ -378,6 +382,11 @@ pub const DEFAULT_MAX_LIST_SCAN: u64 = 10_000;
 /// The hard ceiling on `max_list_scan`.
 pub const MAX_LIST_SCAN_CEILING: u64 = 10_000_000;
 
+/// The default of `audit.max_batch_bytes`: 1 MiB.
+pub const DEFAULT_AUDIT_MAX_BATCH_BYTES: usize = 1 << 20;
+/// The bounds of `audit.max_batch_bytes`: at least one largest entry of a client request
+/// (a name cut to at most 1 KiB, an identity, the other fields), at most 64 MiB.
+pub const AUDIT_MAX_BATCH_BYTES_RANGE: std::ops::RangeInclusive<usize> = 4096..=64 << 20;
 /// The hard ceiling on `max_value_bytes`.
 pub const MAX_VALUE_BYTES_CEILING: usize = 16 * 1024 * 1024;
 /// The safe default ceiling on AES-GCM wraps per master key (2^31, half of NIST's 2^32).
@@ -563,6 +572,13 @@ impl Config {
                 "audit.max_batch and audit.checkpoint_every must be at least 1".into(),
             ));
         }
+        if !AUDIT_MAX_BATCH_BYTES_RANGE.contains(&self.audit.max_batch_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "audit.max_batch_bytes must be {}..={} (bytes of entries written with one fsync)",
+                AUDIT_MAX_BATCH_BYTES_RANGE.start(),
+                AUDIT_MAX_BATCH_BYTES_RANGE.end()
+            )));
+        }
         if self.audit.commit_window_us > 100_000 {
             return Err(ConfigError::Invalid(
                 "audit.commit_window_us must be at most 100000 (0.1 s): every request under load may wait this long".into(),
@@ -649,6 +665,26 @@ mod tests {
         );
         std::fs::write(&path, text).unwrap();
         Config::load(&path)
+    }
+
+    #[test]
+    fn audit_batches_are_bounded_in_bytes_by_default_and_the_bound_must_be_sane() {
+        assert_eq!(parse("").unwrap().audit.max_batch_bytes, 1 << 20);
+        assert_eq!(
+            parse("[audit]\nmax_batch_bytes = 65536")
+                .unwrap()
+                .audit
+                .max_batch_bytes,
+            65536
+        );
+        for bad in [
+            "max_batch_bytes = 0",
+            "max_batch_bytes = 4095",
+            "max_batch_bytes = 67108865",
+        ] {
+            let e = parse(&format!("[audit]\n{bad}")).unwrap_err().to_string();
+            assert!(e.contains("audit.max_batch_bytes"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tonic::{Code, Request, Response, Status};
 use super::policies;
 use super::secrets::unix_now;
 use super::{State, blocking};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, RecordedName};
 use crate::error::Error;
 use crate::hsm::keys::MacKey;
 use crate::policy::{Capability, Decision};
@@ -32,8 +32,8 @@ const DELETE_POLICY: &str = "DeletePolicy";
 const DESTROY_SECRET: &str = "DestroySecret";
 const ROTATE_MASTER_KEY: &str = "RotateMasterKey";
 const ACCEPT_STORE_STATE: &str = "AcceptStoreState";
-/// The largest policy document accepted.
-const MAX_POLICY_DOCUMENT: usize = 256 * 1024;
+/// The largest policy document accepted (its request's decode limit follows it).
+const MAX_POLICY_DOCUMENT: usize = crate::codec::MAX_POLICY_DOCUMENT_BYTES;
 
 /// The AdminService implementation.
 pub struct AdminApi(Arc<AdminApiInner>);
@@ -458,11 +458,19 @@ impl AdminApiInner {
         request_id: u64,
         detail: Option<String>,
     ) -> Result<(), Status> {
+        // Names here are secret names, policy names or approval ids: an invalid one is
+        // recorded bounded (at most the longer name limit's worth of it, its length and its
+        // SHA-256).
+        let limit = self
+            .state
+            .limits
+            .max_name_bytes
+            .max(policies::MAX_POLICY_NAME);
         let event = AuditEvent {
             plane: "admin",
             identity,
             operation,
-            name,
+            name: name.map(|n| RecordedName::new(n, limit)),
             version: None,
             status,
             request_id,

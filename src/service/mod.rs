@@ -157,6 +157,8 @@ impl Server {
             None => None,
         };
         let (limits, admin_limits) = connection_caps(config);
+        // Each request message's decode limit follows these (src/codec.rs).
+        crate::codec::set_limits(&config.limits);
         let seed = Policy::from_rules(&config.policy, config.limits.max_name_bytes)
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
         let store = SledStore::open_with_cache(&config.store.path, config.store.cache_capacity_mb)?;
@@ -183,6 +185,7 @@ impl Server {
                     AuditOptions {
                         path: config.audit.path.clone(),
                         max_batch: config.audit.max_batch,
+                        max_batch_bytes: config.audit.max_batch_bytes,
                         commit_window: Duration::from_micros(config.audit.commit_window_us),
                         checkpoint_every: config.audit.checkpoint_every,
                         checkpoint_interval: Duration::from_secs(
@@ -258,9 +261,10 @@ impl Server {
         let watcher = tokio::spawn(health_watch(state.clone()));
         let epochs = tokio::spawn(rollback::watch(state.clone()));
 
-        // Room for values well beyond the limit, so that an oversized value reaches the
-        // handler and gets an INVALID_ARGUMENT that names the limit; beyond this transport cap
-        // tonic refuses the message itself (OUT_OF_RANGE) without reading it into memory.
+        // The outer cap: beyond it tonic refuses a message (OUT_OF_RANGE) from its frame
+        // header, without reading it into memory. Below it, each request type has its own
+        // decode limit (src/codec.rs: a few KiB, PutSecret's from max_value_bytes), checked
+        // before the message is decoded.
         let max_message = (state.limits.max_value_bytes + 64 * 1024).max(TRANSPORT_MESSAGE_CAP);
         let secrets = SecretServiceServer::new(SecretsService::new(state.clone()))
             .max_decoding_message_size(max_message);

@@ -9,7 +9,7 @@ use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::{State, blocking, read_inline};
-use crate::audit::{AuditEvent, Expected};
+use crate::audit::{AuditEvent, Expected, RecordedName};
 use crate::envelope::{self, record_aad};
 use crate::error::Error;
 use crate::hsm::HsmError;
@@ -262,7 +262,9 @@ impl SecretsServiceInner {
             plane: "client",
             identity,
             operation,
-            name,
+            // An invalid name is recorded bounded: at most max_name_bytes of it, its length
+            // and its SHA-256.
+            name: name.map(|n| RecordedName::new(n, self.state.limits.max_name_bytes)),
             version,
             status,
             request_id,

@@ -56,9 +56,9 @@ fn get(name: &str) -> GetSecretRequest {
 
 /// Sends and receives message bodies as raw bytes, framed by tonic as usual.
 #[derive(Clone, Copy, Default)]
-struct RawCodec;
-struct RawEncoder;
-struct RawDecoder;
+pub(crate) struct RawCodec;
+pub(crate) struct RawEncoder;
+pub(crate) struct RawDecoder;
 
 impl Encoder for RawEncoder {
     type Item = Vec<u8>;
@@ -93,7 +93,7 @@ impl Codec for RawCodec {
 }
 
 /// A field of protobuf wire format: tag, length, bytes.
-fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
     let mut out = vec![number << 3 | 2];
     prost::encoding::encode_varint(bytes.len() as u64, &mut out);
     out.extend_from_slice(bytes);
@@ -383,8 +383,9 @@ async fn strings_that_are_not_utf8_are_invalid_argument() {
 }
 
 /// Beyond the 4 MiB transport cap a request is refused by size (OUT_OF_RANGE or
-/// RESOURCE_EXHAUSTED) without being read; below it, the service's own limits answer
-/// INVALID_ARGUMENT naming the limit.
+/// RESOURCE_EXHAUSTED) without being read; below it, a request over its own decode limit is
+/// OUT_OF_RANGE naming the limit, before it is decoded; below that, the service's limits
+/// answer INVALID_ARGUMENT naming the limit.
 #[tokio::test]
 async fn oversized_messages_are_refused_by_size() {
     let mut p = Probe::start().await;
@@ -420,7 +421,8 @@ async fn oversized_messages_are_refused_by_size() {
         p.assert_still_serving(what).await;
     }
 
-    // Under the cap, the service's limits (64 KiB values, 256-byte names).
+    // Under the cap, each request's decode limit: PutSecret's follows max_value_bytes
+    // (64 KiB), the others' max_name_bytes (256: 4 × 256 + 4096 bytes).
     let got = p
         .client
         .put_secret(put("payments/big", &vec![7; CAP - 1024]))
@@ -428,14 +430,33 @@ async fn oversized_messages_are_refused_by_size() {
     m.check(
         "PutSecret with a value just under the cap",
         &got,
-        &[Code::InvalidArgument],
+        &[Code::OutOfRange],
     );
     if let Err(e) = &got {
         assert!(e.message().contains("max_value_bytes (65536)"), "{e:?}");
     }
     let got = p.client.get_secret(get(&"a".repeat(1 << 20))).await;
+    m.check("GetSecret with a 1 MiB name", &got, &[Code::OutOfRange]);
+    if let Err(e) = &got {
+        assert!(e.message().contains("limit of 5120 bytes"), "{e:?}");
+        assert!(e.message().contains("max_name_bytes (256)"), "{e:?}");
+    }
+    // Under the decode limits, the handlers' limits.
+    let got = p
+        .client
+        .put_secret(put("payments/big", &vec![7; 65537]))
+        .await;
     m.check(
-        "GetSecret with a 1 MiB name",
+        "PutSecret with a value of max_value_bytes + 1",
+        &got,
+        &[Code::InvalidArgument],
+    );
+    if let Err(e) = &got {
+        assert!(e.message().contains("max_value_bytes (65536)"), "{e:?}");
+    }
+    let got = p.client.get_secret(get(&"a".repeat(5000))).await;
+    m.check(
+        "GetSecret with a 5000-byte name",
         &got,
         &[Code::InvalidArgument],
     );
@@ -479,7 +500,14 @@ async fn pages_tokens_and_names_outside_the_grammar_are_invalid_argument() {
     ] {
         let case = format!("ListSecrets with a page token that is {what}");
         let got = p.client.list_secrets(list("payments", 10, token)).await;
-        m.check(&case, &got, &[Code::InvalidArgument]);
+        // A token that takes the request over its decode limit (a few KiB) is refused by
+        // size, before it is decoded.
+        let want: &[Code] = if token.len() > 5120 {
+            &[Code::OutOfRange]
+        } else {
+            &[Code::InvalidArgument]
+        };
+        m.check(&case, &got, want);
         p.assert_still_serving(&case).await;
     }
 

@@ -39,11 +39,13 @@ async fn sizes_names_and_pages_are_bounded() {
         "{}",
         e.message()
     );
+    // Over the request's decode limit (max_value_bytes plus a few KiB for the name and other
+    // fields): OUT_OF_RANGE naming the limit, before the message is decoded.
     let e = c
         .put_secret(put("payments/over", vec![7; 2 << 20]))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.code(), Code::OutOfRange);
     assert!(
         e.message().contains("max_value_bytes (1024)"),
         "{}",

@@ -37,7 +37,8 @@ pub(crate) enum AuditCmd {
         /// Caller identity, exactly.
         #[arg(long)]
         identity: Option<String>,
-        /// Secret, policy or approval name, exactly.
+        /// Secret, policy or approval name, exactly (an invalid name recorded cut is found by
+        /// its SHA-256).
         #[arg(long)]
         name: Option<String>,
         /// Only entries at or after this time (Unix seconds).
@@ -118,7 +119,7 @@ pub(crate) fn run(cli: &Cli, cmd: &AuditCmd) -> Result<(), Failure> {
                         .as_ref()
                         .is_none_or(|i| e.identity.as_ref() == Some(i))
                 })
-                .filter(|e| name.as_ref().is_none_or(|n| e.name.as_ref() == Some(n)))
+                .filter(|e| name.as_ref().is_none_or(|n| e.is_about(n)))
                 .filter(|e| since_ms.is_none_or(|s| e.ts_ms >= s))
                 .collect();
             print_entries(cli.format, &found);
@@ -141,8 +142,26 @@ fn print_entries(format: Format, entries: &[Entry]) {
                 e.operation,
                 e.identity.as_deref().unwrap_or("-"),
                 e.status,
-                e.name.as_deref().unwrap_or("")
+                shown_name(e)
             );
         }
+    }
+}
+
+/// The name column: as recorded, or for an invalid name (recorded with its length and
+/// SHA-256) escaped, marked when cut, with its length.
+fn shown_name(e: &Entry) -> String {
+    let name = e.name.as_deref().unwrap_or("");
+    match (&e.name_sha256, e.name_len) {
+        (Some(sha), Some(len)) => format!(
+            "{:?}{} (invalid, {len} bytes, sha256 {sha})",
+            name,
+            if e.name_truncated == Some(true) {
+                "…"
+            } else {
+                ""
+            }
+        ),
+        _ => name.to_owned(),
     }
 }
