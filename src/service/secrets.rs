@@ -1,6 +1,8 @@
 //! SecretService: authenticate, parse, authorise, touch the store, use the token, audit,
 //! answer — in that order, for every call.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -71,22 +73,52 @@ struct Ctx {
     request_id: u64,
 }
 
+/// A handler's own work: what it does between authentication and the audited answer.
+type Work<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
+
+impl SecretsService {
+    /// The skeleton every handler shares: in its own task (so a caller going away never cuts
+    /// a request between its effect and its audit entry), authenticate the caller and read
+    /// its deadline, do the handler's `work`, then audit the outcome under `audited` (the name
+    /// or prefix asked for) and `version`, and only then answer.
+    async fn serve<Req, Resp>(
+        &self,
+        request: Request<Req>,
+        operation: &'static str,
+        audited: fn(&Req) -> &str,
+        version: fn(&Resp) -> Option<u64>,
+        work: for<'a> fn(&'a SecretsServiceInner, &'a Ctx, Req) -> Work<'a, Resp>,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Send + Sync + 'static,
+        Resp: Send + 'static,
+    {
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let ctx = this.begin(&request, operation).await?;
+            let req = request.into_inner();
+            let name = audited(&req).to_owned();
+            let result = work(&this, &ctx, req).await;
+            this.finish(&ctx, operation, &name, result, version).await
+        })
+        .await
+    }
+}
+
 #[tonic::async_trait]
 impl SecretService for SecretsService {
     async fn put_secret(
         &self,
         request: Request<PutSecretRequest>,
     ) -> Result<Response<PutSecretResponse>, Status> {
-        let this = self.0.clone();
-        let deadline = super::call_deadline(request.metadata());
-        super::complete(deadline, async move {
-            let ctx = this.begin(&request, "PutSecret").await?;
-            let req = request.into_inner();
-            let name = req.name.clone();
-            let result = put(&this.state, &ctx, req).await;
-            this.finish(&ctx, "PutSecret", &name, result, |r| Some(r.version))
-                .await
-        })
+        self.serve(
+            request,
+            "PutSecret",
+            |r| &r.name,
+            |r: &PutSecretResponse| Some(r.version),
+            |this, ctx, req| Box::pin(put(&this.state, ctx, req)),
+        )
         .await
     }
 
@@ -94,15 +126,13 @@ impl SecretService for SecretsService {
         &self,
         request: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        let this = self.0.clone();
-        let deadline = super::call_deadline(request.metadata());
-        super::complete(deadline, async move {
-            let ctx = this.begin(&request, "GetSecret").await?;
-            let req = request.into_inner();
-            let result = get(&this.state, &ctx, &req).await;
-            this.finish(&ctx, "GetSecret", &req.name, result, |r| Some(r.version))
-                .await
-        })
+        self.serve(
+            request,
+            "GetSecret",
+            |r| &r.name,
+            |r: &GetSecretResponse| Some(r.version),
+            |this, ctx, req| Box::pin(async move { get(&this.state, ctx, &req).await }),
+        )
         .await
     }
 
@@ -110,15 +140,13 @@ impl SecretService for SecretsService {
         &self,
         request: Request<DescribeSecretRequest>,
     ) -> Result<Response<DescribeSecretResponse>, Status> {
-        let this = self.0.clone();
-        let deadline = super::call_deadline(request.metadata());
-        super::complete(deadline, async move {
-            let ctx = this.begin(&request, "DescribeSecret").await?;
-            let req = request.into_inner();
-            let result = describe(&this.state, &ctx, &req).await;
-            this.finish(&ctx, "DescribeSecret", &req.name, result, |_| None)
-                .await
-        })
+        self.serve(
+            request,
+            "DescribeSecret",
+            |r| &r.name,
+            |_| None,
+            |this, ctx, req| Box::pin(async move { describe(&this.state, ctx, &req).await }),
+        )
         .await
     }
 
@@ -126,15 +154,13 @@ impl SecretService for SecretsService {
         &self,
         request: Request<ListSecretsRequest>,
     ) -> Result<Response<ListSecretsResponse>, Status> {
-        let this = self.0.clone();
-        let deadline = super::call_deadline(request.metadata());
-        super::complete(deadline, async move {
-            let ctx = this.begin(&request, "ListSecrets").await?;
-            let req = request.into_inner();
-            let result = list(&this, &ctx, &req).await;
-            this.finish(&ctx, "ListSecrets", &req.prefix, result, |_| None)
-                .await
-        })
+        self.serve(
+            request,
+            "ListSecrets",
+            |r| &r.prefix,
+            |_| None,
+            |this, ctx, req| Box::pin(async move { list(this, ctx, &req).await }),
+        )
         .await
     }
 
@@ -142,15 +168,13 @@ impl SecretService for SecretsService {
         &self,
         request: Request<DeleteSecretRequest>,
     ) -> Result<Response<DeleteSecretResponse>, Status> {
-        let this = self.0.clone();
-        let deadline = super::call_deadline(request.metadata());
-        super::complete(deadline, async move {
-            let ctx = this.begin(&request, "DeleteSecret").await?;
-            let req = request.into_inner();
-            let result = delete(&this.state, &ctx, &req).await;
-            this.finish(&ctx, "DeleteSecret", &req.name, result, |_| None)
-                .await
-        })
+        self.serve(
+            request,
+            "DeleteSecret",
+            |r| &r.name,
+            |_| None,
+            |this, ctx, req| Box::pin(async move { delete(&this.state, ctx, &req).await }),
+        )
         .await
     }
 }
