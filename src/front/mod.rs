@@ -242,3 +242,36 @@ pub async fn stopped(mut rx: watch::Receiver<bool>) {
 async fn stop_requested(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accept_errors_back_off_up_to_a_second_and_reset_on_success() {
+        let mut b = AcceptBackoff::new("test");
+        let emfile = std::io::Error::from_raw_os_error(24);
+        for _ in 0..3 {
+            b.failed(&emfile).await;
+        }
+        assert_eq!(b.delay, AcceptBackoff::FIRST * 8);
+        b.delay = AcceptBackoff::MAX;
+        b.failed(&emfile).await;
+        assert_eq!(b.delay, AcceptBackoff::MAX, "never beyond the cap");
+        b.accepted();
+        assert_eq!(b.delay, AcceptBackoff::FIRST);
+        // A peer that gave up before accept is not a listener problem: no wait, no growth.
+        let aborted = std::io::Error::from(std::io::ErrorKind::ConnectionAborted);
+        let started = Instant::now();
+        b.failed(&aborted).await;
+        assert_eq!(b.delay, AcceptBackoff::FIRST);
+        assert!(started.elapsed() < AcceptBackoff::FIRST);
+    }
+
+    #[test]
+    fn log_lines_any_peer_can_cause_are_limited_per_window() {
+        let l = LogLimit::new("test", 3, Duration::from_secs(3600));
+        let allowed = (0..10).filter(|_| l.allow()).count();
+        assert_eq!(allowed, 3);
+    }
+}

@@ -545,3 +545,58 @@ async fn each_listener_reflects_only_the_services_it_serves() {
         ["grpc.health.v1.Health", "strongroom.v1.AdminService"]
     );
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_clients_reconnect() {
+    let env = TestEnv::new();
+    let config = server_lines(
+        &env,
+        POLICY,
+        "[server.connections]\nidle_timeout_secs = 1\n",
+    );
+    let server = env.start_with(
+        &config,
+        &[("STRONGROOM_LOG", "info,strongroom::front=debug")],
+    );
+    let mut c = server.client("payments").await;
+    c.put_secret(put("payments/idle", b"v")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.log_text().contains("idle connection closed") {
+        assert!(
+            Instant::now() < deadline,
+            "the idle connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The channel connects again for the next call.
+    let mut req = tonic::Request::new(get("payments/idle"));
+    req.set_timeout(Duration::from_secs(5));
+    let got = match c.get_secret(req).await {
+        Ok(r) => r,
+        // A call racing the GOAWAY may fail once as retryable; the next one goes through.
+        Err(e) if e.code() == Code::Unavailable => {
+            c.get_secret(get("payments/idle")).await.unwrap()
+        }
+        Err(e) => panic!("{e:?}"),
+    };
+    assert_eq!(got.into_inner().value, b"v");
+}
+
+#[tokio::test]
+async fn header_lists_over_the_cap_are_refused_and_the_connection_serves_on() {
+    let env = TestEnv::new();
+    let server = env.start();
+    let mut c = server.client("payments").await;
+    c.put_secret(put("payments/headers", b"v")).await.unwrap();
+    // 20 KiB of metadata against the default 16 KiB cap.
+    let mut req = tonic::Request::new(get("payments/headers"));
+    req.metadata_mut()
+        .insert("x-junk", "a".repeat(20 * 1024).parse().unwrap());
+    let refused = c.get_secret(req).await.unwrap_err();
+    assert_ne!(refused.code(), Code::Ok);
+    // Just under the cap is served.
+    let mut req = tonic::Request::new(get("payments/headers"));
+    req.metadata_mut()
+        .insert("x-junk", "a".repeat(8 * 1024).parse().unwrap());
+    assert_eq!(c.get_secret(req).await.unwrap().into_inner().value, b"v");
+}
