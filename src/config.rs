@@ -47,6 +47,10 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight requests may take to finish, in milliseconds.
     #[serde(default = "default_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// DEVELOPMENT ONLY: start even when the PIN file or a private key is readable or
+    /// writable by group or others, with a warning instead of a refusal.
+    #[serde(default)]
+    pub dangerous_allow_loose_file_modes: bool,
 }
 
 /// `[hsm]`.

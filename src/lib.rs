@@ -21,7 +21,8 @@
 //! - [`service`]: the tonic services — SecretService for clients, AdminService for officers
 //!   (policies in the store, dual control, rollback acceptance); [`error`]: one error enum and
 //!   its gRPC mapping; [`codec`]: the protobuf codec (malformed input is INVALID_ARGUMENT).
-//! - [`config`]: typed configuration.
+//! - [`config`]: typed configuration; [`files`]: private files (PIN file, keys) closed to
+//!   group and others.
 //!
 //! # The path of one GetSecret
 //!
@@ -39,6 +40,7 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod files;
 pub mod hsm;
 pub mod policy;
 pub mod secret;
