@@ -23,6 +23,7 @@
 //!   its gRPC mapping; [`codec`]: the protobuf codec (malformed input is INVALID_ARGUMENT).
 //! - [`config`]: typed configuration; [`files`]: private files (PIN file, keys) closed to
 //!   group and others.
+//! - [`explain`]: TLS and connection failures in words, for the command-line tools.
 //!
 //! # The path of one GetSecret
 //!
@@ -40,6 +41,7 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod explain;
 pub mod files;
 pub mod hsm;
 pub mod policy;

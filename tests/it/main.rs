@@ -18,6 +18,7 @@ mod invariants;
 mod limits;
 mod mtls;
 mod overload;
+mod refusals;
 mod restart;
 mod rollback;
 mod service;
