@@ -1207,6 +1207,11 @@ impl Lab {
             ("load-key.pem", client.key_pem),
         ] {
             std::fs::write(pki.join(file), body)?;
+            if file.ends_with("-key.pem") {
+                // strongroomd refuses a private key open to group or others.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(pki.join(file), std::fs::Permissions::from_mode(0o600))?;
+            }
         }
         Ok(Self {
             procs: BTreeMap::new(),

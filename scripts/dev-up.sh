@@ -42,6 +42,9 @@ fi
 if [ ! -s "$dev/pki/server.pem" ]; then
     "$bin/strongroom-admin" dev-pki --out "$dev/pki" --client client=spiffe://strongroom.dev/demo
 fi
+# strongroomd refuses a PIN file or private key open to group or others; the files above
+# are made 0600, and this also fixes a ./dev from before that rule.
+chmod 600 "$dev"/secrets/*.pin "$dev"/pki/*-key.pem
 
 cat > "$dev/strongroomd.toml" <<TOML
 # Development configuration written by scripts/dev-up.sh.

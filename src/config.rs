@@ -60,6 +60,10 @@ pub struct ServerConfig {
     /// Caps and deadlines of the client listener's connections (`[server.connections]`).
     #[serde(default)]
     pub connections: ConnectionLimits,
+    /// DEVELOPMENT ONLY: start even when the PIN file or a private key is readable or
+    /// writable by group or others, with a warning instead of a refusal.
+    #[serde(default)]
+    pub dangerous_allow_loose_file_modes: bool,
 }
 
 /// `[server.connections]` / `[admin.connections]`: what one listener's connections may

@@ -25,7 +25,9 @@
 //! - [`service`]: the tonic services — SecretService for clients, AdminService for officers
 //!   (policies in the store, dual control, rollback acceptance); [`error`]: one error enum and
 //!   its gRPC mapping; [`codec`]: the protobuf codec (malformed input is INVALID_ARGUMENT).
-//! - [`config`]: typed configuration.
+//! - [`config`]: typed configuration; [`files`]: private files (PIN file, keys) closed to
+//!   group and others.
+//! - [`explain`]: TLS and connection failures in words, for the command-line tools.
 //!
 //! # The path of one GetSecret
 //!
@@ -45,6 +47,8 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod explain;
+pub mod files;
 pub mod front;
 pub mod hsm;
 pub mod policy;

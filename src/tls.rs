@@ -395,47 +395,41 @@ pub enum ConnectError {
     Remote(String),
 }
 
-/// Connects a command-line tool to `addr` over mutual TLS: the server must chain to
-/// `server_ca` and present `server_name` (default: the address's host); the tool presents
-/// `cert` and `key`.
+/// Connects a command-line tool to `target.addr` over mutual TLS: the server must chain to
+/// `target.server_ca` and present `target.server_name`; the tool presents
+/// `target.identity` (tests also connect without one). The whole connect (name lookup, TCP,
+/// TLS handshake) is bounded by `target.deadline`; a remote failure is explained in words
+/// ([`crate::explain`]).
 pub async fn connect(
-    addr: &str,
-    server_ca: &Path,
-    cert: &Path,
-    key: &Path,
-    server_name: Option<&str>,
-    timeout: std::time::Duration,
+    target: &crate::explain::Target,
 ) -> Result<tonic::transport::Channel, ConnectError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+    let addr = &target.addr;
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.clone())
         .map_err(|e| ConnectError::Local(format!("bad address {addr}: {e}")))?;
-    let host = server_name
-        .map(str::to_owned)
-        .or_else(|| {
-            endpoint
-                .uri()
-                .host()
-                .map(|h| h.trim_matches(['[', ']']).to_owned())
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let tls = client_config(server_ca, cert, key, &host)
-        .map_err(|e| ConnectError::Local(e.to_string()))?;
-    endpoint
+    let tls = match &target.identity {
+        Some((cert, key)) => client_config(&target.server_ca, cert, key, &target.server_name)
+            .map_err(|e| ConnectError::Local(e.to_string()))?,
+        None => ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                read(&target.server_ca).map_err(|e| ConnectError::Local(e.to_string()))?,
+            ))
+            .domain_name(&target.server_name),
+    }
+    .timeout(target.deadline);
+    let endpoint = endpoint
         .tls_config(tls)
         .map_err(|e| ConnectError::Local(format!("TLS: {e}")))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| {
-            let mut chain = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                chain.push_str(": ");
-                chain.push_str(&c.to_string());
-                cur = c.source();
-            }
-            ConnectError::Remote(format!("cannot connect to {addr}: {chain}"))
-        })
+        .connect_timeout(target.deadline)
+        .timeout(target.deadline);
+    match tokio::time::timeout(target.deadline, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(ConnectError::Remote(crate::explain::connect_failure(
+            &e, target,
+        ))),
+        Err(elapsed) => Err(ConnectError::Remote(crate::explain::connect_failure(
+            &elapsed, target,
+        ))),
+    }
 }
 
 /// A certificate authority for development and tests.

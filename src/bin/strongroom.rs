@@ -15,6 +15,7 @@ use serde_json::json;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
+use strongroom::explain::{Plane, Target};
 use strongroom::proto::secret_service_client::SecretServiceClient;
 use strongroom::proto::{
     DeleteSecretRequest, DescribeSecretRequest, GetSecretRequest, ListSecretsRequest,
@@ -122,8 +123,12 @@ enum Command {
 
 /// A failure and its exit code.
 enum Failure {
+    /// Local input or output: exit 1.
     Local(String),
+    /// The service's answer: exit 2.
     Server(tonic::Status),
+    /// The server could not be reached or refused the connection, in words: exit 2.
+    Remote(String),
 }
 
 fn main() -> ExitCode {
@@ -159,6 +164,10 @@ fn main() -> ExitCode {
             eprintln!("error: {:?}: {}", status.code(), status.message());
             ExitCode::from(2)
         }
+        Err(Failure::Remote(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -168,7 +177,34 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Put { source, .. } => Some(read_value(source.as_deref())?),
         _ => None,
     };
-    let mut client = connect(&cli).await?;
+    let target = target(&cli)?;
+    let client = connect(&target).await?;
+    match execute(cli, client, value).await {
+        Err(Failure::Server(status)) => Err(explain_status(status, target).await),
+        other => other,
+    }
+}
+
+/// A failed RPC: the connection's failure in words, or the service's answer as it is.
+async fn explain_status(status: tonic::Status, target: Target) -> Failure {
+    // The explanation may probe the server with a blocking handshake.
+    let explained = tokio::task::spawn_blocking(move || {
+        let words = strongroom::explain::rpc_failure(&status, &target);
+        (status, words)
+    })
+    .await;
+    match explained {
+        Ok((_, Some(words))) => Failure::Remote(words),
+        Ok((status, None)) => Failure::Server(status),
+        Err(e) => Failure::Local(format!("cannot explain the failure: {e}")),
+    }
+}
+
+async fn execute(
+    cli: Cli,
+    mut client: SecretServiceClient<Channel>,
+    value: Option<Zeroizing<Vec<u8>>>,
+) -> Result<(), Failure> {
     let deadline = Duration::from_secs(cli.timeout);
     let mut out = std::io::stdout().lock();
     match cli.command {
@@ -390,7 +426,8 @@ fn read_value(source: Option<&str>) -> Result<Zeroizing<Vec<u8>>, Failure> {
     Ok(buf)
 }
 
-async fn connect(cli: &Cli) -> Result<SecretServiceClient<Channel>, Failure> {
+/// Where to connect and with what; warns if the private key is open to group or others.
+fn target(cli: &Cli) -> Result<Target, Failure> {
     let need = |p: &Option<PathBuf>, flag: &str, env: &str| {
         p.clone()
             .ok_or_else(|| Failure::Local(format!("{flag} (or {env}) is required")))
@@ -398,19 +435,24 @@ async fn connect(cli: &Cli) -> Result<SecretServiceClient<Channel>, Failure> {
     let cacert = need(&cli.cacert, "--cacert", "STRONGROOM_CACERT")?;
     let cert = need(&cli.cert, "--cert", "STRONGROOM_CLIENT_CERT")?;
     let key = need(&cli.key, "--key", "STRONGROOM_CLIENT_KEY")?;
-    let channel = strongroom::tls::connect(
+    strongroom::files::warn_if_loose(&key, "client private key");
+    Ok(Target::new(
+        Plane::Client,
         &cli.addr,
         &cacert,
-        &cert,
-        &key,
+        Some((&cert, &key)),
         cli.server_name.as_deref(),
         Duration::from_secs(cli.timeout),
-    )
-    .await
-    .map_err(|e| match e {
-        strongroom::tls::ConnectError::Local(m) => Failure::Local(m),
-        strongroom::tls::ConnectError::Remote(m) => Failure::Server(tonic::Status::unavailable(m)),
-    })?;
+    ))
+}
+
+async fn connect(target: &Target) -> Result<SecretServiceClient<Channel>, Failure> {
+    let channel = strongroom::tls::connect(target)
+        .await
+        .map_err(|e| match e {
+            strongroom::tls::ConnectError::Local(m) => Failure::Local(m),
+            strongroom::tls::ConnectError::Remote(m) => Failure::Remote(m),
+        })?;
     // Room for the largest value a service may be configured to hold.
     Ok(SecretServiceClient::new(channel)
         .max_decoding_message_size(strongroom::config::MAX_VALUE_BYTES_CEILING + 1024 * 1024))

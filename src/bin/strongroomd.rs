@@ -72,6 +72,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
+    // The PIN file and private keys must be closed to group and others.
+    strongroom::files::enforce(&config)?;
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     let pin = read_pin(
         "user PIN",

@@ -70,7 +70,10 @@ pub async fn serve(
         tokio::select! {
             biased;
             () = stop_requested(&mut stop) => break,
-            accepted = socket.accept() => match accepted {
+            accepted = async {
+                table.room_for_evictions().await;
+                socket.accept().await
+            } => match accepted {
                 Ok((tcp, addr)) => {
                     backoff.accepted();
                     let Some(admission) = table.admit(addr.ip()) else {

@@ -10,14 +10,16 @@ use tokio::sync::Notify;
 use crate::config::FrontLimits;
 
 /// Evictions asked for but not yet carried out (the evicted task has not run): while this
-/// many are pending, new connections are refused instead, so the descriptor count stays
-/// within the cap plus this margin.
+/// many are pending, the listener stops accepting until one completes (the kernel's backlog
+/// holds newcomers meanwhile), so the descriptor count stays within the cap plus this margin.
 pub(crate) const MAX_PENDING_EVICTIONS: usize = 16;
 
 /// Counts of one listener's connections, under its caps.
 pub struct Table {
     limits: FrontLimits,
     inner: Mutex<Inner>,
+    /// Signalled when an evicted connection is gone.
+    evicted_gone: Notify,
 }
 
 #[derive(Default)]
@@ -61,6 +63,7 @@ impl Table {
         Self {
             limits,
             inner: Mutex::new(Inner::default()),
+            evicted_gone: Notify::new(),
         }
     }
 
@@ -84,10 +87,6 @@ impl Table {
         let full = t.open >= self.limits.max_connections + t.pending_evictions
             || t.handshaking.len() >= self.limits.max_handshakes;
         if full {
-            if t.pending_evictions >= MAX_PENDING_EVICTIONS {
-                t.refused += 1;
-                return None;
-            }
             match t.handshaking.pop_first() {
                 Some((_, evict)) => {
                     evict.notify_one();
@@ -113,6 +112,19 @@ impl Table {
             evict,
             handshaking: true,
         })
+    }
+
+    /// Waits while too many evictions are pending: the caller should not accept until then.
+    /// Returns at once otherwise.
+    pub async fn room_for_evictions(&self) {
+        loop {
+            let gone = self.evicted_gone.notified();
+            if self.lock().pending_evictions < MAX_PENDING_EVICTIONS {
+                return;
+            }
+            // Bounded, in case a notification raced the check.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(20), gone).await;
+        }
     }
 
     /// The counters now.
@@ -145,6 +157,7 @@ impl Admission {
             return true;
         }
         t.pending_evictions = t.pending_evictions.saturating_sub(1);
+        self.table.evicted_gone.notify_one();
         // Still counted as open until dropped, like any connection.
         false
     }
@@ -156,6 +169,7 @@ impl Drop for Admission {
         if self.handshaking && t.handshaking.remove(&self.id).is_none() {
             // Not in the list while still handshaking: it was evicted, and is now gone.
             t.pending_evictions = t.pending_evictions.saturating_sub(1);
+            self.table.evicted_gone.notify_one();
         }
         t.open = t.open.saturating_sub(1);
         if let Some(n) = t.per_source.get_mut(&self.source) {
@@ -244,6 +258,29 @@ mod tests {
         );
         drop(established);
         assert!(t.admit(ip("10.0.0.4")).is_some());
+    }
+
+    #[tokio::test]
+    async fn accepting_waits_while_too_many_evictions_are_pending() {
+        let t = Arc::new(Table::new(limits(1, 1000, 1000)));
+        let mut held = vec![t.admit(ip("10.0.0.1")).unwrap()];
+        for i in 0..MAX_PENDING_EVICTIONS {
+            held.push(t.admit(ip(&format!("10.0.1.{i}"))).unwrap());
+        }
+        // Every admission past the cap evicted one handshake, none of them gone yet.
+        let wait = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            t.room_for_evictions(),
+        );
+        assert!(
+            wait.await.is_err(),
+            "accept must wait for evicted connections to go"
+        );
+        // The oldest (evicted) one goes: there is room again.
+        drop(held.remove(0));
+        tokio::time::timeout(std::time::Duration::from_secs(5), t.room_for_evictions())
+            .await
+            .expect("room once an evicted connection is gone");
     }
 
     #[test]

@@ -215,3 +215,159 @@ fn service_refuses_to_start_on_configuration_errors() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("identity pattern"), "{}", out.stderr);
 }
+
+/// Sets `path`'s permission bits.
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Runs strongroomd with `config` until it exits (it must refuse to start; a start fails
+/// the test after a minute).
+fn start_refused(env: &TestEnv, config: &std::path::Path, extra_env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_strongroomd"));
+    cmd.env("SOFTHSM2_CONF", env.dir.path().join("softhsm2.conf"))
+        .env("STRONGROOM_USER_PIN", &env.user_pin)
+        .env_remove("STRONGROOM_USER_PIN_FILE")
+        .arg("--config")
+        .arg(config)
+        .stdin(std::process::Stdio::null());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    crate::refusals::run_bounded(&mut cmd, std::time::Duration::from_secs(60))
+}
+
+#[test]
+fn service_refuses_private_files_open_to_group_or_others() {
+    let env = TestEnv::new();
+    let config = env.config(crate::common::POLICY);
+    let pin = env.dir.path().join("user.pin");
+    std::fs::write(&pin, format!("{}\n", env.user_pin)).unwrap();
+    let pin_env = [("STRONGROOM_USER_PIN_FILE", pin.to_str().unwrap())];
+
+    // A group-readable PIN file.
+    chmod(&pin, 0o640);
+    let out = start_refused(&env, &config, &pin_env);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("PIN file"), "{}", out.stderr);
+    assert!(out.stderr.contains("readable by group"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("chmod 600 {}", pin.display())),
+        "{}",
+        out.stderr
+    );
+
+    // A world-readable server key (the PIN file is private again).
+    chmod(&pin, 0o600);
+    let key = env.pki.join("server-key.pem");
+    chmod(&key, 0o644);
+    let out = start_refused(&env, &config, &pin_env);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("server private key"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("readable by group and others"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains(&format!("chmod 600 {}", key.display())),
+        "{}",
+        out.stderr
+    );
+
+    // The admin listener's key too (server key private again, admin key group-writable).
+    chmod(&key, 0o600);
+    let admin_key = env.dir.path().join("admin-key.pem");
+    std::fs::copy(&key, &admin_key).unwrap();
+    chmod(&admin_key, 0o620);
+    let admin_config = env.config(&format!(
+        "{}\n{}",
+        crate::common::ADMIN.replace("pki/server-key.pem", "admin-key.pem"),
+        crate::common::POLICY
+    ));
+    let out = start_refused(&env, &admin_config, &pin_env);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("admin listener's private key"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("writable by group"), "{}", out.stderr);
+
+    // With every file private, the same configuration starts.
+    chmod(&admin_key, 0o600);
+    let server = env.start_with(&admin_config, &pin_env);
+    assert!(
+        !server.log_text().contains("chmod"),
+        "{}",
+        server.log_text()
+    );
+}
+
+#[test]
+fn loose_file_modes_are_a_warning_when_dangerously_allowed() {
+    let env = TestEnv::new();
+    let pin = env.dir.path().join("user.pin");
+    std::fs::write(&pin, &env.user_pin).unwrap();
+    chmod(&pin, 0o644);
+    let key = env.pki.join("server-key.pem");
+    chmod(&key, 0o640);
+    let config = env.config(crate::common::POLICY);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "shutdown_grace_ms = 1000",
+        "shutdown_grace_ms = 1000\ndangerous_allow_loose_file_modes = true",
+    );
+    std::fs::write(&config, text).unwrap();
+    let server = env.start_with(
+        &config,
+        &[("STRONGROOM_USER_PIN_FILE", pin.to_str().unwrap())],
+    );
+    let log = server.log_text();
+    assert!(log.contains("DANGEROUS"), "{log}");
+    assert!(log.contains("dangerous_allow_loose_file_modes"), "{log}");
+    assert!(
+        log.contains(&format!("chmod 600 {}", pin.display())),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("chmod 600 {}", key.display())),
+        "{log}"
+    );
+
+    // And it serves: the tools warn about their own loose key and go on.
+    let client_key = env.pki.join("payments-key.pem");
+    chmod(&client_key, 0o644);
+    let put = run_with_stdin(
+        env.cli(&server, "payments").args(["put", "payments/loose"]),
+        b"v",
+    );
+    put.assert_ok();
+    assert!(put.stderr.contains("warning:"), "{}", put.stderr);
+    assert!(put.stderr.contains("client private key"), "{}", put.stderr);
+    assert!(
+        put.stderr
+            .contains(&format!("chmod 600 {}", client_key.display())),
+        "{}",
+        put.stderr
+    );
+    let quiet = Output::of(env.cli(&server, "reader").args(["get", "payments/loose"]));
+    assert!(!quiet.stderr.contains("warning:"), "{}", quiet.stderr);
+}
+
+#[test]
+fn officer_tool_warns_about_a_loose_pin_file_and_goes_on() {
+    let env = TestEnv::new();
+    let pin = env.dir.path().join("user.pin");
+    std::fs::write(&pin, &env.user_pin).unwrap();
+    chmod(&pin, 0o604);
+    let out = env.admin(&["--user-pin-file", pin.to_str().unwrap(), "key", "list"]);
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("warning: the PIN file"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("readable by others"), "{}", out.stderr);
+    assert!(out.stdout.contains("strongroom-mk-1"), "{}", out.stdout);
+}

@@ -144,8 +144,12 @@ pub(crate) enum KeyCmd {
 }
 
 pub(crate) enum Failure {
+    /// Local input or usage: exit 1.
     Local(String),
+    /// The token or the server: exit 2.
     Token(String),
+    /// A failed RPC, before it is put in words (see `online::run`): exit 2.
+    Rpc(Box<tonic::Status>),
 }
 
 impl From<HsmError> for Failure {
@@ -180,6 +184,10 @@ fn main() -> ExitCode {
             eprintln!("error: {m}");
             ExitCode::from(2)
         }
+        Err(Failure::Rpc(s)) => {
+            eprintln!("error: {:?}: {}", s.code(), s.message());
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -188,6 +196,9 @@ fn interactive() -> bool {
 }
 
 pub(crate) fn user_pin(cli: &Cli) -> Result<cryptoki::types::AuthPin, Failure> {
+    if let Some(file) = &cli.user_pin_file {
+        strongroom::files::warn_if_loose(file, "PIN file");
+    }
     read_pin(
         "user PIN",
         cli.user_pin_file.as_deref(),
@@ -245,6 +256,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Token(TokenCmd::Init { label, so_pin_file }) => {
+            if let Some(file) = so_pin_file {
+                strongroom::files::warn_if_loose(file, "SO PIN file");
+            }
             let so_pin = read_pin(
                 "SO PIN",
                 so_pin_file.as_deref(),

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use tonic::transport::Channel;
 
+use strongroom::explain::{Plane, Target};
 use strongroom::proto::admin_service_client::AdminServiceClient;
 use strongroom::proto::{
     AcceptStoreStateRequest, Approval, ApproveRequest, CheckPolicyRequest, DeletePolicyRequest,
@@ -113,10 +114,31 @@ pub(crate) fn run(conn: &Connection, format: Format, command: &Command) -> Resul
         .enable_all()
         .build()
         .map_err(|e| Failure::Local(format!("cannot start the runtime: {e}")))?;
-    runtime.block_on(run_async(conn, format, command))
+    runtime.block_on(async {
+        let target = target(conn)?;
+        match run_async(&target, format, command).await {
+            Err(Failure::Rpc(status)) => Err(explain_status(*status, target).await),
+            other => other,
+        }
+    })
 }
 
-async fn run_async(conn: &Connection, format: Format, command: &Command) -> Result<(), Failure> {
+/// A failed RPC: the connection's failure in words, or the service's answer as it is.
+async fn explain_status(status: tonic::Status, target: Target) -> Failure {
+    // The explanation may probe the server with a blocking handshake.
+    let explained = tokio::task::spawn_blocking(move || {
+        let words = strongroom::explain::rpc_failure(&status, &target);
+        (status, words)
+    })
+    .await;
+    match explained {
+        Ok((_, Some(words))) => Failure::Token(words),
+        Ok((status, None)) => Failure::Rpc(Box::new(status)),
+        Err(e) => Failure::Local(format!("cannot explain the failure: {e}")),
+    }
+}
+
+async fn run_async(target: &Target, format: Format, command: &Command) -> Result<(), Failure> {
     // Read local input before connecting, so usage errors never reach the server.
     let document = match command {
         Command::Policy(PolicyCmd::Put { file, .. }) => Some(
@@ -125,8 +147,8 @@ async fn run_async(conn: &Connection, format: Format, command: &Command) -> Resu
         ),
         _ => None,
     };
-    let mut c = connect(conn).await?;
-    let server = |s: tonic::Status| Failure::Token(format!("{:?}: {}", s.code(), s.message()));
+    let mut c = connect(target).await?;
+    let server = |s: tonic::Status| Failure::Rpc(Box::new(s));
     match command {
         Command::Status => {
             let s = c
@@ -393,7 +415,8 @@ async fn run_async(conn: &Connection, format: Format, command: &Command) -> Resu
     }
 }
 
-async fn connect(conn: &Connection) -> Result<AdminServiceClient<Channel>, Failure> {
+/// Where to connect and with what; warns if the officer's key is open to group or others.
+fn target(conn: &Connection) -> Result<Target, Failure> {
     let need = |p: &Option<PathBuf>, flag: &str, env: &str| {
         p.clone()
             .ok_or_else(|| Failure::Local(format!("{flag} (or {env}) is required")))
@@ -405,19 +428,24 @@ async fn connect(conn: &Connection) -> Result<AdminServiceClient<Channel>, Failu
     )?;
     let cert = need(&conn.admin_cert, "--admin-cert", "STRONGROOM_ADMIN_CERT")?;
     let key = need(&conn.admin_key, "--admin-key", "STRONGROOM_ADMIN_KEY")?;
-    let channel = strongroom::tls::connect(
+    strongroom::files::warn_if_loose(&key, "officer's private key");
+    Ok(Target::new(
+        Plane::Admin,
         &conn.admin_addr,
         &cacert,
-        &cert,
-        &key,
+        Some((&cert, &key)),
         conn.admin_server_name.as_deref(),
         Duration::from_secs(conn.timeout),
-    )
-    .await
-    .map_err(|e| match e {
-        strongroom::tls::ConnectError::Local(m) => Failure::Local(m),
-        strongroom::tls::ConnectError::Remote(m) => Failure::Token(m),
-    })?;
+    ))
+}
+
+async fn connect(target: &Target) -> Result<AdminServiceClient<Channel>, Failure> {
+    let channel = strongroom::tls::connect(target)
+        .await
+        .map_err(|e| match e {
+            strongroom::tls::ConnectError::Local(m) => Failure::Local(m),
+            strongroom::tls::ConnectError::Remote(m) => Failure::Token(m),
+        })?;
     Ok(AdminServiceClient::new(channel))
 }
 

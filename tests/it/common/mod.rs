@@ -129,13 +129,32 @@ impl TestEnv {
         env
     }
 
+    /// Writes the test PKI; every private key (`*-key.pem`) with mode 0600, as strongroomd
+    /// requires of its own key.
     fn write_pki(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         std::fs::create_dir_all(&self.pki).unwrap();
         let server_ca = DevCa::new("test server CA").unwrap();
         let client_ca = DevCa::new("test client CA").unwrap();
         let foreign_ca = DevCa::new("foreign CA").unwrap();
         let admin_ca = DevCa::new("test admin CA").unwrap();
-        let write = |name: &str, body: &str| std::fs::write(self.pki.join(name), body).unwrap();
+        let write = |name: &str, body: &str| {
+            let mode = if name.ends_with("-key.pem") {
+                0o600
+            } else {
+                0o644
+            };
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(self.pki.join(name))
+                .unwrap()
+                .write_all(body.as_bytes())
+                .unwrap();
+        };
         write("server-ca.pem", &server_ca.cert_pem());
         write("client-ca.pem", &client_ca.cert_pem());
         write("admin-ca.pem", &admin_ca.cert_pem());
@@ -160,6 +179,15 @@ impl TestEnv {
             write(&format!("{stem}.pem"), &c.cert_pem);
             write(&format!("{stem}-key.pem"), &c.key_pem);
         }
+        // Payments' identity from the client CA, valid only in 2000.
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(PAYMENTS.try_into().unwrap())];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        let expired = client_ca.sign(params, "expired payments").unwrap();
+        write("expired-client.pem", &expired.cert_pem);
+        write("expired-client-key.pem", &expired.key_pem);
     }
 
     /// Environment shared by the binaries.
