@@ -278,7 +278,8 @@ fn text_cause(text: &str) -> Option<Cause> {
         }
     }
     // tonic's handshake and request timeouts; hyper-util's resolver.
-    if text == "TLS handshake timeout" || text == "Timeout expired" {
+    let bare = text.trim_end_matches('.');
+    if bare.ends_with("TLS handshake timeout") || bare.ends_with("Timeout expired") {
         return Some(Cause::DeadlinePassed);
     }
     if text == "dns error" || text.contains("failed to lookup address information") {
@@ -505,6 +506,22 @@ fn probe_config(target: &Target) -> Option<rustls::ClientConfig> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tonics_handshake_timeout_is_a_deadline_with_or_without_its_full_stop() {
+        // tonic 0.14.5 writes "TLS handshake timeout." (with the stop).
+        for text in [
+            "TLS handshake timeout.",
+            "TLS handshake timeout",
+            "Timeout expired",
+        ] {
+            assert!(
+                matches!(text_cause(text), Some(Cause::DeadlinePassed)),
+                "{text}"
+            );
+        }
+    }
+
     use super::*;
 
     fn target() -> Target {

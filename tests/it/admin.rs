@@ -6,32 +6,16 @@ use std::time::Duration;
 use tonic::Code;
 
 use crate::common::{ADMIN, Output, POLICY, TestEnv};
+use crate::common::{get, put};
 use strongroom::proto::admin_service_client::AdminServiceClient;
 use strongroom::proto::{
     ApproveRequest, CheckPolicyRequest, DeletePolicyRequest, DestroySecretRequest,
-    GetApprovalRequest, GetSecretRequest, ListPoliciesRequest, ListSecretsRequest,
-    OperationResponse, PutPolicyRequest, PutSecretRequest, RejectRequest, RotateMasterKeyRequest,
-    StatusRequest,
+    GetApprovalRequest, ListPoliciesRequest, ListSecretsRequest, OperationResponse,
+    PutPolicyRequest, RejectRequest, RotateMasterKeyRequest, StatusRequest,
 };
 use tonic::transport::Channel;
 
 type Admin = AdminServiceClient<Channel>;
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
-}
-
-fn get(name: &str) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version: 0,
-    }
-}
 
 const STRANGER_HR: &str = r#"
 [[rule]]

@@ -17,29 +17,11 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::common::{OPS, PAYMENTS, POLICY, READER, STRANGER, Server, TestEnv, contains};
+use crate::common::{get_at as get, put};
 use strongroom::audit::{Checkpoint, Entry, split_line};
 use strongroom::hsm::{self, TokenSelector, keys};
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{
-    DeleteSecretRequest, DescribeSecretRequest, GetSecretRequest, ListSecretsRequest,
-    PutSecretRequest,
-};
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
-}
-
-fn get(name: &str, version: u64) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version,
-    }
-}
+use strongroom::proto::{DeleteSecretRequest, DescribeSecretRequest, ListSecretsRequest};
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")

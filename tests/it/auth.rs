@@ -4,34 +4,8 @@
 use tonic::Code;
 
 use crate::common::TestEnv;
-use strongroom::proto::{
-    DeleteSecretRequest, DescribeSecretRequest, GetSecretRequest, ListSecretsRequest,
-    PutSecretRequest,
-};
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
-}
-
-fn get(name: &str) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version: 0,
-    }
-}
-
-fn list(prefix: &str) -> ListSecretsRequest {
-    ListSecretsRequest {
-        prefix: prefix.into(),
-        page_size: 0,
-        page_token: String::new(),
-    }
-}
+use crate::common::{get, list, put};
+use strongroom::proto::{DeleteSecretRequest, DescribeSecretRequest};
 
 /// A client whose certificate the server must refuse: either the handshake fails or the
 /// first call does; never a successful answer.

@@ -19,11 +19,9 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::common::{Server, TestEnv};
+use crate::common::{get, put};
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{
-    DeleteSecretRequest, DescribeSecretRequest, GetSecretRequest, ListSecretsRequest,
-    PutSecretRequest,
-};
+use strongroom::proto::{DeleteSecretRequest, DescribeSecretRequest, ListSecretsRequest};
 
 const PUT: &str = "/strongroom.v1.SecretService/PutSecret";
 const GET: &str = "/strongroom.v1.SecretService/GetSecret";
@@ -37,22 +35,6 @@ const CANARY: &str = "payments/badinput/canary";
 
 /// The transport cap on a request message (`strongroom::service::TRANSPORT_MESSAGE_CAP`).
 const CAP: usize = strongroom::service::TRANSPORT_MESSAGE_CAP;
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
-}
-
-fn get(name: &str) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version: 0,
-    }
-}
 
 /// Sends and receives message bodies as raw bytes, framed by tonic as usual.
 #[derive(Clone, Copy, Default)]

@@ -16,9 +16,10 @@ use prost::Message;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::common::put;
 use crate::common::{POLICY, TestEnv, files_under};
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{GetSecretRequest, PutSecretRequest, SealedRecordV1};
+use strongroom::proto::{GetSecretRequest, SealedRecordV1};
 
 /// Longest a start (or a refusal to start) may take.
 const START_LIMIT: Duration = Duration::from_secs(30);
@@ -197,15 +198,6 @@ fn refusal_problems(code: Option<i32>, log: &str, store: &Path) -> Vec<String> {
         ));
     }
     problems
-}
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
 }
 
 fn record_key(name: &str, version: u64) -> Vec<u8> {

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::common::put;
 use crate::common::{Server, TestEnv};
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{DescribeSecretRequest, GetSecretRequest, PutSecretRequest};
+use strongroom::proto::{DescribeSecretRequest, GetSecretRequest};
 
 /// Concurrent writers, each on its own connection.
 const WRITERS: usize = 4;
@@ -151,15 +152,6 @@ pub(crate) fn audited_puts(audit: &str) -> HashSet<(String, u64)> {
         }
     }
     audited
-}
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
 }
 
 /// Cycles that write the same names; later cycles move on to fresh ones, so that the

@@ -12,20 +12,12 @@ use faultpkcs11::Control;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::common::put;
 use crate::common::{POLICY, Server, TestEnv};
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{GetSecretRequest, PutSecretRequest, StatusRequest};
+use strongroom::proto::{GetSecretRequest, StatusRequest};
 
 type Client = SecretServiceClient<Channel>;
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
-}
 
 fn get(name: &str, deadline: Duration) -> tonic::Request<GetSecretRequest> {
     let mut r = tonic::Request::new(GetSecretRequest {

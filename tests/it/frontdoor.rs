@@ -7,28 +7,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, SanType};
-use strongroom::proto::{GetSecretRequest, PutSecretRequest, StatusRequest};
+use strongroom::proto::StatusRequest;
 use strongroom::tls::{DevCa, DevCert};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tonic::Code;
 
 use crate::common::{ADMIN, PAYMENTS, POLICY, Server, TestEnv};
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn get(name: &str) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version: 0,
-    }
-}
+use crate::common::{get, put, reflected_services};
 
 fn write_cert(pki: &Path, stem: &str, cert: &DevCert) {
     use std::os::unix::fs::OpenOptionsExt;
@@ -500,30 +486,6 @@ async fn an_admin_ca_equal_to_the_client_ca_up_to_whitespace_or_comments_is_refu
         "{}",
         out.stderr
     );
-}
-
-async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut refl = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = refl
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected reflection answer");
-    };
-    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    names.sort();
-    names
 }
 
 #[tokio::test]

@@ -7,24 +7,9 @@ use prost::Message;
 use tonic::Code;
 
 use crate::common::{TestEnv, contains, files_under};
+use crate::common::{get_at as get, put};
 use strongroom::hsm::{self, TokenSelector, keys};
-use strongroom::proto::{GetSecretRequest, PutSecretRequest, SealedRecordV1};
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
-}
-
-fn get(name: &str, version: u64) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version,
-    }
-}
+use strongroom::proto::{PutSecretRequest, SealedRecordV1};
 
 /// §4.1: the master key reads back SENSITIVE, !EXTRACTABLE, ALWAYS_SENSITIVE,
 /// NEVER_EXTRACTABLE, PRIVATE, !MODIFIABLE, and CKA_VALUE is refused — with our code and

@@ -17,37 +17,12 @@ use rcgen::{
 use tonic::Code;
 
 use crate::common::{PAYMENTS, Server, TestEnv};
+use crate::common::{get, list, put};
+use strongroom::proto::DescribeSecretRequest;
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{
-    DescribeSecretRequest, GetSecretRequest, ListSecretsRequest, PutSecretRequest,
-};
 
 /// Written by the valid client before the refused ones try, read by them if they get through.
 const CANARY: &str = "payments/mtls/canary";
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
-}
-
-fn get(name: &str) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version: 0,
-    }
-}
-
-fn list(prefix: &str) -> ListSecretsRequest {
-    ListSecretsRequest {
-        prefix: prefix.into(),
-        page_size: 0,
-        page_token: String::new(),
-    }
-}
 
 fn common_name(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();

@@ -16,28 +16,13 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 use crate::common::{Server, TestEnv};
+use crate::common::{get_at as get, put};
 use crate::crash::{Rng, audited_puts, seed_from, start_bounded};
+use strongroom::proto::DescribeSecretRequest;
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{DescribeSecretRequest, GetSecretRequest, PutSecretRequest};
 
 /// Longest any one RPC may take before the test calls it a hang.
 const RPC_LIMIT: Duration = Duration::from_secs(15);
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
-}
-
-fn get(name: &str, version: u64) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version,
-    }
-}
 
 /// A value that names its writer and sequence, padded to a random length.
 fn value_for(rng: &mut Rng, tag: &str, max_pad: u64) -> Vec<u8> {

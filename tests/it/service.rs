@@ -5,26 +5,10 @@ use std::time::Duration;
 use tonic::Code;
 
 use crate::common::TestEnv;
+use crate::common::{get_at as get, put};
 use strongroom::proto::{
-    DeleteSecretRequest, DescribeSecretRequest, GetSecretRequest, ListSecretsRequest,
-    PutSecretRequest,
+    DeleteSecretRequest, DescribeSecretRequest, ListSecretsRequest, PutSecretRequest,
 };
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-    }
-}
-
-fn get(name: &str, version: u64) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version,
-    }
-}
 
 #[tokio::test]
 async fn put_get_versions_describe_list_delete() {
@@ -375,25 +359,7 @@ async fn health_follows_the_master_key_and_reflection_lists_services() {
     c.put_secret(put("payments/x", b"v")).await.unwrap();
 
     // Reflection (v1) lists the services, so grpcurl works.
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut refl = ServerReflectionClient::new(tls_channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = refl
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected reflection answer");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let names = crate::common::reflected_services(tls_channel).await;
     assert!(
         names.contains(&"strongroom.v1.SecretService".to_owned()),
         "{names:?}"
