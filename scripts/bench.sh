@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs strongroom's benchmark (benches/load.rs: real strongroomd children over mutual TLS on
+# Runs strongroom's benchmark (benches/load/: real strongroomd children over mutual TLS on
 # loopback, fresh SoftHSM2 tokens, every figure a ratio against a baseline measured in the
 # same run) and prints its results table. A full run takes 6–8 minutes; --quick about one.
 #
