@@ -5,7 +5,8 @@
 #
 #   scripts/bench.sh                         # parts audit,floor,hsm,put,big
 #   scripts/bench.sh --quick                 # the same in about a minute
-#   scripts/bench.sh --parts all             # also diag (log line, audit checkpoints)
+#   scripts/bench.sh --parts all             # also diag (log line, audit checkpoints) and frontdoor
+#   scripts/bench.sh --parts frontdoor       # idle connections + junk-name flood (about 90 s)
 #   scripts/bench.sh --parts custom --concurrency 64 --read-pct 90 --secs 10
 #   scripts/bench.sh --help                  # every option
 #

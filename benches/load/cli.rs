@@ -24,6 +24,7 @@ pub(crate) enum Part {
     Put,
     Big,
     Diag,
+    Frontdoor,
     Custom,
     All,
 }
@@ -40,7 +41,7 @@ pub(crate) enum CustomTarget {
 
 #[derive(Args, Clone, Debug)]
 pub(crate) struct Opts {
-    /// Parts to run, comma-separated: audit, floor, hsm, put, big, diag, custom, all.
+    /// Parts to run, comma-separated: audit, floor, hsm, put, big, diag, frontdoor, custom, all.
     #[arg(
         long,
         env = "STRONGROOM_BENCH_PARTS",
@@ -99,6 +100,18 @@ pub(crate) struct Opts {
     /// STRONGROOM_LOG of the strongroomd children (strongroomd's own default is info).
     #[arg(long, default_value = "info")]
     pub(crate) server_log: String,
+    /// Idle TCP connections (never a byte sent) held open in the frontdoor part's attack slots.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) idle_connections: usize,
+    /// Source addresses the idle connections are spread over (127.0.0.2 onwards).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) idle_sources: u8,
+    /// Tasks of the frontdoor part's junk-name flood (a certificate with no rights).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) junk_tasks: usize,
+    /// Name / prefix sizes of the junk-name flood, in bytes (GetSecret and ListSecrets each).
+    #[arg(long, value_delimiter = ',', default_value = "65536,1048576")]
+    pub(crate) junk_sizes: Vec<usize>,
     /// Target of the custom part.
     #[arg(long, value_enum, default_value = "on")]
     pub(crate) custom_target: CustomTarget,

@@ -17,7 +17,7 @@ use strongroom::tls::DevCa;
 
 use crate::cli::Opts;
 use crate::util::random_bytes;
-use crate::{CLIENT_ID, Res, SO_PIN, USER_PIN, fail};
+use crate::{CLIENT_ID, Res, SO_PIN, STRANGER_ID, USER_PIN, fail};
 
 #[derive(Clone)]
 pub(crate) struct Token {
@@ -124,6 +124,8 @@ impl Lab {
         let client_ca = DevCa::new("bench client CA")?;
         let server = server_ca.issue_server(&["localhost", "127.0.0.1"])?;
         let client = client_ca.issue_client(CLIENT_ID)?;
+        // A valid certificate from the same CA that no policy rule names (frontdoor part).
+        let stranger = client_ca.issue_client(STRANGER_ID)?;
         for (file, body) in [
             ("server-ca.pem", server_ca.cert_pem()),
             ("client-ca.pem", client_ca.cert_pem()),
@@ -131,6 +133,8 @@ impl Lab {
             ("server-key.pem", server.key_pem),
             ("load.pem", client.cert_pem),
             ("load-key.pem", client.key_pem),
+            ("stranger.pem", stranger.cert_pem),
+            ("stranger-key.pem", stranger.key_pem),
         ] {
             std::fs::write(pki.join(file), body)?;
         }
@@ -378,6 +382,11 @@ capabilities = ["read", "write", "list", "delete"]
     pub(crate) fn log_of(&self, name: &str) -> Option<PathBuf> {
         self.procs.get(name).map(|p| p.log.clone())
     }
+
+    /// The audit log of strongroomd `name` (its config names `audit.log` beside itself).
+    pub(crate) fn audit_log(&self, name: &str) -> PathBuf {
+        self.root.join(format!("srv-{name}")).join("audit.log")
+    }
 }
 
 /// Runs a child role to completion; its stdin stays open (it exits when stdin closes), its
@@ -406,10 +415,16 @@ pub(crate) fn run_child(mut cmd: Command) -> Res<String> {
 pub(crate) type Client = SecretServiceClient<Channel>;
 
 pub(crate) async fn connect(addr: &str, pki: &Path, n: usize) -> Res<Vec<Client>> {
+    connect_as(addr, pki, n, "load").await
+}
+
+/// `n` connections as `who` (`load`: the load generator; `stranger`: a valid certificate
+/// with no rights).
+pub(crate) async fn connect_as(addr: &str, pki: &Path, n: usize, who: &str) -> Res<Vec<Client>> {
     let tls = strongroom::tls::client_config(
         &pki.join("server-ca.pem"),
-        &pki.join("load.pem"),
-        &pki.join("load-key.pem"),
+        &pki.join(format!("{who}.pem")),
+        &pki.join(format!("{who}-key.pem")),
         "localhost",
     )?;
     let mut clients = Vec::new();

@@ -27,6 +27,11 @@
 //!   service's VmRSS;
 //! - `diag`: the service with its process log at `warn` instead of `info`, without audit
 //!   checkpoints, and audit on/off at `warn`;
+//! - `frontdoor` (not in the default parts: about 90 s): GetSecret while 1,000 idle TCP
+//!   connections (from 127.0.0.2–17, re-opened as soon as the server closes them) are held
+//!   open and a certificate with no rights floods GetSecret/ListSecrets with 64 KiB and 1 MiB
+//!   names, versus the same load without them; also each attack alone, and what one junk call
+//!   adds to the audit and process logs;
 //! - `custom`: the load generator alone with `--concurrency`, `--connections`,
 //!   `--value-size`, `--read-pct`, `--secs`, `--requests` against a `strongroomd` or the floor.
 //!
@@ -45,6 +50,7 @@ use clap::Parser;
 mod big;
 mod cli;
 mod floor;
+mod frontdoor;
 mod generator;
 mod hsm;
 mod lab;
@@ -56,6 +62,7 @@ mod util;
 use crate::big::{part_big, populate};
 use crate::cli::{Cli, Opts, Part, Role};
 use crate::floor::floor_server;
+use crate::frontdoor::part_frontdoor;
 use crate::generator::Plan;
 use crate::hsm::{hsm_bench, part_hsm};
 use crate::lab::Lab;
@@ -75,6 +82,8 @@ const SO_PIN: &str = "bench-so-pin-0000";
 const USER_PIN: &str = "bench-user-pin-0000";
 /// The load generator's identity (URI SAN of its client certificate).
 const CLIENT_ID: &str = "spiffe://strongroom.bench/load";
+/// An identity with a valid certificate and no policy rule (the frontdoor part's attacker).
+const STRANGER_ID: &str = "spiffe://strongroom.bench/stranger";
 /// The master key the floor server and the raw loops use (what `key generate` creates).
 const MASTER_KEY_LABEL: &str = "strongroom-mk-1";
 /// Names the floor server answers, one per behaviour.
@@ -112,6 +121,7 @@ fn driver(opts: Opts) -> Res<()> {
             Part::Put,
             Part::Big,
             Part::Diag,
+            Part::Frontdoor,
         ];
     }
     let plan = Plan {
@@ -158,6 +168,9 @@ fn driver(opts: Opts) -> Res<()> {
         }
         if parts.contains(&Part::Diag) {
             part_diag(&mut lab, &plan, &mut rows).await?;
+        }
+        if parts.contains(&Part::Frontdoor) {
+            part_frontdoor(&mut lab, &plan, &mut rows).await?;
         }
         if parts.contains(&Part::Custom) {
             part_custom(&mut lab, &plan, &mut rows).await?;
