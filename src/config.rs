@@ -218,7 +218,10 @@ impl FrontLimits {
         use std::time::Duration;
         Self {
             handshake_timeout: Duration::from_secs(10),
-            max_handshakes: 256,
+            // Room for a thousand connections that never speak to wait out their deadline:
+            // below the cap they cost a few KiB each and nothing else, while a full listener
+            // evicts, and a peer that reconnects at once turns each eviction into a new accept.
+            max_handshakes: 1024,
             max_connections: 4096,
             max_connections_per_ip: 256,
             idle_timeout: Duration::from_secs(300),
@@ -233,7 +236,7 @@ impl FrontLimits {
     pub const fn admin() -> Self {
         let c = Self::client();
         Self {
-            max_handshakes: 32,
+            max_handshakes: 64,
             max_connections: 128,
             max_connections_per_ip: 32,
             ..c
