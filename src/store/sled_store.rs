@@ -570,9 +570,14 @@ impl Store for SledStore {
         let mut n = 0;
         for kv in self.db.scan_prefix([HEAD]) {
             let (k, v) = kv?;
-            let head = HeadV1::decode(v.as_ref()).map_err(|e| corrupt(&k, e))?;
-            if !head.deleted {
-                n += 1;
+            match HeadV1::decode(v.as_ref()) {
+                Ok(head) if !head.deleted => n += 1,
+                Ok(_) => {}
+                // A damaged head is no readable secret; it must not take the officers'
+                // status down with it (its reads answer DATA_LOSS).
+                Err(e) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(&k), error = %e, "a stored head does not decode; not counted")
+                }
             }
         }
         Ok(n)
