@@ -149,6 +149,11 @@ fn flag(state: &State, problem: &str) {
     }
 }
 
+/// Whether the token holds a checkpoint of a store (any start but the first).
+pub(crate) async fn token_recorded(state: &State) -> Result<bool, Error> {
+    Ok(state.hsm.read_data(STORE_CHECKPOINT_LABEL).await?.is_some())
+}
+
 /// The refusal while a rollback is flagged.
 pub(crate) fn ensure_trusted(state: &State) -> Result<(), Error> {
     match state.rollback.read().ok().and_then(|r| r.clone()) {

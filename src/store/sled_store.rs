@@ -108,14 +108,12 @@ impl SledStore {
             let id = hex::encode(id);
             let mut batch = Batch::default();
             batch.insert(aux_key(Aux::Meta, STORE_ID), id.as_bytes());
-            // A new store commits to nothing yet (unless it is not new at all: a store whose
-            // identity was removed keeps its records, which then do not match).
-            if db.get(aux_key(Aux::Meta, STATE))?.is_none() {
-                let epoch = db
-                    .get(aux_key(Aux::Meta, EPOCH))?
-                    .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-                    .map_or(0, u64::from_be_bytes);
-                let tag = key.frame_tag(&id, epoch, &Commitment::EMPTY);
+            // An empty store commits to nothing. One with records but no identity (filled by
+            // other means, or its identity removed) gets no commitment: the start check
+            // decides whether to trust it (a token that never recorded one does, as for a
+            // store from before commitments; one that did flags it).
+            if db.iter().next().is_none() {
+                let tag = key.frame_tag(&id, 0, &Commitment::EMPTY);
                 batch.insert(
                     aux_key(Aux::Meta, STATE),
                     frame_value(&Commitment::EMPTY, &tag),
