@@ -352,11 +352,24 @@ pub struct StoreConfig {
     /// store size (BENCHMARKS.md: ~1 GiB resident at a million secrets with the default).
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
+    /// Seconds between scans that check every record against the store's state commitment
+    /// (0: only at start). A scan reads the whole store, holding writers only for short steps.
+    #[serde(default = "default_verify_interval")]
+    pub verify_interval_secs: u64,
 }
 
 fn default_cache_mb() -> u64 {
     crate::store::DEFAULT_CACHE_MB
 }
+
+fn default_verify_interval() -> u64 {
+    DEFAULT_STORE_VERIFY_INTERVAL_SECS
+}
+
+/// Seconds between the store's state scans when the configuration says nothing.
+pub const DEFAULT_STORE_VERIFY_INTERVAL_SECS: u64 = 3600;
+/// The longest interval between state scans: 30 days.
+pub const MAX_STORE_VERIFY_INTERVAL_SECS: u64 = 30 * 24 * 3600;
 
 /// `[limits]`: every size the service accepts.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -596,6 +609,11 @@ impl Config {
                 "store.cache_capacity_mb must be 16..=1048576 (MiB)".into(),
             ));
         }
+        if self.store.verify_interval_secs > MAX_STORE_VERIFY_INTERVAL_SECS {
+            return Err(ConfigError::Invalid(format!(
+                "store.verify_interval_secs must be 0..={MAX_STORE_VERIFY_INTERVAL_SECS} (0: only at start)"
+            )));
+        }
         crate::policy::Policy::from_rules(&self.policy, l.max_name_bytes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
@@ -707,6 +725,27 @@ mod tests {
         for bad in ["cache_capacity_mb = 0", "cache_capacity_mb = 2000000"] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains("store.cache_capacity_mb"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_store_verify_interval_defaults_to_an_hour_and_must_be_sane() {
+        assert_eq!(parse("").unwrap().store.verify_interval_secs, 3600);
+        for ok in [0, 1, MAX_STORE_VERIFY_INTERVAL_SECS] {
+            assert_eq!(
+                parse(&format!("verify_interval_secs = {ok}"))
+                    .unwrap()
+                    .store
+                    .verify_interval_secs,
+                ok
+            );
+        }
+        for bad in [
+            "verify_interval_secs = 2592001",
+            "verify_interval_secs = -1",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("verify_interval_secs"), "{bad}: {e}");
         }
     }
 
