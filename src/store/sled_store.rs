@@ -172,6 +172,26 @@ impl SledStore {
         Ok(Change { key, old, new })
     }
 
+    /// The commitment element of one stored pair. A version record contributes its key and
+    /// the fields its AAD does not bind (creation time and creator, expiry, mechanism), not
+    /// its wrapped key, nonce and ciphertext: damage there is the AAD's to catch, and costs
+    /// that one record (DATA_LOSS), not the whole store. A record that no longer decodes
+    /// contributes its raw bytes, so it shows as a changed state.
+    fn element(&self, key: &[u8], value: &[u8]) -> Commitment {
+        if key.first() == Some(&RECORD)
+            && let Ok(r) = SealedRecord::decode(value)
+        {
+            let committed = SealedRecord {
+                wrapped_dek: Vec::new(),
+                nonce: Vec::new(),
+                ciphertext: Vec::new(),
+                ..r
+            };
+            return self.key.element(key, &committed.encode_to_vec());
+        }
+        self.key.element(key, value)
+    }
+
     /// Applies `changes` in one atomic batch with the epoch bump and the updated commitment
     /// (the caller holds the write lock, `w`). Not yet durable.
     fn apply(&self, w: &mut Writer, changes: Vec<Change>) -> Result<(), StoreError> {
@@ -188,10 +208,10 @@ impl SledStore {
             }
             let mut delta = Commitment::EMPTY;
             if let Some(old) = &ch.old {
-                delta = delta.sub(&self.key.element(&ch.key, old));
+                delta = delta.sub(&self.element(&ch.key, old));
             }
             if let Some(new) = &ch.new {
-                delta = delta.add(&self.key.element(&ch.key, new));
+                delta = delta.add(&self.element(&ch.key, new));
             }
             c = c.add(&delta);
             if w.scan.as_ref().is_some_and(|s| ch.key < s.below) {
@@ -236,7 +256,7 @@ impl SledStore {
             for kv in self.db.range(scan.below.clone()..) {
                 let (k, v) = kv?;
                 if !is_frame_key(&k) {
-                    scan.acc = scan.acc.add(&self.key.element(&k, &v));
+                    scan.acc = scan.acc.add(&self.element(&k, &v));
                     scan.records += 1;
                 }
                 last = Some(k);
