@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,6 +21,16 @@ use crate::tls::Identity;
 const MAX_PENDING_RESETS: usize = 32;
 /// Streams the server may reset for protocol errors before it closes the connection.
 const MAX_LOCAL_RESETS: usize = 1024;
+/// What a client may send on one stream before the server reads it (HTTP/2's own default;
+/// hyper's is 1 MiB): a request refused from its first frame header costs the server at
+/// most this much of the client's data, not the whole message.
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// What a client may send on one connection, all streams together, before the server reads.
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// How long a request refused for its size waits for its answer: the stream is held, not
+/// the server, so a flood of oversized requests runs at its concurrency per this delay
+/// rather than as fast as the service can refuse.
+const REFUSAL_DELAY: Duration = Duration::from_millis(100);
 
 /// What a connection task needs from its listener.
 pub(super) struct Context {
@@ -95,7 +105,10 @@ pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admi
                 let response = match super::first_message::check(request, first_message_wait).await
                 {
                     Ok(request) => tower::ServiceExt::oneshot(routes, request).await?,
-                    Err(refusal) => refusal.into_http(),
+                    Err(refusal) => {
+                        tokio::time::sleep(REFUSAL_DELAY).await;
+                        refusal.into_http()
+                    }
                 };
                 // The request counts as in flight until its answer's body is done, so a
                 // streaming answer is not cut by the idle timeout.
@@ -115,7 +128,9 @@ pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admi
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_list_bytes)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(MAX_LOCAL_RESETS);
+        .max_local_error_reset_streams(MAX_LOCAL_RESETS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     let connection = http.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut closing = false;
