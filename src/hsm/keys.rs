@@ -439,3 +439,30 @@ pub fn hmac_verify(
         Err(e) => Err(e.into()),
     }
 }
+
+/// A 32-byte key derived in the token: HMAC-SHA256 under MAC key `kind` of `domain`, a
+/// string no other MAC under that key starts with. One token call; the result lives in
+/// process (zeroized on drop) and is the same on every replica of the same token and across
+/// restarts. The store's state commitment and the ListSecrets page tokens use keys so made.
+pub async fn derive_key(
+    hsm: &super::Hsm,
+    kind: MacKey,
+    domain: &[u8],
+    timeout: std::time::Duration,
+) -> Result<zeroize::Zeroizing<[u8; 32]>, HsmError> {
+    if !hsm.has_mac_key(kind) {
+        return Err(HsmError::MacKeyMissing(kind.label()));
+    }
+    let macs = hsm
+        .mac_chain(kind, Vec::new(), vec![domain.to_vec()], timeout)
+        .await?;
+    let tag = zeroize::Zeroizing::new(macs.into_iter().next().unwrap_or_default());
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    if tag.len() != key.len() {
+        return Err(HsmError::InvalidParameter(
+            "the token's HMAC-SHA256 tag is not 32 bytes",
+        ));
+    }
+    key.copy_from_slice(&tag);
+    Ok(key)
+}

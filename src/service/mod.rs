@@ -6,6 +6,7 @@
 //! binds until `shutdown` completes, so tests bind `127.0.0.1:0`.
 
 mod admin;
+mod page_token;
 mod policies;
 mod rollback;
 mod secrets;

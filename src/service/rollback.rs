@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
 
 use super::{State, blocking};
 use crate::error::Error;
@@ -45,25 +44,7 @@ struct StoreCheckpoint {
 /// Derives the key the store commits its records under: one MAC under the token's store key
 /// (as the page-token key is), so it never leaves the process and survives restarts.
 pub(crate) async fn state_key(hsm: &Hsm, timeout: Duration) -> Result<StateKey, HsmError> {
-    if !hsm.has_mac_key(MacKey::Store) {
-        return Err(HsmError::MacKeyMissing(MacKey::Store.label()));
-    }
-    let macs = hsm
-        .mac_chain(
-            MacKey::Store,
-            Vec::new(),
-            vec![STATE_KEY_DOMAIN.to_vec()],
-            timeout,
-        )
-        .await?;
-    let tag = Zeroizing::new(macs.into_iter().next().unwrap_or_default());
-    let mut key = Zeroizing::new([0u8; 32]);
-    if tag.len() != key.len() {
-        return Err(HsmError::InvalidParameter(
-            "the token's store MAC is not 32 bytes",
-        ));
-    }
-    key.copy_from_slice(&tag);
+    let key = crate::hsm::keys::derive_key(hsm, MacKey::Store, STATE_KEY_DOMAIN, timeout).await?;
     Ok(StateKey::new(&key))
 }
 
