@@ -20,6 +20,7 @@ mod limits;
 mod list;
 mod mtls;
 mod overload;
+mod powercut;
 mod restart;
 mod rollback;
 mod service;
