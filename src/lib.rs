@@ -37,6 +37,7 @@
 pub mod audit;
 pub mod codec;
 pub mod config;
+pub mod durable;
 pub mod envelope;
 pub mod error;
 pub mod front;

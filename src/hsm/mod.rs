@@ -84,6 +84,9 @@ pub enum HsmError {
         "the token holds no key labelled {0}; run `strongroom-admin key generate` (it creates the MAC keys)"
     )]
     MacKeyMissing(&'static str),
+    /// The token's files could not be made durable after a change (SoftHSM2).
+    #[error("the token's files could not be made durable: {0}")]
+    Durability(String),
     /// The record names a master key version the token does not hold.
     #[error("master key version {0} is not in the token")]
     MasterKeyMissing(u32),
@@ -120,9 +123,10 @@ impl HsmError {
             | HsmError::MacKeyMissing(_)
             | HsmError::InvalidParameter(_) => FaultClass::Configuration,
             HsmError::MasterKeyMissing(_) => FaultClass::KeyLost,
-            HsmError::Cryptoki(_) | HsmError::Thread(_) | HsmError::BadKeyLength => {
-                FaultClass::Other
-            }
+            HsmError::Cryptoki(_)
+            | HsmError::Thread(_)
+            | HsmError::BadKeyLength
+            | HsmError::Durability(_) => FaultClass::Other,
         }
     }
 }

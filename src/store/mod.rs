@@ -4,6 +4,7 @@
 //! embedded default. Calls may block (writes fsync): the service runs them off the runtime,
 //! except GetSecret's point reads, which cost less than the hand-off (`service::read_inline`).
 
+mod durable;
 mod sled_store;
 
 pub use sled_store::SledStore;
@@ -35,6 +36,10 @@ pub enum StoreError {
         /// What went wrong, with what to check.
         reason: String,
     },
+    /// The store's files could not be made durable (fsync failed): no write is
+    /// acknowledged from then on.
+    #[error("the store's files could not be made durable: {0}")]
+    Sync(std::io::Error),
     /// The write lock was poisoned by a panic in another writer.
     #[error("the store's write lock is poisoned")]
     Poisoned,

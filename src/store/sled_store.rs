@@ -7,7 +7,8 @@
 //! name's records are exactly the keys under `r` + name + `\0`.
 //!
 //! Writes take one process-wide lock for check-and-set, apply one atomic batch, and return
-//! after `flush` (fsync). sled is single-process: the directory is locked while open.
+//! after sled's `flush` and a real fsync of the store's files shared with concurrent writers
+//! (`StoreSync`). sled is single-process: the directory is locked while open.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prost::Message;
 use sled::{Batch, IVec};
 
+use super::durable::StoreSync;
 use super::{Aux, Head, NameRange, Page, Store, StoreError, VersionConflict};
 use crate::proto::HeadV1;
 use crate::secret::{SealedRecord, SecretName};
@@ -33,6 +35,7 @@ const EPOCH: &str = "epoch";
 /// The sled-backed store.
 pub struct SledStore {
     db: sled::Db,
+    sync: StoreSync,
     write_lock: Mutex<()>,
     /// Keys `list` has examined, for the admin plane's status.
     examined: AtomicU64,
@@ -47,6 +50,7 @@ impl SledStore {
     /// Opens (or creates) the store at `path` with a page cache of `cache_mb` MiB.
     pub fn open_with_cache(path: &Path, cache_mb: u64) -> Result<Self, StoreError> {
         let db = open_db(path, cache_mb.saturating_mul(1 << 20))?;
+        let sync = StoreSync::open(path).map_err(StoreError::Sync)?;
         if db.get(aux_key(Aux::Meta, STORE_ID))?.is_none() {
             // A new store: give it an identity, so the token's epoch checkpoint can tell it
             // from an older copy of another store.
@@ -60,12 +64,26 @@ impl SledStore {
                 })?;
             db.insert(aux_key(Aux::Meta, STORE_ID), hex::encode(id).as_bytes())?;
             db.flush()?;
+            sync.sync().map_err(StoreError::Sync)?;
         }
         Ok(Self {
             db,
+            sync,
             write_lock: Mutex::new(()),
             examined: AtomicU64::new(0),
         })
+    }
+
+    /// Makes every applied batch durable: sled's flush (`sync_file_range`, which promises
+    /// nothing after a power cut), then a real fsync shared with concurrent writers.
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.sync.sync().map_err(StoreError::Sync)
+    }
+
+    /// Syncs run since the store was opened (each may cover several writes).
+    pub fn syncs(&self) -> u64 {
+        self.sync.syncs.load(Ordering::Relaxed)
     }
 
     /// Adds the epoch bump to a batch (the caller holds the write lock).
@@ -126,8 +144,8 @@ impl Store for SledStore {
             self.db.apply_batch(batch)?;
         }
         // Acknowledge only once durable. Flushing outside the lock lets concurrent writers
-        // share one fsync.
-        self.db.flush()?;
+        // share sled's write-out and one fsync (StoreSync).
+        self.flush()?;
         Ok(Ok(()))
     }
 
@@ -243,7 +261,7 @@ impl Store for SledStore {
             self.db.apply_batch(batch)?;
             destroyed
         };
-        self.db.flush()?;
+        self.flush()?;
         Ok(destroyed)
     }
 
@@ -278,7 +296,7 @@ impl Store for SledStore {
             self.bump_epoch(&mut batch)?;
             self.db.apply_batch(batch)?;
         }
-        self.db.flush()?;
+        self.flush()?;
         Ok(())
     }
 
@@ -292,12 +310,12 @@ impl Store for SledStore {
             self.db.apply_batch(batch)?;
             existed
         };
-        self.db.flush()?;
+        self.flush()?;
         Ok(existed)
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.flush()?;
         Ok(())
     }
 

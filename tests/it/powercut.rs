@@ -27,7 +27,9 @@ use tonic::transport::Channel;
 use crate::common::{ADMIN, POLICY, Server, TestEnv};
 use crate::crash::{Rng, Watchdog, audited_puts, seed_from};
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{GetSecretRequest, PutSecretRequest, RotateMasterKeyRequest};
+use strongroom::proto::{
+    ApproveRequest, GetSecretRequest, PutSecretRequest, RotateMasterKeyRequest,
+};
 
 const WRITERS: usize = 4;
 const NAMES_PER_WRITER: usize = 3;
@@ -230,13 +232,29 @@ async fn check(
     );
 }
 
-/// Dual-control rotation: alice asks, bob approves (the approval runs it).
-async fn rotate(server: &Server) -> Result<(), tonic::Status> {
+/// Dual-control rotation: alice asks, bob approves (the approval runs it). `Ok(true)` once
+/// the service acknowledged the new key.
+async fn rotate(server: &Server) -> Result<bool, tonic::Status> {
     let mut alice = server.admin("alice").await;
     let mut bob = server.admin("bob").await;
-    alice.rotate_master_key(RotateMasterKeyRequest {}).await?;
-    bob.rotate_master_key(RotateMasterKeyRequest {}).await?;
-    Ok(())
+    let asked = alice
+        .rotate_master_key(RotateMasterKeyRequest {})
+        .await?
+        .into_inner();
+    let id = asked
+        .approval
+        .ok_or_else(|| tonic::Status::internal("no approval"))?
+        .id;
+    let done = bob.approve(ApproveRequest { id }).await?.into_inner();
+    Ok(done.executed)
+}
+
+/// Master keys in the token (`key list`).
+fn key_count(env: &TestEnv, ctx: &str) -> u32 {
+    let list = env.admin(&["key", "list", "--format", "json"]);
+    assert_eq!(list.code, 0, "{ctx}: key list: {}", list.stderr);
+    let keys: serde_json::Value = serde_json::from_str(list.stdout.trim()).unwrap();
+    keys.as_array().unwrap().len() as u32
 }
 
 fn cycles() -> usize {
@@ -284,8 +302,9 @@ async fn power_cut_under_load_loses_no_acknowledged_write() {
         let delay = Duration::from_millis(rng.range(CUT_AFTER_MS.0, CUT_AFTER_MS.1));
         if rotating {
             let (r, ()) = tokio::join!(rotate(&server), tokio::time::sleep(delay));
-            if r.is_ok() {
-                rotations += 1;
+            match r {
+                Ok(true) => rotations += 1,
+                other => panic!("{ctx}: the rotation did not run: {other:?}"),
             }
         } else {
             tokio::time::sleep(delay).await;
@@ -346,6 +365,12 @@ async fn power_cut_under_load_loses_no_acknowledged_write() {
         .env
         .admin(&["audit", "verify", disk.audit_log().to_str().unwrap()]);
     verify.assert_ok();
+    // Every acknowledged rotation's key survived its cut.
+    let keys = key_count(&disk.env, "final");
+    assert!(
+        keys > rotations,
+        "{rotations} rotations acknowledged, {keys} master keys in the token"
+    );
     let stats = disk.pc.stats();
     println!(
         "powercut: seed {seed}, {cycles} power cuts, {} acknowledged writes, {rotations} \
@@ -369,8 +394,12 @@ async fn power_cut_during_and_after_key_generate_keeps_the_keys_records_use() {
     let Some(mut disk) = Disk::new() else { return };
     let seed = seed_from("STRONGROOM_POWERCUT_SEED");
     let mut rng = Rng::new(seed);
+    let took = Instant::now();
     disk.env.admin(&["key", "generate"]).assert_ok();
+    // Cut anywhere from the start of `key generate` to a little after it usually ends.
+    let span = (took.elapsed().as_millis() as u64 * 3 / 2).max(20);
     let rounds = cycles().div_ceil(5).clamp(3, 100);
+    let mut cut_after_finish = 0;
     let mut generated = 1u32;
     let mut acked = Acked::new();
     for round in 0..rounds {
@@ -387,7 +416,7 @@ async fn power_cut_during_and_after_key_generate_keeps_the_keys_records_use() {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut child = cmd.spawn().expect("spawn key generate");
-        std::thread::sleep(Duration::from_millis(rng.range(0, 120)));
+        std::thread::sleep(Duration::from_millis(rng.range(0, span)));
         let keep = if rng.below(2) == 0 {
             Keep::Nothing
         } else {
@@ -402,17 +431,11 @@ async fn power_cut_during_and_after_key_generate_keeps_the_keys_records_use() {
         disk.pc.restart().expect("remount");
         if finished_ok {
             generated += 1;
+            cut_after_finish += 1;
         }
 
         // The token works and holds every key generated so far.
-        let list = disk.env.admin(&["key", "list", "--format", "json"]);
-        assert_eq!(
-            list.code, 0,
-            "{ctx}: key list after the cut: {}",
-            list.stderr
-        );
-        let keys: serde_json::Value = serde_json::from_str(list.stdout.trim()).unwrap();
-        let keys = keys.as_array().unwrap().len() as u32;
+        let keys = key_count(&disk.env, &ctx);
         assert!(
             keys >= generated,
             "{ctx}: {generated} keys generated and acknowledged, {keys} in the token after the cut"
@@ -449,4 +472,8 @@ async fn power_cut_during_and_after_key_generate_keeps_the_keys_records_use() {
         drop(c);
         server.stop();
     }
+    println!(
+        "key generate: {rounds} cuts during it ({cut_after_finish} after it had finished), \
+         {rounds} after a finished one and a write under the new key; {generated} keys"
+    );
 }
