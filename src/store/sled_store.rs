@@ -473,6 +473,54 @@ mod tests {
         }
     }
 
+    /// `threads` writers committing `each` records to their own names: (commits/s, syncs).
+    fn concurrent_commits(threads: usize, each: usize) -> (f64, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+        let before = store.syncs();
+        let start = std::time::Instant::now();
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for v in 1..=each as u64 {
+                        let n = format!("w{t}/n");
+                        let expected = (v > 1).then_some(Head {
+                            latest: v - 1,
+                            deleted: false,
+                        });
+                        store.commit(&record(&n, v), expected).unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let rate = (threads * each) as f64 / start.elapsed().as_secs_f64();
+        (rate, store.syncs() - before)
+    }
+
+    #[test]
+    fn every_commit_is_covered_by_a_sync_and_syncs_never_outnumber_commits() {
+        let (_, syncs) = concurrent_commits(8, 10);
+        assert!((1..=80).contains(&syncs), "{syncs} syncs for 80 commits");
+    }
+
+    /// `cargo test --release --lib measure_group_commit -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn measure_group_commit() {
+        for threads in [1, 32] {
+            let each = if threads == 1 { 400 } else { 40 };
+            let (rate, syncs) = concurrent_commits(threads, each);
+            println!(
+                "SledStore::commit, {threads} writers: {rate:.0} commits/s, {} commits per sync",
+                (threads * each) as f64 / syncs.max(1) as f64
+            );
+        }
+    }
+
     #[test]
     fn check_and_set_versions_and_delete() {
         let dir = tempfile::tempdir().unwrap();
