@@ -358,9 +358,16 @@ pub fn find_token(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slot, Hsm
 }
 
 /// Logs the user in on `session`; an existing login of this process counts as success.
+///
+/// SoftHSM2 rewrites its `token.object` in place at every login (truncate, then write, no
+/// fsync): the token's files are fsynced right after, so that the rewrite is durable before
+/// anything else happens. (A power cut inside the rewrite itself is SoftHSM2's to survive.)
 pub fn login(session: &Session, pin: &AuthPin) -> Result<(), HsmError> {
     match session.login(UserType::User, Some(pin)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Ok(()) => {
+            crate::durable::sync_softhsm_tokens().map_err(|e| HsmError::Durability(e.to_string()))
+        }
+        Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
