@@ -376,7 +376,7 @@ impl AuditLog {
             source,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
+            crate::durable::create_dir_all(dir).map_err(io)?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -384,6 +384,9 @@ impl AuditLog {
             .read(true)
             .open(&path)
             .map_err(io)?;
+        // The log's name is durable only once its directory is synced (entries are
+        // fdatasync'd, which does not cover the name of a new file).
+        crate::durable::fsync_parent(&path).map_err(io)?;
         let tail = {
             let p = path.clone();
             tokio::task::spawn_blocking(move || recover_tail(&p))

@@ -45,6 +45,7 @@
 pub mod audit;
 pub mod codec;
 pub mod config;
+pub mod durable;
 pub mod envelope;
 pub mod error;
 pub mod explain;

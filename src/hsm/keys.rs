@@ -137,11 +137,12 @@ pub fn find_trusted(session: &Session) -> Result<TrustedKeys, HsmError> {
 
 /// Generates the next master key version inside the token; returns its version.
 ///
-/// SoftHSM2 does not fsync new token objects: the officer should back up the token
-/// directory afterwards (the admin tool says so).
+/// SoftHSM2 does not fsync new token objects: the token's files are fsynced here before the
+/// version is returned (and so before anything is sealed under it).
 pub fn generate(session: &Session) -> Result<u32, HsmError> {
     let next = find(session)?.last().map_or(1, |(v, _)| v + 1);
     session.generate_key(&CkMechanism::AesKeyGen, &template(next))?;
+    sync_token()?;
     Ok(next)
 }
 
@@ -330,7 +331,15 @@ pub fn ensure_mac_keys(session: &Session) -> Result<Vec<MacKey>, HsmError> {
             created.push(kind);
         }
     }
+    if !created.is_empty() {
+        sync_token()?;
+    }
     Ok(created)
+}
+
+/// Makes the token's files durable after a change (SoftHSM2 does not fsync them).
+fn sync_token() -> Result<(), HsmError> {
+    crate::durable::sync_softhsm_tokens().map_err(|e| HsmError::Durability(e.to_string()))
 }
 
 /// The label of the audit checkpoint data object.
@@ -383,7 +392,7 @@ pub fn write_data(session: &Session, label: &str, value: &[u8]) -> Result<(), Hs
     for (_, old, _) in existing {
         session.destroy_object(old)?;
     }
-    Ok(())
+    sync_token()
 }
 
 /// The data objects carrying `label`: (sequence, handle, value without the sequence).

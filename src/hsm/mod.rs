@@ -84,6 +84,9 @@ pub enum HsmError {
         "the token holds no key labelled {0}; run `strongroom-admin key generate` (it creates the MAC keys)"
     )]
     MacKeyMissing(&'static str),
+    /// The token's files could not be made durable after a change (SoftHSM2).
+    #[error("the token's files could not be made durable: {0}")]
+    Durability(String),
     /// The record names a master key version the token does not hold.
     #[error("master key version {0} is not in the token")]
     MasterKeyMissing(u32),
@@ -120,9 +123,10 @@ impl HsmError {
             | HsmError::MacKeyMissing(_)
             | HsmError::InvalidParameter(_) => FaultClass::Configuration,
             HsmError::MasterKeyMissing(_) => FaultClass::KeyLost,
-            HsmError::Cryptoki(_) | HsmError::Thread(_) | HsmError::BadKeyLength => {
-                FaultClass::Other
-            }
+            HsmError::Cryptoki(_)
+            | HsmError::Thread(_)
+            | HsmError::BadKeyLength
+            | HsmError::Durability(_) => FaultClass::Other,
         }
     }
 }
@@ -354,9 +358,16 @@ pub fn find_token(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slot, Hsm
 }
 
 /// Logs the user in on `session`; an existing login of this process counts as success.
+///
+/// SoftHSM2 rewrites its `token.object` in place at every login (truncate, then write, no
+/// fsync): the token's files are fsynced right after, so that the rewrite is durable before
+/// anything else happens. (A power cut inside the rewrite itself is SoftHSM2's to survive.)
 pub fn login(session: &Session, pin: &AuthPin) -> Result<(), HsmError> {
     match session.login(UserType::User, Some(pin)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Ok(()) => {
+            crate::durable::sync_softhsm_tokens().map_err(|e| HsmError::Durability(e.to_string()))
+        }
+        Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

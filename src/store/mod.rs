@@ -5,6 +5,7 @@
 //! except GetSecret's point reads, which cost less than the hand-off (`service::read_inline`).
 
 mod commitment;
+mod durable;
 mod sled_store;
 
 pub use commitment::{Commitment, StateKey};
@@ -37,6 +38,10 @@ pub enum StoreError {
         /// What went wrong, with what to check.
         reason: String,
     },
+    /// The store's files could not be made durable (fsync failed): no write is
+    /// acknowledged from then on.
+    #[error("the store's files could not be made durable: {0}")]
+    Sync(std::io::Error),
     /// The write lock was poisoned by a panic in another writer.
     #[error("the store's write lock is poisoned")]
     Poisoned,

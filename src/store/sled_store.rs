@@ -7,7 +7,8 @@
 //! name's records are exactly the keys under `r` + name + `\0`.
 //!
 //! Writes take one process-wide lock for check-and-set, apply one atomic batch, and return
-//! after `flush` (fsync). sled is single-process: the directory is locked while open.
+//! after sled's `flush` and a real fsync of the store's files shared with concurrent writers
+//! (`StoreSync`). sled is single-process: the directory is locked while open.
 //!
 //! The frame, `m` + `store-id`, `epoch` and `state`, is the only part not committed: every
 //! batch also carries the epoch plus one and `state` = commitment (32 bytes) ‖ tag (32 bytes)
@@ -22,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prost::Message;
 use sled::{Batch, IVec};
 
+use super::durable::StoreSync;
 use super::{
     Aux, Commitment, FrameStatus, Head, NameRange, Page, StateCheck, StateKey, Store, StoreError,
     StoreState, VersionConflict,
@@ -79,6 +81,7 @@ pub struct SledStore {
     write_lock: Mutex<Writer>,
     /// One verifying scan at a time.
     scan_lock: Mutex<()>,
+    sync: StoreSync,
     /// Keys `list` has examined, for the admin plane's status.
     examined: AtomicU64,
 }
@@ -94,6 +97,7 @@ impl SledStore {
     /// are committed under `key`.
     pub fn open_with_cache(path: &Path, cache_mb: u64, key: StateKey) -> Result<Self, StoreError> {
         let db = open_db(path, cache_mb.saturating_mul(1 << 20))?;
+        let sync = StoreSync::open(path).map_err(StoreError::Sync)?;
         if db.get(aux_key(Aux::Meta, STORE_ID))?.is_none() {
             // A new store: give it an identity, so the token's epoch checkpoint can tell it
             // from an older copy of another store.
@@ -121,14 +125,28 @@ impl SledStore {
             }
             db.apply_batch(batch)?;
             db.flush()?;
+            sync.sync().map_err(StoreError::Sync)?;
         }
         Ok(Self {
             db,
             key,
             write_lock: Mutex::new(Writer::default()),
             scan_lock: Mutex::new(()),
+            sync,
             examined: AtomicU64::new(0),
         })
+    }
+
+    /// Makes every applied batch durable: sled's flush (`sync_file_range`, which promises
+    /// nothing after a power cut), then a real fsync shared with concurrent writers.
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.sync.sync().map_err(StoreError::Sync)
+    }
+
+    /// Syncs run since the store was opened (each may cover several writes).
+    pub fn syncs(&self) -> u64 {
+        self.sync.syncs.load(Ordering::Relaxed)
     }
 
     /// The frame as stored, with whether its tag verifies.
@@ -346,8 +364,8 @@ impl Store for SledStore {
             self.apply(&mut w, changes)?;
         }
         // Acknowledge only once durable. Flushing outside the lock lets concurrent writers
-        // share one fsync.
-        self.db.flush()?;
+        // share sled's write-out and one fsync (StoreSync).
+        self.flush()?;
         Ok(Ok(()))
     }
 
@@ -466,7 +484,7 @@ impl Store for SledStore {
             self.apply(&mut w, changes)?;
             destroyed
         };
-        self.db.flush()?;
+        self.flush()?;
         Ok(destroyed)
     }
 
@@ -503,7 +521,7 @@ impl Store for SledStore {
             let change = self.change(aux_key(ns, key), Some(value.to_vec()))?;
             self.apply(&mut w, vec![change])?;
         }
-        self.db.flush()?;
+        self.flush()?;
         Ok(())
     }
 
@@ -515,12 +533,12 @@ impl Store for SledStore {
             self.apply(&mut w, vec![change])?;
             existed
         };
-        self.db.flush()?;
+        self.flush()?;
         Ok(existed)
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.flush()?;
         Ok(())
     }
 
@@ -739,6 +757,54 @@ mod tests {
             created_at_unix: 0,
             created_by: "t".into(),
             expires_at_unix: None,
+        }
+    }
+
+    /// `threads` writers committing `each` records to their own names: (commits/s, syncs).
+    fn concurrent_commits(threads: usize, each: usize) -> (f64, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SledStore::open(dir.path(), test_key()).unwrap());
+        let before = store.syncs();
+        let start = std::time::Instant::now();
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for v in 1..=each as u64 {
+                        let n = format!("w{t}/n");
+                        let expected = (v > 1).then_some(Head {
+                            latest: v - 1,
+                            deleted: false,
+                        });
+                        store.commit(&record(&n, v), expected).unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let rate = (threads * each) as f64 / start.elapsed().as_secs_f64();
+        (rate, store.syncs() - before)
+    }
+
+    #[test]
+    fn every_commit_is_covered_by_a_sync_and_syncs_never_outnumber_commits() {
+        let (_, syncs) = concurrent_commits(8, 10);
+        assert!((1..=80).contains(&syncs), "{syncs} syncs for 80 commits");
+    }
+
+    /// `cargo test --release --lib measure_group_commit -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn measure_group_commit() {
+        for threads in [1, 32] {
+            let each = if threads == 1 { 400 } else { 40 };
+            let (rate, syncs) = concurrent_commits(threads, each);
+            println!(
+                "SledStore::commit, {threads} writers: {rate:.0} commits/s, {} commits per sync",
+                (threads * each) as f64 / syncs.max(1) as f64
+            );
         }
     }
 

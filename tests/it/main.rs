@@ -21,6 +21,7 @@ mod list;
 mod mtls;
 mod overload;
 mod oversize;
+mod powercut;
 mod refusals;
 mod restart;
 mod rollback;
