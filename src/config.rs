@@ -343,16 +343,143 @@ impl Default for AuditConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Directory of the sled store (`STRONGROOM_STORE_PATH`).
+    /// Which engine holds the store: the embedded sled (default) or an etcd cluster.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// Directory of the sled store (`STRONGROOM_STORE_PATH`); required with sled, unused
+    /// with etcd.
+    #[serde(default)]
     pub path: PathBuf,
     /// sled's page cache in MiB: the service's memory is about this plus 30-80 MiB at any
     /// store size (BENCHMARKS.md: ~1 GiB resident at a million secrets with the default).
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
+    /// etcd: the cluster's client URLs, each `https://host:port`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// etcd: the CA that etcd's server certificates chain to, PEM.
+    pub ca: Option<PathBuf>,
+    /// etcd: this service's client certificate for etcd, PEM.
+    pub cert: Option<PathBuf>,
+    /// etcd: the client certificate's private key, PEM (closed to group and others).
+    pub key: Option<PathBuf>,
+    /// etcd: the key namespace; every key the service writes starts with it.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// etcd: the deadline of each call to etcd, in milliseconds; past it the request answers
+    /// UNAVAILABLE.
+    #[serde(default = "default_etcd_timeout_ms")]
+    pub etcd_timeout_ms: u64,
+}
+
+/// `store.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// The embedded store in `store.path` (one process).
+    #[default]
+    Sled,
+    /// An etcd v3 cluster over mutual TLS (several replicas may share it).
+    Etcd,
 }
 
 fn default_cache_mb() -> u64 {
     crate::store::DEFAULT_CACHE_MB
+}
+
+fn default_etcd_prefix() -> String {
+    crate::store::DEFAULT_ETCD_PREFIX.into()
+}
+
+fn default_etcd_timeout_ms() -> u64 {
+    crate::store::DEFAULT_ETCD_TIMEOUT_MS
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        match self.backend {
+            StoreBackend::Sled => {
+                if self.path.as_os_str().is_empty() {
+                    return invalid(
+                        "store.path is required with store.backend = \"sled\" (the store's directory)"
+                            .into(),
+                    );
+                }
+                let etcd_keys = [
+                    (!self.endpoints.is_empty(), "endpoints"),
+                    (self.ca.is_some(), "ca"),
+                    (self.cert.is_some(), "cert"),
+                    (self.key.is_some(), "key"),
+                ];
+                if let Some((_, k)) = etcd_keys.iter().find(|(set, _)| *set) {
+                    return invalid(format!(
+                        "store.{k} is an etcd setting but store.backend is \"sled\"; add backend = \"etcd\" to [store]"
+                    ));
+                }
+                if !(16..=1 << 20).contains(&self.cache_capacity_mb) {
+                    return invalid("store.cache_capacity_mb must be 16..=1048576 (MiB)".into());
+                }
+            }
+            StoreBackend::Etcd => {
+                if self.endpoints.is_empty() {
+                    return invalid(
+                        "store.endpoints must list etcd's client URLs (https://host:port) with store.backend = \"etcd\""
+                            .into(),
+                    );
+                }
+                for e in &self.endpoints {
+                    let rest = e.strip_prefix("https://").ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "store.endpoints: {e:?} must start with https:// (etcd is reached over mutual TLS only)"
+                        ))
+                    })?;
+                    if rest.is_empty() || rest.contains('/') || !rest.contains(':') {
+                        return invalid(format!(
+                            "store.endpoints: {e:?} must be https://host:port"
+                        ));
+                    }
+                }
+                for (set, k, what) in [
+                    (
+                        self.ca.is_some(),
+                        "ca",
+                        "the CA of etcd's server certificates",
+                    ),
+                    (
+                        self.cert.is_some(),
+                        "cert",
+                        "the client certificate for etcd",
+                    ),
+                    (
+                        self.key.is_some(),
+                        "key",
+                        "the client certificate's private key",
+                    ),
+                ] {
+                    if !set {
+                        return invalid(format!(
+                            "store.{k} is required with store.backend = \"etcd\" ({what}, PEM): etcd is reached over mutual TLS"
+                        ));
+                    }
+                }
+                if self.prefix.is_empty()
+                    || !self.prefix.ends_with('/')
+                    || self.prefix.contains('\0')
+                    || self.prefix.len() > 256
+                {
+                    return invalid(format!(
+                        "store.prefix {:?} must be 1..=256 bytes ending in '/' (e.g. \"strongroom/\")",
+                        self.prefix
+                    ));
+                }
+                if !(100..=600_000).contains(&self.etcd_timeout_ms) {
+                    return invalid("store.etcd_timeout_ms must be 100..=600000".into());
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[limits]`: every size the service accepts.
@@ -505,8 +632,17 @@ impl Config {
         ]
         .into_iter()
         .chain(self.server.client_crls.iter_mut())
-        {
-            if p.is_relative() {
+        .chain(
+            [
+                &mut self.store.ca,
+                &mut self.store.cert,
+                &mut self.store.key,
+            ]
+            .into_iter()
+            .flatten(),
+        ) {
+            // An empty path is an unset one (store.path with etcd).
+            if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
         }
@@ -588,11 +724,7 @@ impl Config {
                 "audit.commit_window_us must be at most 100000 (0.1 s): every request under load may wait this long".into(),
             ));
         }
-        if !(16..=1 << 20).contains(&self.store.cache_capacity_mb) {
-            return Err(ConfigError::Invalid(
-                "store.cache_capacity_mb must be 16..=1048576 (MiB)".into(),
-            ));
-        }
+        self.store.validate()?;
         crate::policy::Policy::from_rules(&self.policy, l.max_name_bytes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())

@@ -30,7 +30,7 @@ use crate::hsm::{self, Hsm, HsmError, HsmOptions};
 use crate::policy::Policy;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::secret_service_server::SecretServiceServer;
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// The smallest cap on a decoded request message.
 pub const TRANSPORT_MESSAGE_CAP: usize = 4 * 1024 * 1024;
@@ -161,7 +161,7 @@ impl Server {
         crate::codec::set_limits(&config.limits);
         let seed = Policy::from_rules(&config.policy, config.limits.max_name_bytes)
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
-        let store = SledStore::open_with_cache(&config.store.path, config.store.cache_capacity_mb)?;
+        let store = crate::store::open(&config.store, config.limits.max_value_bytes)?;
         let pkcs11 = hsm::load_module(&config.hsm.module)?;
         let options = HsmOptions {
             workers: config.hsm.workers,
@@ -210,7 +210,7 @@ impl Server {
         );
         let state = Arc::new(State {
             hsm,
-            store: Arc::new(store),
+            store,
             policy: RwLock::new(Arc::new(Policy::default())),
             tampered_policies: RwLock::new(Vec::new()),
             limits: config.limits,
@@ -444,12 +444,14 @@ async fn health_watch(state: Arc<State>) {
     }
 }
 
-/// Reports SERVING when the token holds a master key and the audit log is writable.
+/// Reports SERVING when the token holds a master key, the audit log is writable and the
+/// store's backend answers (etcd).
 pub(crate) async fn update_health(state: &State) {
     let _one_at_a_time = state.health_update.lock().await;
     let serving = state.hsm.state() == crate::hsm::HsmState::Ready
         && state.hsm.current_master_key().is_some()
         && state.audit.healthy()
+        && state.store.available()
         && rollback::ensure_trusted(state).is_ok();
     let status = if serving {
         ServingStatus::Serving
