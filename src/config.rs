@@ -839,6 +839,59 @@ mod tests {
         }
     }
 
+    fn parse_etcd(store: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+             [hsm]\nmodule = \"m.so\"\ntoken = \"t\"\n[store]\n{store}"
+        );
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn the_store_backend_is_sled_by_default_and_etcd_needs_mutual_tls() {
+        let sled = parse("").unwrap();
+        assert_eq!(sled.store.backend, StoreBackend::Sled);
+        let etcd = "backend = \"etcd\"\nendpoints = [\"https://127.0.0.1:2379\"]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = parse_etcd(etcd).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Etcd);
+        assert_eq!(c.store.prefix, "strongroom/");
+        assert_eq!(c.store.etcd_timeout_ms, 2000);
+        // Relative files are relative to the configuration's directory.
+        assert!(c.store.key.as_ref().unwrap().is_absolute());
+        for (bad, says) in [
+            ("", "store.path is required"),
+            ("backend = \"etcd\"\n", "store.endpoints must list"),
+            (
+                "backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+                "must start with https://",
+            ),
+            (
+                "backend = \"etcd\"\nendpoints = [\"https://127.0.0.1\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+                "must be https://host:port",
+            ),
+            (
+                "backend = \"etcd\"\nendpoints = [\"https://h:1\"]\nca = \"a\"\ncert = \"b\"\n",
+                "store.key is required",
+            ),
+            (&format!("{etcd}prefix = \"noslash\"\n"), "store.prefix"),
+            (
+                &format!("{etcd}etcd_timeout_ms = 5\n"),
+                "store.etcd_timeout_ms",
+            ),
+            ("backend = \"zookeeper\"\n", "unknown variant"),
+            (
+                "path = \"s\"\nendpoints = [\"https://h:1\"]\n",
+                "add backend = \"etcd\"",
+            ),
+        ] {
+            let e = parse_etcd(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn the_list_scan_cap_defaults_and_must_be_sane() {
         assert_eq!(parse("").unwrap().limits.max_list_scan, 10_000);

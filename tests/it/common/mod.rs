@@ -100,6 +100,15 @@ impl TestEnv {
         env
     }
 
+    /// Like [`TestEnv::new`], on its own etcd whatever `STRONGROOM_TEST_STORE` says.
+    pub fn on_etcd() -> Self {
+        let mut env = Self::new();
+        if env.etcd.is_none() {
+            env.etcd = Some(Etcd::start(env.dir.path(), &env.pki));
+        }
+        env
+    }
+
     /// A fresh, initialised token without a master key.
     pub fn with_token() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -800,6 +809,56 @@ impl Etcd {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Runs `f` with an etcd client authenticated by the test's client certificate, on a
+    /// runtime of its own (callers may be inside a test's runtime).
+    pub fn with_client<R: Send + 'static>(
+        &self,
+        f: impl AsyncFnOnce(etcd_client::Client) -> R + Send + 'static,
+    ) -> R {
+        let pki = self.log.parent().unwrap().join("pki");
+        let url = self.url.clone();
+        std::thread::spawn(move || {
+            let read = |n: &str| std::fs::read(pki.join(n)).unwrap();
+            let tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read("etcd-ca.pem")))
+                .identity(etcd_client::Identity::from_pem(
+                    read("etcd-client.pem"),
+                    read("etcd-client-key.pem"),
+                ));
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = etcd_client::Client::connect(
+                    [url],
+                    Some(etcd_client::ConnectOptions::new().with_tls(tls)),
+                )
+                .await
+                .unwrap();
+                f(client).await
+            })
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Writes raw keys (as a store left by another process would hold them).
+    pub fn put_all(&self, kvs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) {
+        let kvs: Vec<(Vec<u8>, Vec<u8>)> = kvs.into_iter().collect();
+        self.with_client(async move |client| {
+            let mut kv = client.kv_client();
+            // etcd allows 128 operations per transaction by default.
+            for chunk in kvs.chunks(128) {
+                let ops: Vec<etcd_client::TxnOp> = chunk
+                    .iter()
+                    .map(|(k, v)| etcd_client::TxnOp::put(k.clone(), v.clone(), None))
+                    .collect();
+                kv.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+            }
+        })
     }
 
     /// Starts etcd again on the same data and ports.
