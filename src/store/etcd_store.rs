@@ -54,6 +54,8 @@ const EPOCH: &str = "epoch";
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// Keys per range call when scanning heads or officers' records.
 const SCAN_PAGE: i64 = 256;
+/// Heads per range call when counting them (a head is a name and a few bytes).
+const COUNT_PAGE: i64 = 4096;
 /// How many times a write retries when other writers keep moving the epoch.
 const EPOCH_RETRIES: usize = 64;
 /// The largest response this client decodes: ranges of records are sized to stay below.
@@ -716,7 +718,7 @@ impl Store for EtcdStore {
     fn secret_count(&self) -> Result<u64, StoreError> {
         let (start, end) = self.kind_range(b'h');
         let mut n = 0;
-        self.scan(start, end, SCAN_PAGE, |kv| {
+        self.scan(start, end, COUNT_PAGE, |kv| {
             if !decode_head(kv.key(), kv.value())?.deleted {
                 n += 1;
             }
