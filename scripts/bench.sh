@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs strongroom's benchmark (benches/load.rs: real strongroomd children over mutual TLS on
+# Runs strongroom's benchmark (benches/load/: real strongroomd children over mutual TLS on
 # loopback, fresh SoftHSM2 tokens, every figure a ratio against a baseline measured in the
 # same run) and prints its results table. A full run takes 6–8 minutes; --quick about one.
 #
 #   scripts/bench.sh                         # parts audit,floor,hsm,put,big
 #   scripts/bench.sh --quick                 # the same in about a minute
-#   scripts/bench.sh --parts all             # also diag (log line, audit checkpoints)
+#   scripts/bench.sh --parts all             # also diag (log line, audit checkpoints) and frontdoor
+#   scripts/bench.sh --parts frontdoor       # idle connections + junk-name flood (about 90 s)
 #   scripts/bench.sh --parts custom --concurrency 64 --read-pct 90 --secs 10
 #   scripts/bench.sh --help                  # every option
 #

@@ -135,6 +135,33 @@ limited! {
         ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval;
 }
 
+/// The decode limit of the request of the gRPC method at `path` (`/package.Service/Method`)
+/// and the method's name, for the front door to check a message's frame header before it
+/// reads the message. Every method not listed takes the small limit: health, reflection and
+/// unknown methods (which answer UNIMPLEMENTED) carry only names and small fields.
+pub fn limit_for_path(path: &str) -> (DecodeLimit, &str) {
+    let method = path.rsplit('/').next().unwrap_or(path);
+    let limit = match path {
+        "/strongroom.v1.SecretService/PutSecret" => DecodeLimit::Value,
+        "/strongroom.v1.AdminService/PutPolicy" => DecodeLimit::PolicyDocument,
+        _ => DecodeLimit::Small,
+    };
+    (limit, method)
+}
+
+impl DecodeLimit {
+    /// The refusal of a `name` message of `len` bytes, or `None` when it is within the limit.
+    pub fn refuse(self, name: &str, len: usize) -> Option<Status> {
+        match self.bytes() {
+            Some(limit) if len > limit => Some(Status::out_of_range(format!(
+                "the {name} message is {len} bytes, larger than its limit of {limit} bytes ({})",
+                self.explain()
+            ))),
+            _ => None,
+        }
+    }
+}
+
 /// prost encoding, with decode failures reported as INVALID_ARGUMENT and each request held
 /// to its decode limit.
 #[derive(Debug, Clone)]
@@ -191,13 +218,9 @@ impl<U: Message + Default + Limited> Decoder for StrictDecoder<U> {
 
 /// Refuses a message of `len` bytes over its type's limit.
 fn check_size<U: Limited>(len: usize) -> Result<(), Status> {
-    match U::DECODE_LIMIT.bytes() {
-        Some(limit) if len > limit => Err(Status::out_of_range(format!(
-            "the {} message is {len} bytes, larger than its limit of {limit} bytes ({})",
-            U::NAME,
-            U::DECODE_LIMIT.explain()
-        ))),
-        _ => Ok(()),
+    match U::DECODE_LIMIT.refuse(U::NAME, len) {
+        Some(refusal) => Err(refusal),
+        None => Ok(()),
     }
 }
 

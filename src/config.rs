@@ -218,7 +218,10 @@ impl FrontLimits {
         use std::time::Duration;
         Self {
             handshake_timeout: Duration::from_secs(10),
-            max_handshakes: 256,
+            // Room for a thousand connections that never speak to wait out their deadline:
+            // below the cap they cost a few KiB each and nothing else, while a full listener
+            // evicts, and a peer that reconnects at once turns each eviction into a new accept.
+            max_handshakes: 1024,
             max_connections: 4096,
             max_connections_per_ip: 256,
             idle_timeout: Duration::from_secs(300),
@@ -233,7 +236,7 @@ impl FrontLimits {
     pub const fn admin() -> Self {
         let c = Self::client();
         Self {
-            max_handshakes: 32,
+            max_handshakes: 64,
             max_connections: 128,
             max_connections_per_ip: 32,
             ..c
@@ -370,6 +373,10 @@ pub struct StoreConfig {
     /// UNAVAILABLE.
     #[serde(default = "default_etcd_timeout_ms")]
     pub etcd_timeout_ms: u64,
+    /// Seconds between scans that check every record against the store's state commitment
+    /// (0: only at start). A scan reads the whole store, holding writers only for short steps.
+    #[serde(default = "default_verify_interval")]
+    pub verify_interval_secs: u64,
 }
 
 /// `store.backend`.
@@ -387,6 +394,15 @@ fn default_cache_mb() -> u64 {
     crate::store::DEFAULT_CACHE_MB
 }
 
+fn default_verify_interval() -> u64 {
+    DEFAULT_STORE_VERIFY_INTERVAL_SECS
+}
+
+/// Seconds between the store's state scans when the configuration says nothing.
+pub const DEFAULT_STORE_VERIFY_INTERVAL_SECS: u64 = 3600;
+/// The longest interval between state scans: 30 days.
+pub const MAX_STORE_VERIFY_INTERVAL_SECS: u64 = 30 * 24 * 3600;
+
 fn default_etcd_prefix() -> String {
     crate::store::DEFAULT_ETCD_PREFIX.into()
 }
@@ -398,6 +414,11 @@ fn default_etcd_timeout_ms() -> u64 {
 impl StoreConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.verify_interval_secs > MAX_STORE_VERIFY_INTERVAL_SECS {
+            return invalid(format!(
+                "store.verify_interval_secs must be 0..={MAX_STORE_VERIFY_INTERVAL_SECS} (0: only at start)"
+            ));
+        }
         match self.backend {
             StoreBackend::Sled => {
                 if self.path.as_os_str().is_empty() {
@@ -889,6 +910,27 @@ mod tests {
         ] {
             let e = parse_etcd(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_store_verify_interval_defaults_to_an_hour_and_must_be_sane() {
+        assert_eq!(parse("").unwrap().store.verify_interval_secs, 3600);
+        for ok in [0, 1, MAX_STORE_VERIFY_INTERVAL_SECS] {
+            assert_eq!(
+                parse(&format!("verify_interval_secs = {ok}"))
+                    .unwrap()
+                    .store
+                    .verify_interval_secs,
+                ok
+            );
+        }
+        for bad in [
+            "verify_interval_secs = 2592001",
+            "verify_interval_secs = -1",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("verify_interval_secs"), "{bad}: {e}");
         }
     }
 

@@ -83,6 +83,8 @@ pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admi
     };
 
     let activity = Arc::new(Activity::new());
+    // A request's first message must begin as soon as a handshake must end.
+    let first_message_wait = limits.handshake_timeout;
     let service = {
         let activity = activity.clone();
         hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
@@ -90,7 +92,11 @@ pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admi
             let in_flight = activity.begin();
             let routes = routes.clone();
             async move {
-                let response = tower::ServiceExt::oneshot(routes, request).await?;
+                let response = match super::first_message::check(request, first_message_wait).await
+                {
+                    Ok(request) => tower::ServiceExt::oneshot(routes, request).await?,
+                    Err(refusal) => refusal.into_http(),
+                };
                 // The request counts as in flight until its answer's body is done, so a
                 // streaming answer is not cut by the idle timeout.
                 Ok::<_, Infallible>(response.map(move |body| {

@@ -4,12 +4,15 @@
 //! [`serve`] owns the accept loop. Each accepted connection is admitted against the
 //! listener's [`Table`] (open connections in total and per source address, handshakes in
 //! progress), gets a TLS handshake deadline, and is then served as HTTP/2 by hyper with
-//! keepalive pings, stream and header caps and an idle timeout ([`conn`]). The caller's
+//! keepalive pings, stream and header caps and an idle timeout (`conn`); each request's first
+//! message is held to its method's size limit from its frame header, before it is read
+//! (`first_message`). The caller's
 //! verified certificate is read once per connection and handed to every request as a
 //! [`Peer`] extension. Accept errors (out of descriptors) back off instead of spinning.
 
 mod conn;
 pub mod descriptors;
+mod first_message;
 mod table;
 
 use std::net::SocketAddr;

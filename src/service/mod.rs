@@ -91,6 +91,8 @@ pub(crate) struct State {
     pub(crate) admin_lock: tokio::sync::Mutex<()>,
     /// Set when the store failed its rollback check: no secret is served.
     pub(crate) rollback: RwLock<Option<String>>,
+    /// How often the store's records are checked against its commitment (zero: at start only).
+    pub(crate) store_verify: Duration,
 }
 
 impl State {
@@ -161,7 +163,6 @@ impl Server {
         crate::codec::set_limits(&config.limits);
         let seed = Policy::from_rules(&config.policy, config.limits.max_name_bytes)
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
-        let store = crate::store::open(&config.store, config.limits.max_value_bytes)?;
         let pkcs11 = hsm::load_module(&config.hsm.module)?;
         let options = HsmOptions {
             workers: config.hsm.workers,
@@ -170,6 +171,9 @@ impl Server {
         };
         let hsm = Arc::new(Hsm::open(pkcs11, &config.token_selector()?, pin, &options)?);
         let hsm_timeout = Duration::from_millis(config.hsm.request_timeout_ms);
+        // The store commits its records under a key only the token can give (rollback.rs).
+        let state_key = rollback::state_key(&hsm, hsm_timeout).await?;
+        let store = crate::store::open(&config.store, config.limits.max_value_bytes, state_key)?;
         let audit = if config.audit.dangerous_disable_audit {
             tracing::warn!(
                 "DANGEROUS: audit.dangerous_disable_audit is on: no durable audit trail"
@@ -225,6 +229,7 @@ impl Server {
             listeners: RwLock::new(Vec::new()),
             admin_lock: tokio::sync::Mutex::new(()),
             rollback: RwLock::new(None),
+            store_verify: Duration::from_secs(config.store.verify_interval_secs),
         });
         rollback::check(&state).await?;
         policies::seed(&state, &config.policy, seed.is_empty()).await?;

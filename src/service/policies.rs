@@ -3,7 +3,10 @@
 //!
 //! The policy in force is the union of every stored policy whose MAC verifies; a policy that
 //! does not verify is refused (its rules grant nothing), logged and shown in status. A fresh
-//! store is seeded once from the configuration file's `[[policy]]` rules.
+//! store is seeded once from the configuration file's `[[policy]]` rules. Whether it was
+//! seeded is a store record covered by the store's state commitment (rollback.rs), and only
+//! a store the token has never recorded is seeded: removing the marker cannot bring back
+//! rules that officers deleted.
 
 use prost::Message;
 
@@ -233,11 +236,28 @@ pub(crate) async fn reload(state: &State) -> Result<(), Error> {
     Ok(())
 }
 
-/// Seeds a fresh store with the configuration file's rules, once.
+/// Seeds a fresh store with the configuration file's rules, once: only a store that passed
+/// its rollback check and that the token has never recorded (the first start).
 pub(crate) async fn seed(state: &State, rules: &[RuleConfig], empty: bool) -> Result<(), Error> {
     let seeded = blocking(state, |s| s.aux_get(Aux::Meta, SEEDED))
         .await?
         .is_some();
+    if !seeded && super::rollback::ensure_trusted(state).is_err() {
+        tracing::warn!(
+            "the store failed its rollback check: the configuration file's [[policy]] rules are not seeded"
+        );
+        return Ok(());
+    }
+    if !seeded && super::rollback::token_recorded(state).await? {
+        // Recorded before, yet no marker: a crash between seeding and its marker (the state
+        // check passed, so nobody removed it), or officers accepted a store without it.
+        // Seeding again could restore rules officers have deleted since.
+        tracing::warn!(
+            "the token has recorded this store but it has no seeded marker: the configuration file's [[policy]] rules are not seeded again"
+        );
+        blocking(state, |s| s.aux_put(Aux::Meta, SEEDED, b"1")).await?;
+        return Ok(());
+    }
     if seeded {
         if !empty {
             tracing::info!(

@@ -785,6 +785,18 @@ impl Store for EtcdStore {
         Ok((self.store_id.clone(), epoch))
     }
 
+    fn state(&self) -> Result<super::StoreState, StoreError> {
+        Err(StoreError::Etcd("no state commitment on etcd yet".into()))
+    }
+
+    fn verify_state(&self) -> Result<super::StateCheck, StoreError> {
+        Err(StoreError::Etcd("no state commitment on etcd yet".into()))
+    }
+
+    fn rebase_state(&self) -> Result<super::StoreState, StoreError> {
+        Err(StoreError::Etcd("no state commitment on etcd yet".into()))
+    }
+
     /// etcd acknowledges a write only once a quorum has it in its log: nothing to flush.
     fn sync(&self) -> Result<(), StoreError> {
         Ok(())

@@ -7,6 +7,7 @@
 //! store whose reads are local ([`Store::reads_are_local`]), which cost less than the
 //! hand-off (`service::read_inline`).
 
+mod commitment;
 mod etcd_store;
 mod sled_store;
 
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use commitment::{Commitment, StateKey};
 pub use etcd_store::{EtcdOptions, EtcdStore};
 pub use sled_store::SledStore;
 
@@ -29,15 +31,22 @@ pub const DEFAULT_ETCD_PREFIX: &str = "strongroom/";
 /// The deadline of one etcd call when the configuration names none, in milliseconds.
 pub const DEFAULT_ETCD_TIMEOUT_MS: u64 = 2000;
 
-/// Opens the store the configuration selects. `max_value_bytes` bounds how many records
-/// one etcd range may return at once.
-pub fn open(config: &StoreConfig, max_value_bytes: usize) -> Result<Arc<dyn Store>, StoreError> {
+/// Opens the store the configuration selects; records are committed under `key`.
+/// `max_value_bytes` bounds how many records one etcd range may return at once.
+pub fn open(
+    config: &StoreConfig,
+    max_value_bytes: usize,
+    key: StateKey,
+) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match config.backend {
         StoreBackend::Sled => Arc::new(SledStore::open_with_cache(
             &config.path,
             config.cache_capacity_mb,
+            key,
         )?),
         StoreBackend::Etcd => {
+            // The merge step: etcd keeps no commitment yet (the next commit adds it).
+            let _ = key;
             // Validation (config.rs) requires all three with the etcd backend.
             let file = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
             Arc::new(EtcdStore::open(EtcdOptions {
@@ -176,7 +185,53 @@ pub enum Aux {
     Meta,
 }
 
+/// Whether the store's commitment and epoch carry a valid tag under the state key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameStatus {
+    /// Present and authentic.
+    Valid,
+    /// Absent: a store written before state commitments, or the record was removed.
+    Missing,
+    /// Present but its tag does not verify: edited, or written under another token's key.
+    Forged,
+}
+
+/// The store's identity, write counter and state commitment, read at one point in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreState {
+    /// The store's random identity.
+    pub store_id: String,
+    /// Writes so far (see [`Store::epoch`]).
+    pub epoch: u64,
+    /// The commitment the store keeps, updated with every write.
+    pub commitment: Commitment,
+    /// Whether the kept epoch and commitment are authentic.
+    pub frame: FrameStatus,
+}
+
+/// A full scan's commitment beside the one the store keeps, at the same point in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateCheck {
+    /// The commitment the store keeps.
+    pub stored: Commitment,
+    /// The commitment recomputed from every committed record.
+    pub computed: Commitment,
+    /// How many records the scan hashed.
+    pub records: u64,
+}
+
+impl StateCheck {
+    /// Whether the records are exactly those the kept commitment describes.
+    pub fn matches(&self) -> bool {
+        self.stored == self.computed
+    }
+}
+
 /// What a secret store does.
+///
+/// Every record but the store's own frame (identity, epoch, commitment) is committed: heads,
+/// versions, wrap counts, policies, approvals and bookkeeping. Each write updates the
+/// commitment (see [`StateKey`]) and bumps the epoch in the same atomic batch.
 pub trait Store: Send + Sync + 'static {
     /// The head of `name`, if it ever existed.
     fn head(&self, name: &SecretName) -> Result<Option<Head>, StoreError>;
@@ -240,6 +295,17 @@ pub trait Store: Send + Sync + 'static {
     /// atomic batch. Kept in the token too (periodically), so an older copy of the store's
     /// files is detected.
     fn epoch(&self) -> Result<(String, u64), StoreError>;
+
+    /// The identity, epoch and commitment as they stand (consistent with each other).
+    fn state(&self) -> Result<StoreState, StoreError>;
+
+    /// Recomputes the commitment from every committed record and compares it with the one
+    /// the store keeps. Writers are held only for short steps, never for the whole scan.
+    fn verify_state(&self) -> Result<StateCheck, StoreError>;
+
+    /// Officers accepted the store as it is: recomputes the commitment from every record and
+    /// keeps that (with a new epoch and a valid tag). Durable on return.
+    fn rebase_state(&self) -> Result<StoreState, StoreError>;
 
     /// Makes every write so far durable.
     fn sync(&self) -> Result<(), StoreError>;

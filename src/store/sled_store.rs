@@ -8,6 +8,12 @@
 //!
 //! Writes take one process-wide lock for check-and-set, apply one atomic batch, and return
 //! after `flush` (fsync). sled is single-process: the directory is locked while open.
+//!
+//! The frame, `m` + `store-id`, `epoch` and `state`, is the only part not committed: every
+//! batch also carries the epoch plus one and `state` = commitment (32 bytes) ‖ tag (32 bytes)
+//! updated by the batch's own changes (see [`StateKey`]). While the kept tag does not verify
+//! (a store from before commitments, or an edited frame), writes keep a zero tag, so the
+//! fault stays visible until officers accept the state ([`Store::rebase_state`]).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -16,7 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prost::Message;
 use sled::{Batch, IVec};
 
-use super::{Aux, Head, NameRange, Page, Store, StoreError, VersionConflict};
+use super::{
+    Aux, Commitment, FrameStatus, Head, NameRange, Page, StateCheck, StateKey, Store, StoreError,
+    StoreState, VersionConflict,
+};
 use crate::proto::HeadV1;
 use crate::secret::{SealedRecord, SecretName};
 
@@ -29,23 +38,61 @@ const META: u8 = b'm';
 /// Meta keys: the store's random identity and its write counter.
 const STORE_ID: &str = "store-id";
 const EPOCH: &str = "epoch";
+/// Meta key of the state commitment and its tag.
+const STATE: &str = "state";
+/// Keys a verifying scan hashes per step while it holds the write lock.
+const SCAN_STEP: usize = 512;
+
+/// A verifying scan in progress: keys below `below` are counted in `acc`; writers add their
+/// changes to keys already passed, so the scan ends with the state as it is then.
+struct Scan {
+    below: Vec<u8>,
+    acc: Commitment,
+    records: u64,
+}
+
+/// What the write lock guards besides the check-and-set.
+#[derive(Default)]
+struct Writer {
+    scan: Option<Scan>,
+}
+
+/// One key's change in a batch.
+struct Change {
+    key: Vec<u8>,
+    old: Option<IVec>,
+    new: Option<Vec<u8>>,
+}
+
+/// The frame as stored.
+struct Frame {
+    store_id: String,
+    epoch: u64,
+    commitment: Commitment,
+    status: FrameStatus,
+}
 
 /// The sled-backed store.
 pub struct SledStore {
     db: sled::Db,
-    write_lock: Mutex<()>,
+    key: StateKey,
+    write_lock: Mutex<Writer>,
+    /// One verifying scan at a time.
+    scan_lock: Mutex<()>,
     /// Keys `list` has examined, for the admin plane's status.
     examined: AtomicU64,
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path` with the default page cache.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(path, super::DEFAULT_CACHE_MB)
+    /// Opens (or creates) the store at `path` with the default page cache; records are
+    /// committed under `key`.
+    pub fn open(path: &Path, key: StateKey) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, super::DEFAULT_CACHE_MB, key)
     }
 
-    /// Opens (or creates) the store at `path` with a page cache of `cache_mb` MiB.
-    pub fn open_with_cache(path: &Path, cache_mb: u64) -> Result<Self, StoreError> {
+    /// Opens (or creates) the store at `path` with a page cache of `cache_mb` MiB; records
+    /// are committed under `key`.
+    pub fn open_with_cache(path: &Path, cache_mb: u64, key: StateKey) -> Result<Self, StoreError> {
         let db = open_db(path, cache_mb.saturating_mul(1 << 20))?;
         if db.get(aux_key(Aux::Meta, STORE_ID))?.is_none() {
             // A new store: give it an identity, so the token's epoch checkpoint can tell it
@@ -58,21 +105,191 @@ impl SledStore {
                     key: STORE_ID.into(),
                     reason: "the system random generator failed".into(),
                 })?;
-            db.insert(aux_key(Aux::Meta, STORE_ID), hex::encode(id).as_bytes())?;
+            let id = hex::encode(id);
+            let mut batch = Batch::default();
+            batch.insert(aux_key(Aux::Meta, STORE_ID), id.as_bytes());
+            // An empty store commits to nothing. One with records but no identity (filled by
+            // other means, or its identity removed) gets no commitment: the start check
+            // decides whether to trust it (a token that never recorded one does, as for a
+            // store from before commitments; one that did flags it).
+            if db.iter().next().is_none() {
+                let tag = key.frame_tag(&id, 0, &Commitment::EMPTY);
+                batch.insert(
+                    aux_key(Aux::Meta, STATE),
+                    frame_value(&Commitment::EMPTY, &tag),
+                );
+            }
+            db.apply_batch(batch)?;
             db.flush()?;
         }
         Ok(Self {
             db,
-            write_lock: Mutex::new(()),
+            key,
+            write_lock: Mutex::new(Writer::default()),
+            scan_lock: Mutex::new(()),
             examined: AtomicU64::new(0),
         })
     }
 
-    /// Adds the epoch bump to a batch (the caller holds the write lock).
-    fn bump_epoch(&self, batch: &mut Batch) -> Result<(), StoreError> {
-        let next = self.read_epoch()? + 1;
-        batch.insert(aux_key(Aux::Meta, EPOCH), next.to_be_bytes().to_vec());
+    /// The frame as stored, with whether its tag verifies.
+    fn read_frame(&self) -> Result<Frame, StoreError> {
+        let store_id = self
+            .db
+            .get(aux_key(Aux::Meta, STORE_ID))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        let epoch = self.read_epoch()?;
+        let (commitment, status) = match self.db.get(aux_key(Aux::Meta, STATE))? {
+            None => (Commitment::EMPTY, FrameStatus::Missing),
+            Some(v) if v.len() == 64 => {
+                let mut c = [0u8; 32];
+                c.copy_from_slice(&v[..32]);
+                let c = Commitment(c);
+                let ok = self.key.frame_tag_ok(&store_id, epoch, &c, &v[32..]);
+                (
+                    c,
+                    if ok {
+                        FrameStatus::Valid
+                    } else {
+                        FrameStatus::Forged
+                    },
+                )
+            }
+            Some(_) => (Commitment::EMPTY, FrameStatus::Forged),
+        };
+        Ok(Frame {
+            store_id,
+            epoch,
+            commitment,
+            status,
+        })
+    }
+
+    /// The change of `key` to `new` (`None`: removed), with its current value (the caller
+    /// holds the write lock).
+    fn change(&self, key: Vec<u8>, new: Option<Vec<u8>>) -> Result<Change, StoreError> {
+        let old = self.db.get(&key)?;
+        Ok(Change { key, old, new })
+    }
+
+    /// The commitment element of one stored pair. A version record contributes its key and
+    /// the fields its AAD does not bind (creation time and creator, expiry, mechanism), not
+    /// its wrapped key, nonce and ciphertext: damage there is the AAD's to catch, and costs
+    /// that one record (DATA_LOSS), not the whole store. A record that no longer decodes
+    /// contributes its raw bytes, so it shows as a changed state.
+    fn element(&self, key: &[u8], value: &[u8]) -> Commitment {
+        if key.first() == Some(&RECORD)
+            && let Ok(r) = SealedRecord::decode(value)
+        {
+            let committed = SealedRecord {
+                wrapped_dek: Vec::new(),
+                nonce: Vec::new(),
+                ciphertext: Vec::new(),
+                ..r
+            };
+            return self.key.element(key, &committed.encode_to_vec());
+        }
+        self.key.element(key, value)
+    }
+
+    /// Applies `changes` in one atomic batch with the epoch bump and the updated commitment
+    /// (the caller holds the write lock, `w`). Not yet durable.
+    fn apply(&self, w: &mut Writer, changes: Vec<Change>) -> Result<(), StoreError> {
+        let frame = self.read_frame()?;
+        let mut batch = Batch::default();
+        let mut c = frame.commitment;
+        let mut passed = Commitment::EMPTY;
+        for ch in changes {
+            if is_frame_key(&ch.key) {
+                return Err(corrupt(
+                    &ch.key,
+                    "the store's frame is not written this way",
+                ));
+            }
+            let mut delta = Commitment::EMPTY;
+            if let Some(old) = &ch.old {
+                delta = delta.sub(&self.element(&ch.key, old));
+            }
+            if let Some(new) = &ch.new {
+                delta = delta.add(&self.element(&ch.key, new));
+            }
+            c = c.add(&delta);
+            if w.scan.as_ref().is_some_and(|s| ch.key < s.below) {
+                passed = passed.add(&delta);
+            }
+            match ch.new {
+                Some(v) => batch.insert(ch.key, v),
+                None => batch.remove(ch.key),
+            }
+        }
+        let epoch = frame.epoch + 1;
+        let tag = match frame.status {
+            FrameStatus::Valid => self.key.frame_tag(&frame.store_id, epoch, &c),
+            // Keep an unverifiable frame unverifiable: only officers re-base it.
+            FrameStatus::Missing | FrameStatus::Forged => [0; 32],
+        };
+        batch.insert(aux_key(Aux::Meta, EPOCH), epoch.to_be_bytes().to_vec());
+        batch.insert(aux_key(Aux::Meta, STATE), frame_value(&c, &tag));
+        self.db.apply_batch(batch)?;
+        if let Some(scan) = w.scan.as_mut() {
+            scan.acc = scan.acc.add(&passed);
+        }
         Ok(())
+    }
+
+    /// Recomputes the commitment over every committed record, a step at a time, and calls
+    /// `finish` with the write lock held at the point where the scan is complete.
+    fn scan<R>(
+        &self,
+        finish: impl FnOnce(&mut Writer, &Scan) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let _one = self.scan_lock.lock().map_err(|_| StoreError::Poisoned)?;
+        let result = (|| loop {
+            let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+            let scan = w.scan.get_or_insert_with(|| Scan {
+                below: Vec::new(),
+                acc: Commitment::EMPTY,
+                records: 0,
+            });
+            let mut seen = 0;
+            let mut last = None;
+            for kv in self.db.range(scan.below.clone()..) {
+                let (k, v) = kv?;
+                if !is_frame_key(&k) {
+                    scan.acc = scan.acc.add(&self.element(&k, &v));
+                    scan.records += 1;
+                }
+                last = Some(k);
+                seen += 1;
+                if seen >= SCAN_STEP {
+                    break;
+                }
+            }
+            if let Some(k) = last {
+                // The next possible key after `k`.
+                let mut below = k.to_vec();
+                below.push(0);
+                scan.below = below;
+            }
+            if seen < SCAN_STEP {
+                let done = Scan {
+                    below: std::mem::take(&mut scan.below),
+                    acc: scan.acc,
+                    records: scan.records,
+                };
+                w.scan = None;
+                return Ok((w, done));
+            }
+        })();
+        match result {
+            Ok((mut w, done)) => finish(&mut w, &done),
+            Err(e) => {
+                if let Ok(mut w) = self.write_lock.lock() {
+                    w.scan = None;
+                }
+                Err(e)
+            }
+        }
     }
 
     fn read_epoch(&self) -> Result<u64, StoreError> {
@@ -108,7 +325,7 @@ impl Store for SledStore {
             },
         )?;
         {
-            let _guard = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+            let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
             let current = self.read_head(&name)?;
             if current != expected {
                 return Ok(Err(VersionConflict {
@@ -119,11 +336,14 @@ impl Store for SledStore {
                 latest_version: record.version,
                 deleted: false,
             };
-            let mut batch = Batch::default();
-            batch.insert(head_key(&name), head.encode_to_vec());
-            batch.insert(record_key(&name, record.version), record.encode_to_vec());
-            self.bump_epoch(&mut batch)?;
-            self.db.apply_batch(batch)?;
+            let changes = vec![
+                self.change(head_key(&name), Some(head.encode_to_vec()))?,
+                self.change(
+                    record_key(&name, record.version),
+                    Some(record.encode_to_vec()),
+                )?,
+            ];
+            self.apply(&mut w, changes)?;
         }
         // Acknowledge only once durable. Flushing outside the lock lets concurrent writers
         // share one fsync.
@@ -224,23 +444,26 @@ impl Store for SledStore {
 
     fn delete(&self, name: &SecretName) -> Result<u64, StoreError> {
         let destroyed = {
-            let _guard = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+            let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
             let Some(head) = self.read_head(name)? else {
                 return Ok(0);
             };
-            let mut batch = Batch::default();
-            let mut destroyed = 0;
-            for k in self.db.scan_prefix(record_prefix(name)).keys() {
-                batch.remove(k?);
-                destroyed += 1;
+            let mut changes = Vec::new();
+            for kv in self.db.scan_prefix(record_prefix(name)) {
+                let (k, old) = kv?;
+                changes.push(Change {
+                    key: k.to_vec(),
+                    old: Some(old),
+                    new: None,
+                });
             }
+            let destroyed = changes.len() as u64;
             let tomb = HeadV1 {
                 latest_version: head.latest,
                 deleted: true,
             };
-            batch.insert(head_key(name), tomb.encode_to_vec());
-            self.bump_epoch(&mut batch)?;
-            self.db.apply_batch(batch)?;
+            changes.push(self.change(head_key(name), Some(tomb.encode_to_vec()))?);
+            self.apply(&mut w, changes)?;
             destroyed
         };
         self.db.flush()?;
@@ -250,15 +473,19 @@ impl Store for SledStore {
     fn count_wraps(&self, mk: u32, n: u64) -> Result<u64, StoreError> {
         let mut key = vec![WRAPS];
         key.extend_from_slice(&mk.to_be_bytes());
-        let total = self.db.update_and_fetch(&key, |old| {
-            let old = old
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_be_bytes);
-            Some(old.saturating_add(n).to_be_bytes().to_vec())
-        })?;
-        let total = total
+        let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+        let change = self.change(key, None)?;
+        let old = change
+            .old
+            .as_ref()
             .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map_or(0, u64::from_be_bytes);
+        let total = old.saturating_add(n);
+        let change = Change {
+            new: Some(total.to_be_bytes().to_vec()),
+            ..change
+        };
+        self.apply(&mut w, vec![change])?;
         Ok(total)
     }
 
@@ -272,11 +499,9 @@ impl Store for SledStore {
 
     fn aux_put(&self, ns: Aux, key: &str, value: &[u8]) -> Result<(), StoreError> {
         {
-            let _guard = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
-            let mut batch = Batch::default();
-            batch.insert(aux_key(ns, key), value);
-            self.bump_epoch(&mut batch)?;
-            self.db.apply_batch(batch)?;
+            let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+            let change = self.change(aux_key(ns, key), Some(value.to_vec()))?;
+            self.apply(&mut w, vec![change])?;
         }
         self.db.flush()?;
         Ok(())
@@ -284,12 +509,10 @@ impl Store for SledStore {
 
     fn aux_delete(&self, ns: Aux, key: &str) -> Result<bool, StoreError> {
         let existed = {
-            let _guard = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
-            let existed = self.db.get(aux_key(ns, key))?.is_some();
-            let mut batch = Batch::default();
-            batch.remove(aux_key(ns, key));
-            self.bump_epoch(&mut batch)?;
-            self.db.apply_batch(batch)?;
+            let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+            let change = self.change(aux_key(ns, key), None)?;
+            let existed = change.old.is_some();
+            self.apply(&mut w, vec![change])?;
             existed
         };
         self.db.flush()?;
@@ -310,6 +533,47 @@ impl Store for SledStore {
         Ok((id, self.read_epoch()?))
     }
 
+    fn state(&self) -> Result<StoreState, StoreError> {
+        let _w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+        let f = self.read_frame()?;
+        Ok(StoreState {
+            store_id: f.store_id,
+            epoch: f.epoch,
+            commitment: f.commitment,
+            frame: f.status,
+        })
+    }
+
+    fn verify_state(&self) -> Result<StateCheck, StoreError> {
+        self.scan(|_, scan| {
+            Ok(StateCheck {
+                stored: self.read_frame()?.commitment,
+                computed: scan.acc,
+                records: scan.records,
+            })
+        })
+    }
+
+    fn rebase_state(&self) -> Result<StoreState, StoreError> {
+        let state = self.scan(|_, scan| {
+            let f = self.read_frame()?;
+            let epoch = f.epoch + 1;
+            let tag = self.key.frame_tag(&f.store_id, epoch, &scan.acc);
+            let mut batch = Batch::default();
+            batch.insert(aux_key(Aux::Meta, EPOCH), epoch.to_be_bytes().to_vec());
+            batch.insert(aux_key(Aux::Meta, STATE), frame_value(&scan.acc, &tag));
+            self.db.apply_batch(batch)?;
+            Ok(StoreState {
+                store_id: f.store_id,
+                epoch,
+                commitment: scan.acc,
+                frame: FrameStatus::Valid,
+            })
+        })?;
+        self.db.flush()?;
+        Ok(state)
+    }
+
     fn aux_list(&self, ns: Aux) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix([aux_tag(ns)]) {
@@ -324,9 +588,14 @@ impl Store for SledStore {
         let mut n = 0;
         for kv in self.db.scan_prefix([HEAD]) {
             let (k, v) = kv?;
-            let head = HeadV1::decode(v.as_ref()).map_err(|e| corrupt(&k, e))?;
-            if !head.deleted {
-                n += 1;
+            match HeadV1::decode(v.as_ref()) {
+                Ok(head) if !head.deleted => n += 1,
+                Ok(_) => {}
+                // A damaged head is no readable secret; it must not take the officers'
+                // status down with it (its reads answer DATA_LOSS).
+                Err(e) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(&k), error = %e, "a stored head does not decode; not counted")
+                }
             }
         }
         Ok(n)
@@ -385,6 +654,20 @@ fn aux_tag(ns: Aux) -> u8 {
     }
 }
 
+/// Whether `key` is part of the frame (identity, epoch, commitment), the only keys the
+/// commitment does not cover.
+fn is_frame_key(key: &[u8]) -> bool {
+    key.first() == Some(&META)
+        && matches!(&key[1..], k if k == STORE_ID.as_bytes() || k == EPOCH.as_bytes() || k == STATE.as_bytes())
+}
+
+fn frame_value(c: &Commitment, tag: &[u8; 32]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.extend_from_slice(&c.0);
+    v.extend_from_slice(tag);
+    v
+}
+
 fn aux_key(ns: Aux, key: &str) -> Vec<u8> {
     let mut k = vec![aux_tag(ns)];
     k.extend_from_slice(key.as_bytes());
@@ -440,6 +723,10 @@ mod tests {
         SecretName::parse(s, 256).unwrap()
     }
 
+    fn test_key() -> StateKey {
+        StateKey::new(&zeroize::Zeroizing::new([9; 32]))
+    }
+
     fn record(n: &str, version: u64) -> SealedRecord {
         SealedRecord {
             name: n.into(),
@@ -458,7 +745,7 @@ mod tests {
     #[test]
     fn check_and_set_versions_and_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path(), test_key()).unwrap();
         let n = name("a/b");
         assert_eq!(store.head(&n).unwrap(), None);
         store.commit(&record("a/b", 1), None).unwrap().unwrap();
@@ -505,7 +792,7 @@ mod tests {
     #[test]
     fn list_is_segment_aware_and_paginated() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path(), test_key()).unwrap();
         for n in ["p", "p/a", "p/b", "p/c", "p-x/a", "p.y", "q"] {
             store.commit(&record(n, 1), None).unwrap().unwrap();
         }
@@ -548,7 +835,7 @@ mod tests {
     #[test]
     fn list_stops_at_its_budget_and_resumes_after_the_last_key_examined() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path(), test_key()).unwrap();
         let mut want = Vec::new();
         for i in 0..30 {
             let n = format!("s/{i:02}");
@@ -581,5 +868,136 @@ mod tests {
         let page = store.list(&all, None, 4, 1, &visible).unwrap();
         assert_eq!(page.examined, 1);
         assert_eq!(page.next_after.as_deref(), Some("s/00"));
+    }
+
+    #[test]
+    fn the_commitment_follows_every_write_and_shows_a_record_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), test_key()).unwrap();
+        let fresh = store.state().unwrap();
+        assert_eq!(fresh.frame, FrameStatus::Valid);
+        assert_eq!(fresh.commitment, Commitment::EMPTY);
+        assert!(store.verify_state().unwrap().matches());
+        store.commit(&record("a", 1), None).unwrap().unwrap();
+        let h = store.head(&name("a")).unwrap();
+        store.commit(&record("a", 2), h).unwrap().unwrap();
+        store.aux_put(Aux::Policy, "p", b"rev1").unwrap();
+        store.aux_put(Aux::Policy, "p", b"rev2").unwrap();
+        store.aux_put(Aux::Meta, "policy-seeded", b"1").unwrap();
+        store.count_wraps(1, 3).unwrap();
+        // Enough keys for several scan steps.
+        for i in 0..(SCAN_STEP + 10) {
+            store
+                .commit(&record(&format!("b/{i:04}"), 1), None)
+                .unwrap()
+                .unwrap();
+        }
+        let old_head = store.db.get(head_key(&name("a"))).unwrap().unwrap();
+        let old_v1 = store.db.get(record_key(&name("a"), 1)).unwrap().unwrap();
+        store.delete(&name("a")).unwrap();
+        let check = store.verify_state().unwrap();
+        assert!(check.matches(), "{check:?}");
+        // Each b/ name has a head and a version; then a's tombstone, the policy, the marker and
+        // the wrap count.
+        assert_eq!(check.records, 2 * (SCAN_STEP + 10) as u64 + 4);
+        let st = store.state().unwrap();
+        assert_eq!(st.frame, FrameStatus::Valid);
+        assert_eq!(st.epoch, 6 + (SCAN_STEP + 10) as u64 + 1);
+
+        // Each tampering outside the service shows; putting the value back heals it.
+        let k = |key: Vec<u8>| key;
+        let cases: Vec<(Vec<u8>, Option<IVec>)> = vec![
+            (k(head_key(&name("a"))), Some(old_head)),
+            (k(record_key(&name("a"), 1)), Some(old_v1)),
+            (k(aux_key(Aux::Policy, "p")), Some(IVec::from(&b"rev1"[..]))),
+            (k(aux_key(Aux::Meta, "policy-seeded")), None),
+            (k(aux_key(Aux::Meta, "junk")), Some(IVec::from(&b"x"[..]))),
+        ];
+        for (key, tampered) in cases {
+            let before = store.db.get(&key).unwrap();
+            match &tampered {
+                Some(v) => store.db.insert(&key, v.clone()).unwrap(),
+                None => store.db.remove(&key).unwrap(),
+            };
+            assert!(
+                !store.verify_state().unwrap().matches(),
+                "{}",
+                String::from_utf8_lossy(&key)
+            );
+            match before {
+                Some(v) => store.db.insert(&key, v).unwrap(),
+                None => store.db.remove(&key).unwrap(),
+            };
+            assert!(store.verify_state().unwrap().matches());
+        }
+
+        // Editing the epoch alone breaks the frame's tag.
+        let epoch = aux_key(Aux::Meta, EPOCH);
+        let e = store.read_epoch().unwrap();
+        store
+            .db
+            .insert(&epoch, (e + 5).to_be_bytes().to_vec())
+            .unwrap();
+        assert_eq!(store.state().unwrap().frame, FrameStatus::Forged);
+        // Writes keep it unverifiable, with the commitment still following them...
+        store.commit(&record("c", 1), None).unwrap().unwrap();
+        assert_eq!(store.state().unwrap().frame, FrameStatus::Forged);
+        assert!(store.verify_state().unwrap().matches());
+        // ...until it is re-based.
+        let rebased = store.rebase_state().unwrap();
+        assert_eq!(rebased.frame, FrameStatus::Valid);
+        assert_eq!(store.state().unwrap(), rebased);
+
+        // A record put back, then re-based: accepted as the new state.
+        store.db.remove(record_key(&name("b/0003"), 1)).unwrap();
+        assert!(!store.verify_state().unwrap().matches());
+        store.rebase_state().unwrap();
+        assert!(store.verify_state().unwrap().matches());
+
+        // Another key sees a forged frame.
+        drop(store);
+        let other =
+            SledStore::open(dir.path(), StateKey::new(&zeroize::Zeroizing::new([1; 32]))).unwrap();
+        assert_eq!(other.state().unwrap().frame, FrameStatus::Forged);
+    }
+
+    #[test]
+    fn a_scan_counts_writes_made_while_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SledStore::open(dir.path(), test_key()).unwrap());
+        for i in 0..1200 {
+            store
+                .commit(&record(&format!("s/{i:05}"), 1), None)
+                .unwrap()
+                .unwrap();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Early keys (already scanned), late keys (not yet) and deletions.
+                    let n = format!("s/{:05}", (i * 7919) % 1200);
+                    let h = store.head(&name(&n)).unwrap();
+                    let next = h.map_or(1, |h| h.latest + 1);
+                    store.commit(&record(&n, next), h).unwrap().unwrap();
+                    if i % 5 == 0 {
+                        store
+                            .delete(&name(&format!("s/{:05}", (i * 31) % 1200)))
+                            .unwrap();
+                    }
+                    i += 1;
+                }
+                i
+            })
+        };
+        for _ in 0..5 {
+            let check = store.verify_state().unwrap();
+            assert!(check.matches(), "{check:?}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(writer.join().unwrap() > 0);
+        assert!(store.verify_state().unwrap().matches());
     }
 }

@@ -475,6 +475,9 @@ async fn a_policy_edited_in_the_store_files_is_refused() {
         db.flush().unwrap();
     }
     let server = env.start_admin();
+    // The store's state commitment flags the edit first; once officers accept the store,
+    // the edited and forged policies must still grant nothing.
+    crate::common::accept_store_state(&server, "does not match its commitment").await;
     let mut stranger = server.client("stranger").await;
     let e = stranger
         .get_secret(get("payments/db/password"))

@@ -347,6 +347,14 @@ async fn revoked_client_and_officer_certificates_are_refused_and_a_new_crl_takes
     let log = server.log_text();
     assert!(revoked(&log, "client"), "{log}");
     assert!(revoked(&log, "admin"), "{log}");
+    // The client tool says so in words.
+    let out = crate::common::Output::of(
+        r.env
+            .cli(&server, "leaked")
+            .args(["get", "payments/revocation"]),
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("revoked"), "{}", out.stderr);
 
     // New lists: payments revoked, alice reinstated. No restart.
     r.write_crls(&["leaked", "payments"], &[], 2);

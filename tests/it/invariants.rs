@@ -235,7 +235,10 @@ async fn moved_or_swapped_records_are_refused() {
         db.flush().unwrap();
     }
 
-    let server = env.start();
+    // The store's state commitment flags the whole store first; once officers accept it,
+    // each moved or swapped record must still be refused on its own.
+    let server = env.start_admin();
+    crate::common::accept_store_state(&server, "does not match its commitment").await;
     let mut c = server.client("payments").await;
     for (name, version) in [
         ("payments/victim", 1),

@@ -1,12 +1,21 @@
 //! Rollback: replacing the store's files with an older copy is detected through the epoch the
-//! token remembers, reported to officers, and no secret is served until they accept it.
+//! token remembers, and putting back, removing or adding any single record through the state
+//! commitment; either is reported to officers, and no secret is served until they accept it.
+
+use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use crate::common::{TestEnv, files_under};
+use crate::common::{Server, TestEnv, accept_store_state, files_under};
+use strongroom::proto::admin_service_client::AdminServiceClient;
 use strongroom::proto::{
-    AcceptStoreStateRequest, ApproveRequest, GetSecretRequest, PutSecretRequest, StatusRequest,
+    AcceptStoreStateRequest, ApproveRequest, DeletePolicyRequest, DeleteSecretRequest,
+    GetSecretRequest, ListPoliciesRequest, OperationResponse, PutPolicyRequest, PutSecretRequest,
+    StatusRequest,
 };
+
+/// What the start check says when records changed outside the service.
+const MISMATCH: &str = "does not match its commitment";
 
 fn put(name: &str, value: &[u8]) -> PutSecretRequest {
     PutSecretRequest {
@@ -123,4 +132,330 @@ async fn the_current_store_passes_its_rollback_check_across_restarts() {
         drop(c);
         server.stop();
     }
+}
+
+/// Reads keys of the stopped service's store through sled.
+fn sled_read(env: &TestEnv, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let db = sled::open(&env.store).unwrap();
+    db.scan_prefix(prefix)
+        .map(|kv| {
+            let (k, v) = kv.unwrap();
+            (k.to_vec(), v.to_vec())
+        })
+        .collect()
+}
+
+/// Writes (or, for `None`, removes) keys in the stopped service's store through sled.
+fn sled_write(env: &TestEnv, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
+    let db = sled::open(&env.store).unwrap();
+    for (k, v) in changes {
+        match v {
+            Some(v) => db.insert(k, v.clone()).unwrap(),
+            None => db.remove(k).unwrap(),
+        };
+    }
+    db.flush().unwrap();
+}
+
+fn head_key(name: &str) -> Vec<u8> {
+    [b"h".as_slice(), name.as_bytes()].concat()
+}
+
+fn records_prefix(name: &str) -> Vec<u8> {
+    [b"r".as_slice(), name.as_bytes(), b"\0"].concat()
+}
+
+type Admin = AdminServiceClient<tonic::transport::Channel>;
+
+/// Alice asks, Bob approves: the operation runs.
+async fn dual(server: &Server, op: impl AsyncFnOnce(&mut Admin) -> OperationResponse) {
+    let mut alice = server.admin("alice").await;
+    let id = op(&mut alice).await.approval.unwrap().id;
+    let done = server
+        .admin("bob")
+        .await
+        .approve(ApproveRequest { id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.executed, "{done:?}");
+}
+
+/// The service refuses secrets naming `problem`, and officers see it.
+async fn assert_flagged(server: &Server, name: &str, problem: &str) {
+    let mut c = server.client("payments").await;
+    let e = match c.get_secret(get(name)).await {
+        Ok(_) => panic!(
+            "served {name} from a tampered store; log:\n{}",
+            server.log_text()
+        ),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(problem), "{}", e.message());
+    let status = server
+        .admin("alice")
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.store_rollback.contains(problem), "{status:?}");
+}
+
+async fn assert_not_flagged(server: &Server) {
+    let status = server
+        .admin("alice")
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status.store_rollback.is_empty(),
+        "{status:?}\n{}",
+        server.log_text()
+    );
+}
+
+async fn delete(server: &Server, name: &str) {
+    server
+        .client("payments")
+        .await
+        .delete_secret(DeleteSecretRequest { name: name.into() })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_deleted_secrets_head_and_versions_put_back_are_flagged() {
+    let env = TestEnv::new();
+    let server = env.start_admin();
+    let mut c = server.client("payments").await;
+    for v in [b"first".as_slice(), b"second"] {
+        c.put_secret(put("payments/gone", v)).await.unwrap();
+    }
+    c.put_secret(put("payments/stays", b"v")).await.unwrap();
+    drop(c);
+    server.stop();
+    let mut saved = sled_read(&env, &head_key("payments/gone"));
+    saved.extend(sled_read(&env, &records_prefix("payments/gone")));
+    assert_eq!(saved.len(), 3);
+
+    let server = env.start_admin();
+    delete(&server, "payments/gone").await;
+    server.stop();
+
+    // The deleted secret's head and versions, put back as they were, genuine bytes.
+    let back: Vec<_> = saved.into_iter().map(|(k, v)| (k, Some(v))).collect();
+    sled_write(&env, &back);
+    let server = env.start_admin();
+    assert_flagged(&server, "payments/stays", MISMATCH).await;
+    assert_flagged(&server, "payments/gone", MISMATCH).await;
+
+    // Officers accept the store as it is: served again, and no alarm at the next start.
+    accept_store_state(&server, MISMATCH).await;
+    let mut c = server.client("payments").await;
+    let got = c
+        .get_secret(get("payments/gone"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, b"second");
+    drop(c);
+    server.stop();
+    let server = env.start_admin();
+    assert_not_flagged(&server).await;
+}
+
+#[tokio::test]
+async fn an_older_version_of_one_head_put_back_is_flagged() {
+    let env = TestEnv::new();
+    let server = env.start_admin();
+    let mut c = server.client("payments").await;
+    c.put_secret(put("payments/key", b"v1")).await.unwrap();
+    drop(c);
+    server.stop();
+    let old_head = sled_read(&env, &head_key("payments/key"));
+
+    let server = env.start_admin();
+    let mut c = server.client("payments").await;
+    c.put_secret(put("payments/key", b"v2")).await.unwrap();
+    drop(c);
+    server.stop();
+
+    // The head says version 1 is the latest again (version 2's record stays).
+    sled_write(
+        &env,
+        &[(head_key("payments/key"), Some(old_head[0].1.clone()))],
+    );
+    let server = env.start_admin();
+    assert_flagged(&server, "payments/key", MISMATCH).await;
+}
+
+const STRANGER_HR: &str = r#"
+[[rule]]
+identity = "spiffe://strongroom.test/stranger"
+prefix = "hr"
+capabilities = ["read", "write"]
+"#;
+
+const STRANGER_NOTHING: &str = r#"
+[[rule]]
+identity = "spiffe://strongroom.test/stranger"
+prefix = "hr/none"
+capabilities = ["list"]
+"#;
+
+async fn put_policy(server: &Server, name: &str, document: &str) {
+    let (name, document) = (name.to_owned(), document.to_owned());
+    dual(server, async move |a: &mut Admin| {
+        a.put_policy(PutPolicyRequest { name, document })
+            .await
+            .unwrap()
+            .into_inner()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_older_policy_revision_put_back_is_flagged() {
+    let env = TestEnv::new();
+    let server = env.start_admin();
+    put_policy(&server, "hr", STRANGER_HR).await;
+    server.stop();
+    // Revision 1, with its genuine MAC: it grants stranger hr.
+    let granting = sled_read(&env, b"phr");
+    assert_eq!(granting.len(), 1);
+
+    let server = env.start_admin();
+    put_policy(&server, "hr", STRANGER_NOTHING).await;
+    let mut stranger = server.client("stranger").await;
+    assert!(stranger.put_secret(put("hr/x", b"v")).await.is_err());
+    drop(stranger);
+    server.stop();
+
+    sled_write(&env, &[(b"phr".to_vec(), Some(granting[0].1.clone()))]);
+    let server = env.start_admin();
+    assert_flagged(&server, "payments/x", MISMATCH).await;
+    let mut stranger = server.client("stranger").await;
+    let e = stranger.put_secret(put("hr/x", b"v")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+}
+
+#[tokio::test]
+async fn removing_the_seeded_marker_is_flagged_and_never_brings_the_seeded_rules_back() {
+    let env = TestEnv::new();
+    let server = env.start_admin();
+    server
+        .client("payments")
+        .await
+        .put_secret(put("payments/key", b"v"))
+        .await
+        .unwrap();
+    // Officers delete the rules the configuration file seeded.
+    dual(&server, async |a: &mut Admin| {
+        a.delete_policy(DeletePolicyRequest {
+            name: "config".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    })
+    .await;
+    assert!(
+        server
+            .client("payments")
+            .await
+            .get_secret(get("payments/key"))
+            .await
+            .is_err()
+    );
+    server.stop();
+
+    sled_write(&env, &[(b"mpolicy-seeded".to_vec(), None)]);
+    let server = env.start_admin();
+    assert_flagged(&server, "payments/key", MISMATCH).await;
+    // Even once officers accept the store as it is, the rules stay deleted.
+    accept_store_state(&server, MISMATCH).await;
+    server.stop();
+    let server = env.start_admin();
+    assert_not_flagged(&server).await;
+    let policies = server
+        .admin("alice")
+        .await
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .policies;
+    assert!(policies.is_empty(), "{policies:?}");
+    let e = server
+        .client("payments")
+        .await
+        .get_secret(get("payments/key"))
+        .await
+        .unwrap_err();
+    assert_ne!(e.code(), Code::FailedPrecondition, "{e:?}");
+}
+
+#[tokio::test]
+async fn an_older_copy_with_its_epoch_raised_is_flagged() {
+    let env = TestEnv::new();
+    let server = env.start_admin();
+    let mut c = server.client("payments").await;
+    c.put_secret(put("payments/key", b"old")).await.unwrap();
+    drop(c);
+    server.stop();
+    let backup = env.dir.path().join("store-backup");
+    copy_dir(&env.store, &backup);
+
+    let server = env.start_admin();
+    let mut c = server.client("payments").await;
+    c.put_secret(put("payments/key", b"new")).await.unwrap();
+    drop(c);
+    server.stop();
+
+    // The backup put back, with its write counter raised past the token's.
+    std::fs::remove_dir_all(&env.store).unwrap();
+    copy_dir(&backup, &env.store);
+    sled_write(
+        &env,
+        &[(
+            b"mepoch".to_vec(),
+            Some(1_000_000u64.to_be_bytes().to_vec()),
+        )],
+    );
+    let server = env.start_admin();
+    assert_flagged(&server, "payments/key", "fail authentication").await;
+}
+
+#[tokio::test]
+async fn periodic_state_checks_raise_no_false_alarm_while_writes_go_on() {
+    let env = TestEnv::new();
+    let config = env.config(&format!(
+        "verify_interval_secs = 1\n{}\n{}",
+        crate::common::ADMIN,
+        crate::common::POLICY
+    ));
+    let server = env.start_with(&config, &[]);
+    let mut c = server.client("payments").await;
+    let matched = |s: &Server| s.log_text().matches("match its commitment").count();
+    // One check at start; wait for three periodic ones while writing and deleting.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u32;
+    while matched(&server) < 4 {
+        assert!(Instant::now() < deadline, "{}", server.log_text());
+        let name = format!("payments/p{}", i % 50);
+        c.put_secret(put(&name, b"v")).await.unwrap();
+        if i % 7 == 0 {
+            c.delete_secret(DeleteSecretRequest { name }).await.unwrap();
+        }
+        i += 1;
+    }
+    assert_not_flagged(&server).await;
+    drop(c);
+    server.stop();
+    let server = env.start_with(&config, &[]);
+    assert_not_flagged(&server).await;
 }

@@ -498,6 +498,36 @@ impl Drop for Server {
     }
 }
 
+/// Officers alice and bob accept the store's state under dual control, after checking that
+/// its rollback check flagged it for a problem that mentions `problem`.
+pub async fn accept_store_state(server: &Server, problem: &str) {
+    use strongroom::proto::{AcceptStoreStateRequest, ApproveRequest, StatusRequest};
+    let mut alice = server.admin("alice").await;
+    let status = alice.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(
+        status.store_rollback.contains(problem),
+        "expected the store flagged for {problem:?}: {:?}\n{}",
+        status.store_rollback,
+        server.log_text()
+    );
+    let id = alice
+        .accept_store_state(AcceptStoreStateRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap()
+        .id;
+    let done = server
+        .admin("bob")
+        .await
+        .approve(ApproveRequest { id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.executed, "{done:?}");
+}
+
 /// The outcome of a command.
 pub struct Output {
     pub code: i32,
