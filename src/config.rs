@@ -374,7 +374,8 @@ pub struct StoreConfig {
     #[serde(default = "default_etcd_timeout_ms")]
     pub etcd_timeout_ms: u64,
     /// Seconds between scans that check every record against the store's state commitment
-    /// (0: only at start). A scan reads the whole store, holding writers only for short steps.
+    /// (0: only at start). A scan reads the whole store, holding writers only for short steps
+    /// (sled) or none at all (etcd: one revision).
     #[serde(default = "default_verify_interval")]
     pub verify_interval_secs: u64,
 }

@@ -45,19 +45,20 @@ pub fn open(
             key,
         )?),
         StoreBackend::Etcd => {
-            // The merge step: etcd keeps no commitment yet (the next commit adds it).
-            let _ = key;
             // Validation (config.rs) requires all three with the etcd backend.
             let file = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
-            Arc::new(EtcdStore::open(EtcdOptions {
-                endpoints: config.endpoints.clone(),
-                ca: file(&config.ca),
-                cert: file(&config.cert),
-                key: file(&config.key),
-                prefix: config.prefix.clone(),
-                timeout: Duration::from_millis(config.etcd_timeout_ms),
-                max_value_bytes,
-            })?)
+            Arc::new(EtcdStore::open(
+                EtcdOptions {
+                    endpoints: config.endpoints.clone(),
+                    ca: file(&config.ca),
+                    cert: file(&config.cert),
+                    key: file(&config.key),
+                    prefix: config.prefix.clone(),
+                    timeout: Duration::from_millis(config.etcd_timeout_ms),
+                    max_value_bytes,
+                },
+                key,
+            )?)
         }
     })
 }

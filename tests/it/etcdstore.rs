@@ -8,23 +8,39 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use strongroom::secret::{NamePrefix, SealedRecord, SecretName};
-use strongroom::store::{Aux, EtcdOptions, EtcdStore, Head, NameRange, Store, VersionConflict};
+use strongroom::store::{
+    Aux, EtcdOptions, EtcdStore, FrameStatus, Head, NameRange, SledStore, StateKey, Store,
+    VersionConflict,
+};
 use tonic::Code;
 
 use crate::common::{Etcd, POLICY, Server, TestEnv, get, put};
 
 fn open_store(dir: &std::path::Path, etcd: &Etcd) -> EtcdStore {
+    open_store_keyed(dir, etcd, 9)
+}
+
+fn state_key(b: u8) -> StateKey {
+    StateKey::new(&zeroize::Zeroizing::new([b; 32]))
+}
+
+/// An instance whose records are committed under a key made of `key_byte`.
+fn open_store_keyed(dir: &std::path::Path, etcd: &Etcd, key_byte: u8) -> EtcdStore {
     let pki = dir.join("pki");
-    EtcdStore::open(EtcdOptions {
-        endpoints: vec![etcd.url.clone()],
-        ca: pki.join("etcd-ca.pem"),
-        cert: pki.join("etcd-client.pem"),
-        key: pki.join("etcd-client-key.pem"),
-        prefix: "strongroom/".into(),
-        timeout: Duration::from_secs(2),
-        max_value_bytes: 64 * 1024,
-    })
+    EtcdStore::open(
+        EtcdOptions {
+            endpoints: vec![etcd.url.clone()],
+            ca: pki.join("etcd-ca.pem"),
+            cert: pki.join("etcd-client.pem"),
+            key: pki.join("etcd-client-key.pem"),
+            prefix: "strongroom/".into(),
+            timeout: Duration::from_secs(2),
+            max_value_bytes: 64 * 1024,
+        },
+        state_key(key_byte),
+    )
     .unwrap()
 }
 
@@ -118,7 +134,7 @@ fn the_store_trait_holds_on_etcd_across_two_instances() {
     );
     assert_eq!(a.epoch().unwrap().1, e0 + 3);
 
-    // Officers' records; wrap counts do not move the epoch (as in sled).
+    // Officers' records and wrap counts move the epoch too (as on sled).
     a.aux_put(Aux::Policy, "p1", b"one").unwrap();
     assert_eq!(
         b.aux_get(Aux::Policy, "p1").unwrap().as_deref(),
@@ -134,7 +150,9 @@ fn the_store_trait_holds_on_etcd_across_two_instances() {
     assert_eq!(a.epoch().unwrap().1, e0 + 6);
     assert_eq!(a.count_wraps(1, 1).unwrap(), 1);
     assert_eq!(b.count_wraps(1, 2).unwrap(), 3);
-    assert_eq!(a.epoch().unwrap().1, e0 + 6);
+    // a's cached count is stale: etcd's refusal tells it the current one.
+    assert_eq!(a.count_wraps(1, 1).unwrap(), 4);
+    assert_eq!(a.epoch().unwrap().1, e0 + 9);
     assert!(a.last_revision() > 0);
     assert!(a.size_on_disk().unwrap() > 0);
     a.sync().unwrap();
@@ -417,4 +435,168 @@ async fn a_killed_and_restarted_etcd_loses_no_acknowledged_write() {
     }
     assert!(total > 0);
     println!("{total} acknowledged writes all read back after the etcd restart");
+}
+
+/// The same writes on any store, spread over `stores` (instances of one store) in turn: two
+/// versions of `a` then deleted, a policy in two revisions, the seeded marker, wrap counts and
+/// `n` more names, enough for several pages of a scan.
+fn fill(stores: &[&dyn Store], n: usize) {
+    let s = |i: usize| stores[i % stores.len()];
+    s(0).commit(&record("a", 1), None).unwrap().unwrap();
+    let h = s(1).head(&name("a")).unwrap();
+    s(1).commit(&record("a", 2), h).unwrap().unwrap();
+    s(0).aux_put(Aux::Policy, "p", b"rev1").unwrap();
+    s(1).aux_put(Aux::Policy, "p", b"rev2").unwrap();
+    s(0).aux_put(Aux::Meta, "policy-seeded", b"1").unwrap();
+    s(1).count_wraps(1, 3).unwrap();
+    for i in 0..n {
+        s(i).commit(&record(&format!("b/{i:04}"), 1), None)
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[test]
+fn the_commitment_on_etcd_follows_every_write_and_shows_each_record_edited_behind_its_back() {
+    let (dir, etcd) = bare_etcd();
+    let a = open_store(dir.path(), &etcd);
+    let b = open_store(dir.path(), &etcd);
+    let fresh = a.state().unwrap();
+    assert_eq!(fresh.frame, FrameStatus::Valid);
+    assert_eq!(fresh.epoch, 0);
+    assert!(a.verify_state().unwrap().matches());
+    const N: usize = 300;
+    fill(&[&a, &b], N);
+    let raw = |k: &str| k.as_bytes().to_vec();
+    let old_head = etcd.read_prefix(&raw("strongroom/h/a"));
+    let old_v1 = etcd.read_prefix(&raw("strongroom/r/a\0"));
+    assert_eq!((old_head.len(), old_v1.len()), (1, 2));
+    b.delete(&name("a")).unwrap();
+    for s in [&a, &b] {
+        let check = s.verify_state().unwrap();
+        assert!(check.matches(), "{check:?}");
+        // Each b/ name has a head and a version; then a's tombstone, the policy, the marker
+        // and the wrap count.
+        assert_eq!(check.records, 2 * N as u64 + 4);
+    }
+    let st = a.state().unwrap();
+    assert_eq!(st.frame, FrameStatus::Valid);
+    assert_eq!(st.epoch, 6 + N as u64 + 1);
+    assert_eq!(b.state().unwrap(), st);
+
+    // The same records give the same commitment on sled: one definition, one key layout.
+    let sled_dir = tempfile::tempdir().unwrap();
+    let sled = SledStore::open(sled_dir.path(), state_key(9)).unwrap();
+    fill(&[&sled], N);
+    sled.delete(&name("a")).unwrap();
+    let on_sled = sled.state().unwrap();
+    assert_eq!(
+        (on_sled.commitment, on_sled.epoch),
+        (st.commitment, st.epoch)
+    );
+
+    // Each edit made straight in etcd shows; putting the value back heals it.
+    let cases: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![
+        // A deleted secret's head and a version put back, genuine bytes.
+        (old_head[0].0.clone(), Some(old_head[0].1.clone())),
+        (old_v1[0].0.clone(), Some(old_v1[0].1.clone())),
+        // An older policy revision; the seeded marker removed; a key outside the layout.
+        (raw("strongroom/p/p"), Some(b"rev1".to_vec())),
+        (raw("strongroom/m/policy-seeded"), None),
+        (raw("strongroom/x/junk"), Some(b"x".to_vec())),
+        (raw("strongroom/hjunk"), Some(b"x".to_vec())),
+    ];
+    for (key, tampered) in cases {
+        let before = etcd.read_prefix(&key).into_iter().find(|(k, _)| *k == key);
+        etcd.write_raw(&[(key.clone(), tampered)]);
+        let check = a.verify_state().unwrap();
+        assert!(!check.matches(), "{}", String::from_utf8_lossy(&key));
+        etcd.write_raw(&[(key.clone(), before.map(|(_, v)| v))]);
+        assert!(a.verify_state().unwrap().matches());
+    }
+    // A damaged ciphertext is the record's own AAD's to catch, not the store's.
+    let (k, v) = etcd.read_prefix(&raw("strongroom/r/b/0007\0")).remove(0);
+    let mut damaged = SealedRecord::decode(v.as_slice()).unwrap();
+    damaged.ciphertext[0] ^= 1;
+    etcd.write_raw(&[(k, Some(damaged.encode_to_vec()))]);
+    assert!(a.verify_state().unwrap().matches());
+
+    // Editing the epoch alone breaks the frame's tag.
+    let e = a.epoch().unwrap().1;
+    etcd.write_raw(&[(
+        raw("strongroom/m/epoch"),
+        Some((e + 5).to_be_bytes().to_vec()),
+    )]);
+    assert_eq!(b.state().unwrap().frame, FrameStatus::Forged);
+    // Writes (from an instance whose view of the frame is stale) keep it unverifiable,
+    // with the commitment still following them...
+    a.commit(&record("c", 1), None).unwrap().unwrap();
+    assert_eq!(a.state().unwrap().frame, FrameStatus::Forged);
+    assert!(b.verify_state().unwrap().matches());
+    // ...until it is re-based.
+    let rebased = b.rebase_state().unwrap();
+    assert_eq!(rebased.frame, FrameStatus::Valid);
+    assert_eq!(a.state().unwrap(), rebased);
+    a.commit(&record("d", 1), None).unwrap().unwrap();
+    assert_eq!(a.state().unwrap().frame, FrameStatus::Valid);
+    assert!(a.verify_state().unwrap().matches());
+
+    // A record removed, then re-based: accepted as the new state.
+    etcd.write_raw(&[(raw("strongroom/h/b/0003"), None)]);
+    assert!(!a.verify_state().unwrap().matches());
+    a.rebase_state().unwrap();
+    assert!(b.verify_state().unwrap().matches());
+
+    // Another key sees a forged frame; a frame removed is missing.
+    let other = open_store_keyed(dir.path(), &etcd, 1);
+    assert_eq!(other.state().unwrap().frame, FrameStatus::Forged);
+    etcd.write_raw(&[(raw("strongroom/m/state"), None)]);
+    assert_eq!(a.state().unwrap().frame, FrameStatus::Missing);
+}
+
+#[test]
+fn scans_and_rebases_on_etcd_count_writes_made_meanwhile_by_another_instance() {
+    let (dir, etcd) = bare_etcd();
+    let a = Arc::new(open_store(dir.path(), &etcd));
+    let b = Arc::new(open_store(dir.path(), &etcd));
+    for i in 0..600 {
+        a.commit(&record(&format!("s/{i:05}"), 1), None)
+            .unwrap()
+            .unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (b, stop) = (b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Early keys (already scanned), late keys (not yet) and deletions.
+                let n = format!("s/{:05}", (i * 7919) % 600);
+                let h = b.head(&name(&n)).unwrap();
+                let next = h.map_or(1, |h| h.latest + 1);
+                b.commit(&record(&n, next), h).unwrap().unwrap();
+                if i % 5 == 0 {
+                    b.delete(&name(&format!("s/{:05}", (i * 31) % 600)))
+                        .unwrap();
+                }
+                i += 1;
+            }
+            i
+        })
+    };
+    let writes_before = b.epoch().unwrap().1;
+    for _ in 0..3 {
+        let check = a.verify_state().unwrap();
+        assert!(check.matches(), "{check:?}");
+        // A re-base while the other instance writes keeps every write it missed.
+        a.rebase_state().unwrap();
+    }
+    // Wait until the other instance wrote during the checks.
+    while b.epoch().unwrap().1 < writes_before + 20 {
+        std::thread::yield_now();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writer.join().unwrap() > 0);
+    assert!(a.verify_state().unwrap().matches());
+    assert_eq!(a.state().unwrap().frame, FrameStatus::Valid);
 }

@@ -891,6 +891,49 @@ impl Etcd {
         })
     }
 
+    /// Every key under `prefix` with its value, as etcd holds them now.
+    pub fn read_prefix(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let prefix = prefix.to_vec();
+        self.with_client(async move |client| {
+            let mut kv = client.kv_client();
+            let options = etcd_client::GetOptions::new().with_prefix();
+            let mut resp = kv.get(prefix, Some(options)).await.unwrap();
+            resp.take_kvs()
+                .into_iter()
+                .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+                .collect()
+        })
+    }
+
+    /// Writes (or, for `None`, removes) raw keys behind the service's back, one key at a
+    /// time as an editor would.
+    pub fn write_raw(&self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
+        let changes = changes.to_vec();
+        self.with_client(async move |client| {
+            let mut kv = client.kv_client();
+            for (k, v) in changes {
+                match v {
+                    Some(v) => kv.put(k, v, None).await.map(|_| ()),
+                    None => kv.delete(k, None).await.map(|_| ()),
+                }
+                .unwrap();
+            }
+        })
+    }
+
+    /// Removes every key under `prefix`.
+    pub fn delete_prefix(&self, prefix: &[u8]) {
+        let prefix = prefix.to_vec();
+        self.with_client(async move |client| {
+            let options = etcd_client::DeleteOptions::new().with_prefix();
+            client
+                .kv_client()
+                .delete(prefix, Some(options))
+                .await
+                .unwrap();
+        })
+    }
+
     /// Starts etcd again on the same data and ports.
     pub fn restart(&self) {
         self.kill();
