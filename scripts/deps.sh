@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what strongroom needs on a Debian machine, if missing: SoftHSM2 (the PKCS#11 token
 # for development and tests), OpenSC's pkcs11-tool (to inspect tokens independently of our
-# code), fuse3 (the power-cut simulator's mount helper) and cargo-nextest. protoc comes vendored through Cargo (protoc-bin-vendored).
+# code), etcd (the etcd store backend's tests start their own etcd-server 3.4; etcdctl from
+# etcd-client to inspect it), protoc (Debian's protobuf-compiler: the etcd-client crate's
+# build script needs one on PATH; our own schemas use the vendored protoc-bin-vendored),
+# fuse3 (the power-cut simulator's mount helper) and cargo-nextest.
 set -euo pipefail
 
 need=()
@@ -10,6 +13,9 @@ command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # fuse3: fusermount3, for the power-cut simulator (crates/powercut) when not run as root.
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     SUDO=""

@@ -346,16 +346,49 @@ impl Default for AuditConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Directory of the sled store (`STRONGROOM_STORE_PATH`).
+    /// Which engine holds the store: the embedded sled (default) or an etcd cluster.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// Directory of the sled store (`STRONGROOM_STORE_PATH`); required with sled, unused
+    /// with etcd.
+    #[serde(default)]
     pub path: PathBuf,
     /// sled's page cache in MiB: the service's memory is about this plus 30-80 MiB at any
     /// store size (BENCHMARKS.md: ~1 GiB resident at a million secrets with the default).
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
+    /// etcd: the cluster's client URLs, each `https://host:port`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// etcd: the CA that etcd's server certificates chain to, PEM.
+    pub ca: Option<PathBuf>,
+    /// etcd: this service's client certificate for etcd, PEM.
+    pub cert: Option<PathBuf>,
+    /// etcd: the client certificate's private key, PEM (closed to group and others).
+    pub key: Option<PathBuf>,
+    /// etcd: the key namespace; every key the service writes starts with it.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// etcd: the deadline of each call to etcd, in milliseconds; past it the request answers
+    /// UNAVAILABLE.
+    #[serde(default = "default_etcd_timeout_ms")]
+    pub etcd_timeout_ms: u64,
     /// Seconds between scans that check every record against the store's state commitment
-    /// (0: only at start). A scan reads the whole store, holding writers only for short steps.
+    /// (0: only at start). A scan reads the whole store, holding writers only for short steps
+    /// (sled) or none at all (etcd: one revision).
     #[serde(default = "default_verify_interval")]
     pub verify_interval_secs: u64,
+}
+
+/// `store.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// The embedded store in `store.path` (one process).
+    #[default]
+    Sled,
+    /// An etcd v3 cluster over mutual TLS (several replicas may share it).
+    Etcd,
 }
 
 fn default_cache_mb() -> u64 {
@@ -370,6 +403,106 @@ fn default_verify_interval() -> u64 {
 pub const DEFAULT_STORE_VERIFY_INTERVAL_SECS: u64 = 3600;
 /// The longest interval between state scans: 30 days.
 pub const MAX_STORE_VERIFY_INTERVAL_SECS: u64 = 30 * 24 * 3600;
+
+fn default_etcd_prefix() -> String {
+    crate::store::DEFAULT_ETCD_PREFIX.into()
+}
+
+fn default_etcd_timeout_ms() -> u64 {
+    crate::store::DEFAULT_ETCD_TIMEOUT_MS
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.verify_interval_secs > MAX_STORE_VERIFY_INTERVAL_SECS {
+            return invalid(format!(
+                "store.verify_interval_secs must be 0..={MAX_STORE_VERIFY_INTERVAL_SECS} (0: only at start)"
+            ));
+        }
+        match self.backend {
+            StoreBackend::Sled => {
+                if self.path.as_os_str().is_empty() {
+                    return invalid(
+                        "store.path is required with store.backend = \"sled\" (the store's directory)"
+                            .into(),
+                    );
+                }
+                let etcd_keys = [
+                    (!self.endpoints.is_empty(), "endpoints"),
+                    (self.ca.is_some(), "ca"),
+                    (self.cert.is_some(), "cert"),
+                    (self.key.is_some(), "key"),
+                ];
+                if let Some((_, k)) = etcd_keys.iter().find(|(set, _)| *set) {
+                    return invalid(format!(
+                        "store.{k} is an etcd setting but store.backend is \"sled\"; add backend = \"etcd\" to [store]"
+                    ));
+                }
+                if !(16..=1 << 20).contains(&self.cache_capacity_mb) {
+                    return invalid("store.cache_capacity_mb must be 16..=1048576 (MiB)".into());
+                }
+            }
+            StoreBackend::Etcd => {
+                if self.endpoints.is_empty() {
+                    return invalid(
+                        "store.endpoints must list etcd's client URLs (https://host:port) with store.backend = \"etcd\""
+                            .into(),
+                    );
+                }
+                for e in &self.endpoints {
+                    let rest = e.strip_prefix("https://").ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "store.endpoints: {e:?} must start with https:// (etcd is reached over mutual TLS only)"
+                        ))
+                    })?;
+                    if rest.is_empty() || rest.contains('/') || !rest.contains(':') {
+                        return invalid(format!(
+                            "store.endpoints: {e:?} must be https://host:port"
+                        ));
+                    }
+                }
+                for (set, k, what) in [
+                    (
+                        self.ca.is_some(),
+                        "ca",
+                        "the CA of etcd's server certificates",
+                    ),
+                    (
+                        self.cert.is_some(),
+                        "cert",
+                        "the client certificate for etcd",
+                    ),
+                    (
+                        self.key.is_some(),
+                        "key",
+                        "the client certificate's private key",
+                    ),
+                ] {
+                    if !set {
+                        return invalid(format!(
+                            "store.{k} is required with store.backend = \"etcd\" ({what}, PEM): etcd is reached over mutual TLS"
+                        ));
+                    }
+                }
+                if self.prefix.is_empty()
+                    || !self.prefix.ends_with('/')
+                    || self.prefix.contains('\0')
+                    || self.prefix.len() > 256
+                {
+                    return invalid(format!(
+                        "store.prefix {:?} must be 1..=256 bytes ending in '/' (e.g. \"strongroom/\")",
+                        self.prefix
+                    ));
+                }
+                if !(100..=600_000).contains(&self.etcd_timeout_ms) {
+                    return invalid("store.etcd_timeout_ms must be 100..=600000".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// `[limits]`: every size the service accepts.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -521,8 +654,17 @@ impl Config {
         ]
         .into_iter()
         .chain(self.server.client_crls.iter_mut())
-        {
-            if p.is_relative() {
+        .chain(
+            [
+                &mut self.store.ca,
+                &mut self.store.cert,
+                &mut self.store.key,
+            ]
+            .into_iter()
+            .flatten(),
+        ) {
+            // An empty path is an unset one (store.path with etcd).
+            if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
         }
@@ -604,16 +746,7 @@ impl Config {
                 "audit.commit_window_us must be at most 100000 (0.1 s): every request under load may wait this long".into(),
             ));
         }
-        if !(16..=1 << 20).contains(&self.store.cache_capacity_mb) {
-            return Err(ConfigError::Invalid(
-                "store.cache_capacity_mb must be 16..=1048576 (MiB)".into(),
-            ));
-        }
-        if self.store.verify_interval_secs > MAX_STORE_VERIFY_INTERVAL_SECS {
-            return Err(ConfigError::Invalid(format!(
-                "store.verify_interval_secs must be 0..={MAX_STORE_VERIFY_INTERVAL_SECS} (0: only at start)"
-            )));
-        }
+        self.store.validate()?;
         crate::policy::Policy::from_rules(&self.policy, l.max_name_bytes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
@@ -725,6 +858,59 @@ mod tests {
         for bad in ["cache_capacity_mb = 0", "cache_capacity_mb = 2000000"] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains("store.cache_capacity_mb"), "{bad}: {e}");
+        }
+    }
+
+    fn parse_etcd(store: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+             [hsm]\nmodule = \"m.so\"\ntoken = \"t\"\n[store]\n{store}"
+        );
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn the_store_backend_is_sled_by_default_and_etcd_needs_mutual_tls() {
+        let sled = parse("").unwrap();
+        assert_eq!(sled.store.backend, StoreBackend::Sled);
+        let etcd = "backend = \"etcd\"\nendpoints = [\"https://127.0.0.1:2379\"]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = parse_etcd(etcd).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Etcd);
+        assert_eq!(c.store.prefix, "strongroom/");
+        assert_eq!(c.store.etcd_timeout_ms, 2000);
+        // Relative files are relative to the configuration's directory.
+        assert!(c.store.key.as_ref().unwrap().is_absolute());
+        for (bad, says) in [
+            ("", "store.path is required"),
+            ("backend = \"etcd\"\n", "store.endpoints must list"),
+            (
+                "backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+                "must start with https://",
+            ),
+            (
+                "backend = \"etcd\"\nendpoints = [\"https://127.0.0.1\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+                "must be https://host:port",
+            ),
+            (
+                "backend = \"etcd\"\nendpoints = [\"https://h:1\"]\nca = \"a\"\ncert = \"b\"\n",
+                "store.key is required",
+            ),
+            (&format!("{etcd}prefix = \"noslash\"\n"), "store.prefix"),
+            (
+                &format!("{etcd}etcd_timeout_ms = 5\n"),
+                "store.etcd_timeout_ms",
+            ),
+            ("backend = \"zookeeper\"\n", "unknown variant"),
+            (
+                "path = \"s\"\nendpoints = [\"https://h:1\"]\n",
+                "add backend = \"etcd\"",
+            ),
+        ] {
+            let e = parse_etcd(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
         }
     }
 

@@ -77,8 +77,8 @@ fn access(mode: u32) -> String {
     }
 }
 
-/// The private files of a service configuration: the PIN file, the server key and the
-/// admin key.
+/// The private files of a service configuration: the PIN file, the server key, the
+/// admin key and the etcd client key.
 pub fn private_files(config: &Config) -> Vec<(PathBuf, &'static str)> {
     let mut files = Vec::new();
     if let Some(pin) = &config.hsm.pin_file {
@@ -87,6 +87,9 @@ pub fn private_files(config: &Config) -> Vec<(PathBuf, &'static str)> {
     files.push((config.server.key.clone(), "server private key"));
     if let Some(admin) = &config.admin {
         files.push((admin.key.clone(), "admin listener's private key"));
+    }
+    if let Some(key) = &config.store.key {
+        files.push((key.clone(), "etcd client private key"));
     }
     files
 }

@@ -31,7 +31,7 @@ use crate::hsm::{self, Hsm, HsmError, HsmOptions};
 use crate::policy::Policy;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::secret_service_server::SecretServiceServer;
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// The smallest cap on a decoded request message.
 pub const TRANSPORT_MESSAGE_CAP: usize = 4 * 1024 * 1024;
@@ -174,11 +174,7 @@ impl Server {
         let hsm_timeout = Duration::from_millis(config.hsm.request_timeout_ms);
         // The store commits its records under a key only the token can give (rollback.rs).
         let state_key = rollback::state_key(&hsm, hsm_timeout).await?;
-        let store = SledStore::open_with_cache(
-            &config.store.path,
-            config.store.cache_capacity_mb,
-            state_key,
-        )?;
+        let store = crate::store::open(&config.store, config.limits.max_value_bytes, state_key)?;
         let audit = if config.audit.dangerous_disable_audit {
             tracing::warn!(
                 "DANGEROUS: audit.dangerous_disable_audit is on: no durable audit trail"
@@ -219,7 +215,7 @@ impl Server {
         );
         let state = Arc::new(State {
             hsm,
-            store: Arc::new(store),
+            store,
             policy: RwLock::new(Arc::new(Policy::default())),
             tampered_policies: RwLock::new(Vec::new()),
             limits: config.limits,
@@ -454,12 +450,14 @@ async fn health_watch(state: Arc<State>) {
     }
 }
 
-/// Reports SERVING when the token holds a master key and the audit log is writable.
+/// Reports SERVING when the token holds a master key, the audit log is writable and the
+/// store's backend answers (etcd).
 pub(crate) async fn update_health(state: &State) {
     let _one_at_a_time = state.health_update.lock().await;
     let serving = state.hsm.state() == crate::hsm::HsmState::Ready
         && state.hsm.current_master_key().is_some()
         && state.audit.healthy()
+        && state.store.available()
         && rollback::ensure_trusted(state).is_ok();
     let status = if serving {
         ServingStatus::Serving

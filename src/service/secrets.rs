@@ -411,28 +411,15 @@ async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecr
     {
         return Err(Error::NotFound);
     }
-    let record = read_inline(state, |s| {
-        let version = if req.version == 0 {
-            match s.head(&name)? {
-                Some(h) if h.live() > 0 => h.live(),
-                _ => return Ok(None),
-            }
-        } else {
-            req.version
-        };
-        let record = s.get(&name, version)?;
-        if record.is_none()
-            && s.head(&name)?
-                .is_some_and(|h| !h.deleted && version <= h.latest)
-        {
-            // The head says this version exists: its record was lost, not deleted.
-            return Err(StoreError::Corrupt {
-                key: format!("{name} v{version}"),
-                reason: "the record of a live version is missing".into(),
-            });
-        }
-        Ok(record)
-    })?
+    let wanted = req.version;
+    // Inline only where a read never waits on the network (sled); etcd's reads go through
+    // the blocking pool, so a slow or absent etcd never holds a runtime thread.
+    let record = if state.store.reads_are_local() {
+        read_inline(state, |s| lookup(s, &name, wanted))?
+    } else {
+        let name = name.clone();
+        blocking(state, move |s| lookup(s, &name, wanted)).await?
+    }
     .ok_or(Error::NotFound)?;
 
     let version = record.version;
@@ -450,6 +437,34 @@ async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecr
         created_at_unix: record.created_at_unix,
         expires_at_unix: record.expires_at_unix,
     })
+}
+
+/// The record GetSecret answers with: `version`, or the latest live one for 0.
+fn lookup(
+    s: &dyn crate::store::Store,
+    name: &SecretName,
+    version: u64,
+) -> Result<Option<SealedRecord>, StoreError> {
+    let version = if version == 0 {
+        match s.head(name)? {
+            Some(h) if h.live() > 0 => h.live(),
+            _ => return Ok(None),
+        }
+    } else {
+        version
+    };
+    let record = s.get(name, version)?;
+    if record.is_none()
+        && s.head(name)?
+            .is_some_and(|h| !h.deleted && version <= h.latest)
+    {
+        // The head says this version exists: its record was lost, not deleted.
+        return Err(StoreError::Corrupt {
+            key: format!("{name} v{version}"),
+            reason: "the record of a live version is missing".into(),
+        });
+    }
+    Ok(record)
 }
 
 async fn describe(

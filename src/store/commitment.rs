@@ -8,14 +8,52 @@
 //! token's store MAC key, never stored) nobody can compute an element, so nobody can make
 //! the sum match a state the service did not write (a keyed additive multiset hash).
 //!
+//! Elements are defined over one key layout for every backend, sled's (see
+//! [`SledStore`](super::SledStore)): `h` + name, `r` + name + `\0` + version (8 bytes
+//! big-endian), `w` + master key version (4 bytes big-endian), `p`/`a`/`m` + key. Other
+//! backends map their keys to it, so the same records give the same commitment on any
+//! backend. A version record contributes its key and the fields its AAD does not bind, not
+//! its wrapped key, nonce and ciphertext ([`StateKey::element`]).
+//!
 //! The store also keeps a tag `HMAC(k, 0x02 ‖ domain ‖ store id ‖ epoch ‖ commitment)` beside
 //! the commitment, so neither the epoch nor the commitment can be edited on their own.
 
+use prost::Message;
 use ring::hmac;
 use zeroize::Zeroizing;
 
+use crate::secret::SealedRecord;
+
 /// Domain of the frame tag.
 const FRAME_DOMAIN: &[u8] = b"strongroom/store-state/v1\0";
+
+/// The first byte of a version record's key in the common layout.
+pub(crate) const RECORD_KIND: u8 = b'r';
+/// The first byte of bookkeeping keys (the frame's among them) in the common layout.
+pub(crate) const META_KIND: u8 = b'm';
+/// Meta keys of the frame: the store's random identity, its write counter, and its
+/// commitment with the tag. The only keys the commitment does not cover.
+pub(crate) const STORE_ID: &str = "store-id";
+/// See [`STORE_ID`].
+pub(crate) const EPOCH: &str = "epoch";
+/// See [`STORE_ID`].
+pub(crate) const STATE: &str = "state";
+
+/// Whether `key` (common layout) is part of the frame.
+pub(crate) fn is_frame_key(key: &[u8]) -> bool {
+    key.first() == Some(&META_KIND)
+        && [STORE_ID, EPOCH, STATE]
+            .iter()
+            .any(|f| &key[1..] == f.as_bytes())
+}
+
+/// The stored form of the commitment and its tag: 32 bytes each.
+pub(crate) fn frame_value(c: &Commitment, tag: &[u8; 32]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.extend_from_slice(&c.0);
+    v.extend_from_slice(tag);
+    v
+}
 
 /// The key the store hashes its records under. No `Debug`, no `Clone`; the bytes it was made
 /// from are zeroized when the caller drops them (ring keeps its own copy).
@@ -27,8 +65,28 @@ impl StateKey {
         Self(hmac::Key::new(hmac::HMAC_SHA256, bytes.as_ref()))
     }
 
-    /// The element of one stored key/value pair.
+    /// The element of one committed pair, `key` in the common layout. A version record
+    /// contributes its key and the fields its AAD does not bind (creation time and creator,
+    /// expiry, mechanism), not its wrapped key, nonce and ciphertext: damage there is the
+    /// AAD's to catch, and costs that one record (DATA_LOSS), not the whole store. A record
+    /// that no longer decodes contributes its raw bytes, so it shows as a changed state.
     pub(crate) fn element(&self, key: &[u8], value: &[u8]) -> Commitment {
+        if key.first() == Some(&RECORD_KIND)
+            && let Ok(r) = SealedRecord::decode(value)
+        {
+            let committed = SealedRecord {
+                wrapped_dek: Vec::new(),
+                nonce: Vec::new(),
+                ciphertext: Vec::new(),
+                ..r
+            };
+            return self.pair_element(key, &committed.encode_to_vec());
+        }
+        self.pair_element(key, value)
+    }
+
+    /// The element of one key/value pair as bytes.
+    fn pair_element(&self, key: &[u8], value: &[u8]) -> Commitment {
         let mut ctx = hmac::Context::with_key(&self.0);
         ctx.update(&[1]);
         // Keys are at most a few KiB (names are bounded), so the length fits.
@@ -54,6 +112,32 @@ impl StateKey {
         tag: &[u8],
     ) -> bool {
         hmac::verify(&self.0, &frame_input(store_id, epoch, c), tag).is_ok()
+    }
+}
+
+/// The commitment and its status from the stored frame value (absent: `Missing`), checked
+/// against the identity and epoch stored beside it.
+pub(crate) fn parse_frame(
+    key: &StateKey,
+    store_id: &str,
+    epoch: u64,
+    stored: Option<&[u8]>,
+) -> (Commitment, super::FrameStatus) {
+    use super::FrameStatus;
+    match stored {
+        None => (Commitment::EMPTY, FrameStatus::Missing),
+        Some(v) if v.len() == 64 => {
+            let mut c = [0u8; 32];
+            c.copy_from_slice(&v[..32]);
+            let c = Commitment(c);
+            let status = if key.frame_tag_ok(store_id, epoch, &c, &v[32..]) {
+                FrameStatus::Valid
+            } else {
+                FrameStatus::Forged
+            };
+            (c, status)
+        }
+        Some(_) => (Commitment::EMPTY, FrameStatus::Forged),
     }
 }
 
@@ -159,13 +243,48 @@ mod tests {
         StateKey::new(&Zeroizing::new([b; 32]))
     }
 
+    fn record(ciphertext: u8) -> SealedRecord {
+        SealedRecord {
+            name: "a".into(),
+            version: 1,
+            master_key_version: 1,
+            mechanism: 1,
+            wrapped_dek: vec![ciphertext; 60],
+            nonce: vec![ciphertext; 12],
+            ciphertext: vec![ciphertext; 20],
+            created_at_unix: 5,
+            created_by: "t".into(),
+            expires_at_unix: None,
+        }
+    }
+
+    #[test]
+    fn a_record_contributes_what_its_aad_does_not_bind() {
+        let k = key(7);
+        let rk = b"ra\0\0\0\0\0\0\0\0\x01";
+        let (r1, r2) = (record(1).encode_to_vec(), record(2).encode_to_vec());
+        // Wrapped key, nonce and ciphertext are the AAD's to check.
+        assert_eq!(k.element(rk, &r1), k.element(rk, &r2));
+        // Fields the AAD does not bind are committed.
+        let later = SealedRecord {
+            created_at_unix: 6,
+            ..record(1)
+        };
+        assert_ne!(k.element(rk, &r1), k.element(rk, &later.encode_to_vec()));
+        // Outside records the value is committed whole; a record that does not decode too.
+        assert_ne!(k.element(b"pa", &r1), k.element(b"pa", &r2));
+        assert_ne!(k.element(rk, b"\xff\xff"), k.element(rk, b"\xff\xfe"));
+        assert!(is_frame_key(b"mepoch") && is_frame_key(b"mstate") && is_frame_key(b"mstore-id"));
+        assert!(!is_frame_key(b"mpolicy-seeded") && !is_frame_key(b"pepoch"));
+    }
+
     #[test]
     fn sums_are_order_independent_and_subtraction_undoes_addition() {
         let k = key(7);
         let (a, b, c) = (
-            k.element(b"ha", b"1"),
-            k.element(b"hb", b"2"),
-            k.element(b"hc", b"3"),
+            k.pair_element(b"ha", b"1"),
+            k.pair_element(b"hb", b"2"),
+            k.pair_element(b"hc", b"3"),
         );
         let x = Commitment::EMPTY.add(&a).add(&b).add(&c);
         let y = Commitment::EMPTY.add(&c).add(&a).add(&b);

@@ -1,20 +1,68 @@
 //! The secret store: sealed records and per-name bookkeeping, never plaintext.
 //!
-//! [`Store`] is the seam for other backends (etcd comes later); [`SledStore`] is the
-//! embedded default. Calls may block (writes fsync): the service runs them off the runtime,
-//! except GetSecret's point reads, which cost less than the hand-off (`service::read_inline`).
+//! [`Store`] is the seam between the service and its storage engine: [`SledStore`] is the
+//! embedded default for one node, [`EtcdStore`] keeps the same records in an etcd cluster
+//! (`[store] backend = "etcd"`). Calls may block (writes fsync, etcd calls cross the
+//! network): the service runs them off the runtime, except GetSecret's point reads on a
+//! store whose reads are local ([`Store::reads_are_local`]), which cost less than the
+//! hand-off (`service::read_inline`).
 
 mod commitment;
 mod durable;
+mod etcd_store;
 mod sled_store;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
 pub use commitment::{Commitment, StateKey};
+pub use etcd_store::{EtcdOptions, EtcdStore};
 pub use sled_store::SledStore;
+
+use crate::config::{StoreBackend, StoreConfig};
+use crate::secret::{NamePrefix, SealedRecord, SecretName};
 
 /// sled's page cache when the configuration names none, in MiB (sled's own default).
 pub const DEFAULT_CACHE_MB: u64 = 1024;
 
-use crate::secret::{NamePrefix, SealedRecord, SecretName};
+/// The etcd key namespace when the configuration names none.
+pub const DEFAULT_ETCD_PREFIX: &str = "strongroom/";
+
+/// The deadline of one etcd call when the configuration names none, in milliseconds.
+pub const DEFAULT_ETCD_TIMEOUT_MS: u64 = 2000;
+
+/// Opens the store the configuration selects; records are committed under `key`.
+/// `max_value_bytes` bounds how many records one etcd range may return at once.
+pub fn open(
+    config: &StoreConfig,
+    max_value_bytes: usize,
+    key: StateKey,
+) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match config.backend {
+        StoreBackend::Sled => Arc::new(SledStore::open_with_cache(
+            &config.path,
+            config.cache_capacity_mb,
+            key,
+        )?),
+        StoreBackend::Etcd => {
+            // Validation (config.rs) requires all three with the etcd backend.
+            let file = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
+            Arc::new(EtcdStore::open(
+                EtcdOptions {
+                    endpoints: config.endpoints.clone(),
+                    ca: file(&config.ca),
+                    cert: file(&config.cert),
+                    key: file(&config.key),
+                    prefix: config.prefix.clone(),
+                    timeout: Duration::from_millis(config.etcd_timeout_ms),
+                    max_value_bytes,
+                },
+                key,
+            )?)
+        }
+    })
+}
 
 /// Errors of the store itself (not expected outcomes like a version conflict).
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +93,13 @@ pub enum StoreError {
     /// The write lock was poisoned by a panic in another writer.
     #[error("the store's write lock is poisoned")]
     Poisoned,
+    /// etcd did not answer within `store.etcd_timeout_ms`, or could not be reached.
+    #[error("etcd is unreachable: {0}")]
+    Unreachable(String),
+    /// etcd answered with an error (e.g. its space quota is exhausted, or a request is
+    /// larger than its `--max-request-bytes`).
+    #[error("etcd refused the call: {0}")]
+    Etcd(String),
 }
 
 /// The current latest version did not match the expected one.
@@ -260,4 +315,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes every write so far durable.
     fn sync(&self) -> Result<(), StoreError>;
+
+    /// Whether a point read is served from this process's memory or disk (sled), so it may
+    /// run on an async runtime thread; `false` when it crosses the network (etcd).
+    fn reads_are_local(&self) -> bool {
+        true
+    }
+
+    /// Whether the backend answered its last call or probe (etcd); health reports
+    /// NOT_SERVING while it does not. An embedded store is always available.
+    fn available(&self) -> bool {
+        true
+    }
 }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prost::Message;
 use sled::{Batch, IVec};
 
+use super::commitment::{EPOCH, STATE, STORE_ID, frame_value, is_frame_key, parse_frame};
 use super::durable::StoreSync;
 use super::{
     Aux, Commitment, FrameStatus, Head, NameRange, Page, StateCheck, StateKey, Store, StoreError,
@@ -37,11 +38,6 @@ const WRAPS: u8 = b'w';
 const POLICY: u8 = b'p';
 const APPROVAL: u8 = b'a';
 const META: u8 = b'm';
-/// Meta keys: the store's random identity and its write counter.
-const STORE_ID: &str = "store-id";
-const EPOCH: &str = "epoch";
-/// Meta key of the state commitment and its tag.
-const STATE: &str = "state";
 /// Keys a verifying scan hashes per step while it holds the write lock.
 const SCAN_STEP: usize = 512;
 
@@ -157,24 +153,8 @@ impl SledStore {
             .map(|v| String::from_utf8_lossy(&v).into_owned())
             .unwrap_or_default();
         let epoch = self.read_epoch()?;
-        let (commitment, status) = match self.db.get(aux_key(Aux::Meta, STATE))? {
-            None => (Commitment::EMPTY, FrameStatus::Missing),
-            Some(v) if v.len() == 64 => {
-                let mut c = [0u8; 32];
-                c.copy_from_slice(&v[..32]);
-                let c = Commitment(c);
-                let ok = self.key.frame_tag_ok(&store_id, epoch, &c, &v[32..]);
-                (
-                    c,
-                    if ok {
-                        FrameStatus::Valid
-                    } else {
-                        FrameStatus::Forged
-                    },
-                )
-            }
-            Some(_) => (Commitment::EMPTY, FrameStatus::Forged),
-        };
+        let stored = self.db.get(aux_key(Aux::Meta, STATE))?;
+        let (commitment, status) = parse_frame(&self.key, &store_id, epoch, stored.as_deref());
         Ok(Frame {
             store_id,
             epoch,
@@ -190,23 +170,8 @@ impl SledStore {
         Ok(Change { key, old, new })
     }
 
-    /// The commitment element of one stored pair. A version record contributes its key and
-    /// the fields its AAD does not bind (creation time and creator, expiry, mechanism), not
-    /// its wrapped key, nonce and ciphertext: damage there is the AAD's to catch, and costs
-    /// that one record (DATA_LOSS), not the whole store. A record that no longer decodes
-    /// contributes its raw bytes, so it shows as a changed state.
+    /// The commitment element of one stored pair (sled's keys are the common layout).
     fn element(&self, key: &[u8], value: &[u8]) -> Commitment {
-        if key.first() == Some(&RECORD)
-            && let Ok(r) = SealedRecord::decode(value)
-        {
-            let committed = SealedRecord {
-                wrapped_dek: Vec::new(),
-                nonce: Vec::new(),
-                ciphertext: Vec::new(),
-                ..r
-            };
-            return self.key.element(key, &committed.encode_to_vec());
-        }
         self.key.element(key, value)
     }
 
@@ -588,7 +553,7 @@ impl Store for SledStore {
                 frame: FrameStatus::Valid,
             })
         })?;
-        self.db.flush()?;
+        self.flush()?;
         Ok(state)
     }
 
@@ -670,20 +635,6 @@ fn aux_tag(ns: Aux) -> u8 {
         Aux::Approval => APPROVAL,
         Aux::Meta => META,
     }
-}
-
-/// Whether `key` is part of the frame (identity, epoch, commitment), the only keys the
-/// commitment does not cover.
-fn is_frame_key(key: &[u8]) -> bool {
-    key.first() == Some(&META)
-        && matches!(&key[1..], k if k == STORE_ID.as_bytes() || k == EPOCH.as_bytes() || k == STATE.as_bytes())
-}
-
-fn frame_value(c: &Commitment, tag: &[u8; 32]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64);
-    v.extend_from_slice(&c.0);
-    v.extend_from_slice(tag);
-    v
 }
 
 fn aux_key(ns: Aux, key: &str) -> Vec<u8> {

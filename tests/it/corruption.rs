@@ -558,6 +558,9 @@ fn flip_in_db(store: &Path, bytes: &[u8], newest_only: bool) -> (usize, usize) {
 /// `STRONGROOM_CORRUPTION_SWEEP` sets how many records get single-copy flips (default 3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_bytes_in_a_stored_record_never_yield_wrong_data() {
+    if crate::common::skip_on_etcd("it flips bytes in sled's files") {
+        return;
+    }
     let mut outcomes = Vec::new();
 
     let env = TestEnv::new();
@@ -639,6 +642,9 @@ async fn flipped_bytes_in_a_stored_record_never_yield_wrong_data() {
 /// (b) sled's files cut short at several points.
 #[tokio::test]
 async fn truncated_store_files_never_yield_wrong_data_or_hang() {
+    if crate::common::skip_on_etcd("it truncates sled's files") {
+        return;
+    }
     let env = TestEnv::new();
     let written = populated(&env, 20, 0).await;
     let pristine = Pristine::save(&env);
@@ -696,6 +702,9 @@ async fn truncated_store_files_never_yield_wrong_data_or_hang() {
 /// nothing of the value; the untouched secrets still read; the service stays up.
 #[tokio::test]
 async fn records_edited_through_sled_fail_closed() {
+    if crate::common::skip_on_etcd("it edits records through sled") {
+        return;
+    }
     type Edit = fn(&mut SealedRecordV1);
     let edits: Vec<(&str, Edit, Code)> = vec![
         (

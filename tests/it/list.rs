@@ -3,8 +3,6 @@
 //! call, with page tokens only this service can make. Work is measured through the admin
 //! plane's count of keys examined (`StatusResponse.list_keys_examined`), never through time.
 
-use std::path::Path;
-
 use base64::Engine as _;
 use prost::Message;
 use tonic::Code;
@@ -39,17 +37,25 @@ fn put(name: &str) -> PutSecretRequest {
 /// src/store/sled_store.rs), which is all a listing reads; these names cannot be read.
 /// The token holds no epoch checkpoint for a store it has never seen, so the service accepts
 /// it as it is (src/service/rollback.rs).
-fn fill(store: &Path, names: impl IntoIterator<Item = (String, bool)>) {
-    let db = sled::Config::new().path(store).open().unwrap();
-    let mut batch = sled::Batch::default();
-    for (name, deleted) in names {
+fn fill(env: &TestEnv, names: impl IntoIterator<Item = (String, bool)>) {
+    let heads = names.into_iter().map(|(name, deleted)| {
         let head = HeadV1 {
             latest_version: 1,
             deleted,
         };
+        (name, head.encode_to_vec())
+    });
+    if let Some(etcd) = &env.etcd {
+        // The etcd backend's head keys (src/store/etcd_store.rs).
+        etcd.put_all(heads.map(|(name, head)| (format!("strongroom/h/{name}").into_bytes(), head)));
+        return;
+    }
+    let db = sled::Config::new().path(&env.store).open().unwrap();
+    let mut batch = sled::Batch::default();
+    for (name, head) in heads {
         let mut key = vec![b'h'];
         key.extend_from_slice(name.as_bytes());
-        batch.insert(key, head.encode_to_vec());
+        batch.insert(key, head);
     }
     db.apply_batch(batch).unwrap();
     db.flush().unwrap();
@@ -201,7 +207,7 @@ async fn forged_page_tokens_are_refused_and_issued_ones_survive_a_restart() {
 async fn a_caller_without_list_rights_gets_its_answer_without_a_scan() {
     let env = TestEnv::new();
     fill(
-        &env.store,
+        &env,
         (0..100_000).map(|i| (format!("bulk/{:02}/{i:06}", i % 97), false)),
     );
     let server = start(&env, POLICY, "");
@@ -255,7 +261,7 @@ async fn a_grant_on_part_of_the_prefix_examines_only_that_part() {
     let env = TestEnv::new();
     let mine: Vec<String> = (0..500).map(|i| format!("payments/p/{i:04}")).collect();
     fill(
-        &env.store,
+        &env,
         (0..100_000)
             .map(|i| (format!("bulk/{i:06}"), false))
             // Names that share payments' bytes but not its segment.
@@ -325,7 +331,7 @@ capabilities = ["list"]
         .map(|(n, _)| n.clone())
         .collect();
     want.sort();
-    fill(&env.store, names);
+    fill(&env, names);
     let server = start(&env, policy, "[limits]\nmax_list_scan = 40\n");
     let mut payments = server.client("payments").await;
 

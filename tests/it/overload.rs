@@ -318,10 +318,11 @@ async fn mixed_load_gets_right_answers_and_memory_stays_bounded() {
         r.unwrap();
     }
     server.stop();
-    let store_bytes: u64 = crate::common::files_under(&env.store)
-        .iter()
-        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
-        .sum();
+    let store_bytes: u64 =
+        crate::common::files_under(env.etcd.as_ref().map_or(&env.store, |e| &e.data))
+            .iter()
+            .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+            .sum();
     println!(
         "load: the store holds {} MiB on disk after the run",
         store_bytes / (1024 * 1024)

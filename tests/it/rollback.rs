@@ -1,6 +1,10 @@
 //! Rollback: replacing the store's files with an older copy is detected through the epoch the
 //! token remembers, and putting back, removing or adding any single record through the state
 //! commitment; either is reported to officers, and no secret is served until they accept it.
+//!
+//! The edits are made behind the stopped service's back in whatever holds the store: sled's
+//! files, or, when the suite runs on etcd, the test's etcd through its own client (the same
+//! records in etcd's key layout).
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +37,42 @@ fn get(name: &str) -> GetSecretRequest {
     }
 }
 
+/// A copy of the stopped service's store: sled's directory, or every key under the etcd
+/// prefix (as a restored etcd backup would hold them).
+enum Backup {
+    Dir(std::path::PathBuf),
+    Keys(Vec<(Vec<u8>, Vec<u8>)>),
+}
+
+fn backup_store(env: &TestEnv) -> Backup {
+    match &env.etcd {
+        Some(etcd) => Backup::Keys(etcd.read_prefix(ETCD_PREFIX)),
+        None => {
+            let backup = env.dir.path().join("store-backup");
+            copy_dir(&env.store, &backup);
+            Backup::Dir(backup)
+        }
+    }
+}
+
+/// Puts a copy back in place of the stopped service's store.
+fn restore_store(env: &TestEnv, backup: &Backup) {
+    match (backup, &env.etcd) {
+        (Backup::Keys(keys), Some(etcd)) => {
+            etcd.delete_prefix(ETCD_PREFIX);
+            etcd.put_all(keys.clone());
+        }
+        (Backup::Dir(dir), None) => {
+            std::fs::remove_dir_all(&env.store).unwrap();
+            copy_dir(dir, &env.store);
+        }
+        _ => unreachable!("a backup of another backend"),
+    }
+}
+
+/// The key prefix of the service's etcd store (`store.prefix`'s default).
+const ETCD_PREFIX: &[u8] = b"strongroom/";
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     for f in files_under(from) {
         let rel = f.strip_prefix(from).unwrap();
@@ -54,8 +94,7 @@ async fn an_older_copy_of_the_store_is_refused_until_officers_accept_it() {
     server.stop();
 
     // A backup of the store as it is now.
-    let backup = env.dir.path().join("store-backup");
-    copy_dir(&env.store, &backup);
+    let backup = backup_store(&env);
 
     // The secret is rotated after the backup.
     let server = env.start_admin();
@@ -67,8 +106,7 @@ async fn an_older_copy_of_the_store_is_refused_until_officers_accept_it() {
     server.stop();
 
     // Someone with access to the files puts the backup back.
-    std::fs::remove_dir_all(&env.store).unwrap();
-    copy_dir(&backup, &env.store);
+    restore_store(&env, &backup);
 
     let server = env.start_admin();
     let mut c = server.client("payments").await;
@@ -131,8 +169,11 @@ async fn the_current_store_passes_its_rollback_check_across_restarts() {
     }
 }
 
-/// Reads keys of the stopped service's store through sled.
-fn sled_read(env: &TestEnv, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// Reads keys of the stopped service's store under `prefix` (see [`key`]).
+fn store_read(env: &TestEnv, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    if let Some(etcd) = &env.etcd {
+        return etcd.read_prefix(prefix);
+    }
     let db = sled::open(&env.store).unwrap();
     db.scan_prefix(prefix)
         .map(|kv| {
@@ -142,8 +183,11 @@ fn sled_read(env: &TestEnv, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
-/// Writes (or, for `None`, removes) keys in the stopped service's store through sled.
-fn sled_write(env: &TestEnv, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
+/// Writes (or, for `None`, removes) keys in the stopped service's store.
+fn store_write(env: &TestEnv, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
+    if let Some(etcd) = &env.etcd {
+        return etcd.write_raw(changes);
+    }
     let db = sled::open(&env.store).unwrap();
     for (k, v) in changes {
         match v {
@@ -154,12 +198,21 @@ fn sled_write(env: &TestEnv, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
     db.flush().unwrap();
 }
 
-fn head_key(name: &str) -> Vec<u8> {
-    [b"h".as_slice(), name.as_bytes()].concat()
+/// A key of the store by kind (`h`, `r`, `p`, `m`...) and what follows it, in the layout of
+/// the backend the suite runs on: sled's `kind rest`, etcd's `strongroom/kind/rest`.
+fn key(env: &TestEnv, kind: char, rest: &str) -> Vec<u8> {
+    match env.etcd {
+        Some(_) => format!("strongroom/{kind}/{rest}").into_bytes(),
+        None => format!("{kind}{rest}").into_bytes(),
+    }
 }
 
-fn records_prefix(name: &str) -> Vec<u8> {
-    [b"r".as_slice(), name.as_bytes(), b"\0"].concat()
+fn head_key(env: &TestEnv, name: &str) -> Vec<u8> {
+    key(env, 'h', name)
+}
+
+fn records_prefix(env: &TestEnv, name: &str) -> Vec<u8> {
+    key(env, 'r', &format!("{name}\0"))
 }
 
 type Admin = AdminServiceClient<tonic::transport::Channel>;
@@ -235,8 +288,8 @@ async fn a_deleted_secrets_head_and_versions_put_back_are_flagged() {
     c.put_secret(put("payments/stays", b"v")).await.unwrap();
     drop(c);
     server.stop();
-    let mut saved = sled_read(&env, &head_key("payments/gone"));
-    saved.extend(sled_read(&env, &records_prefix("payments/gone")));
+    let mut saved = store_read(&env, &head_key(&env, "payments/gone"));
+    saved.extend(store_read(&env, &records_prefix(&env, "payments/gone")));
     assert_eq!(saved.len(), 3);
 
     let server = env.start_admin();
@@ -245,7 +298,7 @@ async fn a_deleted_secrets_head_and_versions_put_back_are_flagged() {
 
     // The deleted secret's head and versions, put back as they were, genuine bytes.
     let back: Vec<_> = saved.into_iter().map(|(k, v)| (k, Some(v))).collect();
-    sled_write(&env, &back);
+    store_write(&env, &back);
     let server = env.start_admin();
     assert_flagged(&server, "payments/stays", MISMATCH).await;
     assert_flagged(&server, "payments/gone", MISMATCH).await;
@@ -273,7 +326,7 @@ async fn an_older_version_of_one_head_put_back_is_flagged() {
     c.put_secret(put("payments/key", b"v1")).await.unwrap();
     drop(c);
     server.stop();
-    let old_head = sled_read(&env, &head_key("payments/key"));
+    let old_head = store_read(&env, &head_key(&env, "payments/key"));
 
     let server = env.start_admin();
     let mut c = server.client("payments").await;
@@ -282,9 +335,9 @@ async fn an_older_version_of_one_head_put_back_is_flagged() {
     server.stop();
 
     // The head says version 1 is the latest again (version 2's record stays).
-    sled_write(
+    store_write(
         &env,
-        &[(head_key("payments/key"), Some(old_head[0].1.clone()))],
+        &[(head_key(&env, "payments/key"), Some(old_head[0].1.clone()))],
     );
     let server = env.start_admin();
     assert_flagged(&server, "payments/key", MISMATCH).await;
@@ -322,7 +375,7 @@ async fn an_older_policy_revision_put_back_is_flagged() {
     put_policy(&server, "hr", STRANGER_HR).await;
     server.stop();
     // Revision 1, with its genuine MAC: it grants stranger hr.
-    let granting = sled_read(&env, b"phr");
+    let granting = store_read(&env, &key(&env, 'p', "hr"));
     assert_eq!(granting.len(), 1);
 
     let server = env.start_admin();
@@ -332,7 +385,7 @@ async fn an_older_policy_revision_put_back_is_flagged() {
     drop(stranger);
     server.stop();
 
-    sled_write(&env, &[(b"phr".to_vec(), Some(granting[0].1.clone()))]);
+    store_write(&env, &[(key(&env, 'p', "hr"), Some(granting[0].1.clone()))]);
     let server = env.start_admin();
     assert_flagged(&server, "payments/x", MISMATCH).await;
     let mut stranger = server.client("stranger").await;
@@ -370,7 +423,7 @@ async fn removing_the_seeded_marker_is_flagged_and_never_brings_the_seeded_rules
     );
     server.stop();
 
-    sled_write(&env, &[(b"mpolicy-seeded".to_vec(), None)]);
+    store_write(&env, &[(key(&env, 'm', "policy-seeded"), None)]);
     let server = env.start_admin();
     assert_flagged(&server, "payments/key", MISMATCH).await;
     // Even once officers accept the store as it is, the rules stay deleted.
@@ -404,8 +457,7 @@ async fn an_older_copy_with_its_epoch_raised_is_flagged() {
     c.put_secret(put("payments/key", b"old")).await.unwrap();
     drop(c);
     server.stop();
-    let backup = env.dir.path().join("store-backup");
-    copy_dir(&env.store, &backup);
+    let backup = backup_store(&env);
 
     let server = env.start_admin();
     let mut c = server.client("payments").await;
@@ -414,12 +466,11 @@ async fn an_older_copy_with_its_epoch_raised_is_flagged() {
     server.stop();
 
     // The backup put back, with its write counter raised past the token's.
-    std::fs::remove_dir_all(&env.store).unwrap();
-    copy_dir(&backup, &env.store);
-    sled_write(
+    restore_store(&env, &backup);
+    store_write(
         &env,
         &[(
-            b"mepoch".to_vec(),
+            key(&env, 'm', "epoch"),
             Some(1_000_000u64.to_be_bytes().to_vec()),
         )],
     );
