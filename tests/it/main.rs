@@ -13,6 +13,7 @@ mod badinput;
 mod cli;
 mod corruption;
 mod crash;
+mod failover;
 mod faults;
 mod frontdoor;
 mod invariants;
