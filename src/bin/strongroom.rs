@@ -1,7 +1,9 @@
 //! `strongroom`: the client command line.
 //!
 //! Exit codes as Vault's: 0 success, 1 local or usage error, 2 server-side error. Values are
-//! read from stdin or `@file`, never from the command line.
+//! read from stdin or `@file`, never from the command line. `--addr` may name several
+//! endpoints, comma-separated; calls go through [`strongroom::client::Client`] and fail over
+//! by its rules.
 
 #![forbid(unsafe_code)]
 
