@@ -28,6 +28,8 @@
 //! - [`config`]: typed configuration; [`files`]: private files (PIN file, keys) closed to
 //!   group and others.
 //! - [`explain`]: TLS and connection failures in words, for the command-line tools.
+//! - [`client`]: a typed SecretService client over several endpoints that fails over
+//!   (idempotent calls on `UNAVAILABLE` and broken connections; writes only when not sent).
 //!
 //! # The path of one GetSecret
 //!
@@ -43,6 +45,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod durable;

@@ -1,7 +1,9 @@
 //! `strongroom`: the client command line.
 //!
 //! Exit codes as Vault's: 0 success, 1 local or usage error, 2 server-side error. Values are
-//! read from stdin or `@file`, never from the command line.
+//! read from stdin or `@file`, never from the command line. `--addr` may name several
+//! endpoints, comma-separated; calls go through [`strongroom::client::Client`] and fail over
+//! by its rules.
 
 #![forbid(unsafe_code)]
 
@@ -12,21 +14,17 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use strongroom::explain::{Plane, Target};
-use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{
-    DeleteSecretRequest, DescribeSecretRequest, GetSecretRequest, ListSecretsRequest,
-    PutSecretRequest,
-};
+use strongroom::client::{Attempt, AttemptFailure, Client, ClientError, ClientTls, PutOptions};
+use strongroom::secret::SecretValue;
 
 /// Client for the strongroom secret service.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Service address.
+    /// Service addresses, comma-separated (replicas): idempotent calls move to the next
+    /// when one is unavailable.
     #[arg(
         long,
         env = "STRONGROOM_ADDR",
@@ -129,6 +127,8 @@ enum Failure {
     Server(tonic::Status),
     /// The server could not be reached or refused the connection, in words: exit 2.
     Remote(String),
+    /// A call failed; [`explain_failure`] sorts it into one of the above.
+    Client(ClientError),
 }
 
 fn main() -> ExitCode {
@@ -168,6 +168,10 @@ fn main() -> ExitCode {
             eprintln!("error: {msg}");
             ExitCode::from(2)
         }
+        Err(Failure::Client(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -177,35 +181,86 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Put { source, .. } => Some(read_value(source.as_deref())?),
         _ => None,
     };
-    let target = target(&cli)?;
-    let client = connect(&target).await?;
-    match execute(cli, client, value).await {
-        Err(Failure::Server(status)) => Err(explain_status(status, target).await),
+    let client = client(&cli)?;
+    match execute(cli, &client, value).await {
+        Err(Failure::Client(e)) => Err(explain_failure(e).await),
         other => other,
     }
 }
 
-/// A failed RPC: the connection's failure in words, or the service's answer as it is.
-async fn explain_status(status: tonic::Status, target: Target) -> Failure {
+/// A failed call in words: the service's answer as it is; with one endpoint, its failure
+/// as the tools have always explained it; with several, each endpoint's failure briefly.
+async fn explain_failure(err: ClientError) -> Failure {
+    match err {
+        ClientError::Local(m) => Failure::Local(m),
+        ClientError::Status(status) => Failure::Server(status),
+        ClientError::Unreachable(mut attempts) if attempts.len() == 1 => {
+            match attempt_words(attempts.remove(0)).await {
+                Ok(words) => Failure::Remote(words),
+                Err(status) => Failure::Server(status),
+            }
+        }
+        ClientError::Unreachable(attempts) => {
+            let mut briefs = Vec::with_capacity(attempts.len());
+            let mut advice: Vec<String> = Vec::new();
+            for a in attempts {
+                let words = attempt_words(a)
+                    .await
+                    .unwrap_or_else(|s| format!("{:?}: {}", s.code(), s.message()));
+                let (brief, rest) = match words.split_once(". ") {
+                    Some((b, r)) => (b.to_owned(), r.to_owned()),
+                    None => (words, String::new()),
+                };
+                briefs.push(brief);
+                if !rest.is_empty() && !advice.contains(&rest) {
+                    advice.push(rest);
+                }
+            }
+            let mut text = format!(
+                "every endpoint failed ({} tried): {}",
+                briefs.len(),
+                briefs.join("; ")
+            );
+            if advice.len() == 1 {
+                text.push_str(". ");
+                text.push_str(&advice[0]);
+            }
+            Failure::Remote(text)
+        }
+        ClientError::OutcomeUnknown(attempt) => {
+            let words = attempt_words(*attempt)
+                .await
+                .unwrap_or_else(|s| format!("{:?}: {}", s.code(), s.message()));
+            Failure::Remote(format!("{words}; {}", strongroom::client::OUTCOME_UNKNOWN))
+        }
+    }
+}
+
+/// One endpoint's failure in words, or the service's own answer (`UNAVAILABLE`).
+async fn attempt_words(attempt: Attempt) -> Result<String, tonic::Status> {
+    let AttemptFailure::Call(status) = &attempt.failure else {
+        return Ok(attempt.words());
+    };
+    if std::error::Error::source(status).is_none() {
+        return Err(status.clone());
+    }
     // The explanation may probe the server with a blocking handshake.
-    let explained = tokio::task::spawn_blocking(move || {
-        let words = strongroom::explain::rpc_failure(&status, &target);
-        (status, words)
-    })
-    .await;
+    let status = status.clone();
+    let target = attempt.target.clone();
+    let explained =
+        tokio::task::spawn_blocking(move || strongroom::explain::rpc_failure(&status, &target))
+            .await;
     match explained {
-        Ok((_, Some(words))) => Failure::Remote(words),
-        Ok((status, None)) => Failure::Server(status),
-        Err(e) => Failure::Local(format!("cannot explain the failure: {e}")),
+        Ok(Some(words)) => Ok(words),
+        _ => Ok(attempt.words()),
     }
 }
 
 async fn execute(
     cli: Cli,
-    mut client: SecretServiceClient<Channel>,
+    client: &Client,
     value: Option<Zeroizing<Vec<u8>>>,
 ) -> Result<(), Failure> {
-    let deadline = Duration::from_secs(cli.timeout);
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Put {
@@ -215,20 +270,18 @@ async fn execute(
             ..
         } => {
             let expires_at_unix = ttl.map(|t| unix_now().saturating_add(t as i64));
-            let mut value = value.unwrap_or_default();
+            let value = SecretValue::new(value.unwrap_or_default());
             let resp = client
-                .put_secret(req(
-                    deadline,
-                    PutSecretRequest {
-                        name: name.clone(),
-                        value: std::mem::take(&mut *value),
+                .put(
+                    &name,
+                    &value,
+                    PutOptions {
                         expected_version,
                         expires_at_unix,
                     },
-                ))
+                )
                 .await
-                .map_err(Failure::Server)?
-                .into_inner();
+                .map_err(Failure::Client)?;
             emit(
                 &mut out,
                 cli.format,
@@ -245,19 +298,12 @@ async fn execute(
             field,
         } => {
             let resp = client
-                .get_secret(req(
-                    deadline,
-                    GetSecretRequest {
-                        name,
-                        version: version.unwrap_or(0),
-                    },
-                ))
+                .get(&name, version.unwrap_or(0))
                 .await
-                .map_err(Failure::Server)?
-                .into_inner();
-            let value = Zeroizing::new(resp.value);
+                .map_err(Failure::Client)?;
+            let value = resp.value.expose();
             match field.as_deref() {
-                Some("value") => out.write_all(&value).map_err(io)?,
+                Some("value") => out.write_all(value).map_err(io)?,
                 Some("version") => writeln!(out, "{}", resp.version).map_err(io)?,
                 Some(other) => {
                     return Err(Failure::Local(format!(
@@ -265,11 +311,11 @@ async fn execute(
                     )));
                 }
                 None => {
-                    let shown = match std::str::from_utf8(&value) {
+                    let shown = match std::str::from_utf8(value) {
                         Ok(s) => json!(s),
-                        Err(_) => json!({"base64": base64(&value)}),
+                        Err(_) => json!({"base64": base64(value)}),
                     };
-                    let text = match std::str::from_utf8(&value) {
+                    let text = match std::str::from_utf8(value) {
                         Ok(s) => s.to_owned(),
                         Err(_) => format!("<{} bytes, not UTF-8; use --field value>", value.len()),
                     };
@@ -288,11 +334,7 @@ async fn execute(
             Ok(())
         }
         Command::Describe { name } => {
-            let resp = client
-                .describe_secret(req(deadline, DescribeSecretRequest { name }))
-                .await
-                .map_err(Failure::Server)?
-                .into_inner();
+            let resp = client.describe(&name).await.map_err(Failure::Client)?;
             if cli.format == Format::Json {
                 let versions: Vec<_> = resp
                     .versions
@@ -345,17 +387,9 @@ async fn execute(
             let mut names = Vec::new();
             loop {
                 let resp = client
-                    .list_secrets(req(
-                        deadline,
-                        ListSecretsRequest {
-                            prefix: prefix.clone(),
-                            page_size,
-                            page_token: page_token.clone(),
-                        },
-                    ))
+                    .list(&prefix, page_size, &page_token)
                     .await
-                    .map_err(Failure::Server)?
-                    .into_inner();
+                    .map_err(Failure::Client)?;
                 names.extend(resp.names);
                 page_token = resp.next_page_token;
                 if !all || page_token.is_empty() {
@@ -377,11 +411,7 @@ async fn execute(
             Ok(())
         }
         Command::Delete { name } => {
-            let resp = client
-                .delete_secret(req(deadline, DeleteSecretRequest { name: name.clone() }))
-                .await
-                .map_err(Failure::Server)?
-                .into_inner();
+            let resp = client.delete(&name).await.map_err(Failure::Client)?;
             emit(
                 &mut out,
                 cli.format,
@@ -393,12 +423,6 @@ async fn execute(
             )
         }
     }
-}
-
-fn req<T>(deadline: Duration, message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.set_timeout(deadline);
-    r
 }
 
 fn read_value(source: Option<&str>) -> Result<Zeroizing<Vec<u8>>, Failure> {
@@ -426,8 +450,9 @@ fn read_value(source: Option<&str>) -> Result<Zeroizing<Vec<u8>>, Failure> {
     Ok(buf)
 }
 
-/// Where to connect and with what; warns if the private key is open to group or others.
-fn target(cli: &Cli) -> Result<Target, Failure> {
+/// The client for the endpoints given (comma-separated); warns if the private key is open
+/// to group or others. Nothing is connected yet.
+fn client(cli: &Cli) -> Result<Client, Failure> {
     let need = |p: &Option<PathBuf>, flag: &str, env: &str| {
         p.clone()
             .ok_or_else(|| Failure::Local(format!("{flag} (or {env}) is required")))
@@ -436,26 +461,28 @@ fn target(cli: &Cli) -> Result<Target, Failure> {
     let cert = need(&cli.cert, "--cert", "STRONGROOM_CLIENT_CERT")?;
     let key = need(&cli.key, "--key", "STRONGROOM_CLIENT_KEY")?;
     strongroom::files::warn_if_loose(&key, "client private key");
-    Ok(Target::new(
-        Plane::Client,
-        &cli.addr,
-        &cacert,
-        Some((&cert, &key)),
-        cli.server_name.as_deref(),
-        Duration::from_secs(cli.timeout),
-    ))
-}
-
-async fn connect(target: &Target) -> Result<SecretServiceClient<Channel>, Failure> {
-    let channel = strongroom::tls::connect(target)
-        .await
-        .map_err(|e| match e {
-            strongroom::tls::ConnectError::Local(m) => Failure::Local(m),
-            strongroom::tls::ConnectError::Remote(m) => Failure::Remote(m),
-        })?;
-    // Room for the largest value a service may be configured to hold.
-    Ok(SecretServiceClient::new(channel)
-        .max_decoding_message_size(strongroom::config::MAX_VALUE_BYTES_CEILING + 1024 * 1024))
+    let endpoints: Vec<String> = cli
+        .addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if endpoints.is_empty() {
+        return Err(Failure::Local(
+            "--addr (or STRONGROOM_ADDR) names no endpoint".into(),
+        ));
+    }
+    let tls = ClientTls {
+        server_ca: cacert,
+        cert,
+        key,
+        server_name: cli.server_name.clone(),
+    };
+    Client::connect(&endpoints, &tls, Duration::from_secs(cli.timeout)).map_err(|e| match e {
+        ClientError::Local(m) => Failure::Local(m),
+        other => Failure::Local(other.to_string()),
+    })
 }
 
 fn emit(

@@ -14,6 +14,7 @@ mod cli;
 mod corruption;
 mod crash;
 mod etcdstore;
+mod failover;
 mod faults;
 mod frontdoor;
 mod invariants;
