@@ -423,9 +423,14 @@ async fn sigterm_drains_in_flight_writes_and_loses_none() {
             "a write failed before SIGTERM: {code:?} {msg}"
         );
         // A request the service did not take, or a connection it closed: never an answer
-        // that claims something about the data.
+        // that claims something about the data. tonic's client reports a stream its server
+        // refused with HTTP/2 GOAWAY (opened after the server's last stream id, so never
+        // processed) as INTERNAL "h2 protocol error"; the service's own INTERNAL says
+        // "internal error" and stays refused here.
+        let refused_by_goaway = code == Code::Internal && msg.starts_with("h2 protocol error");
         assert!(
-            matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled),
+            matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
+                || refused_by_goaway,
             "a write failed during shutdown with {code:?}: {msg}"
         );
         *failures
