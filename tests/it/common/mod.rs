@@ -690,6 +690,12 @@ pub struct Etcd {
 impl Etcd {
     /// Issues the etcd PKI into `pki` and starts etcd under `dir`, waiting until it serves.
     pub fn start(dir: &Path, pki: &Path) -> Etcd {
+        Self::start_in(dir, pki, &dir.join("etcd"))
+    }
+
+    /// Like [`Etcd::start`], with its data directory at `data` (which may be elsewhere, e.g.
+    /// on the power-cut simulator); the log stays `dir/etcd.log`.
+    pub fn start_in(dir: &Path, pki: &Path, data: &Path) -> Etcd {
         use std::os::unix::fs::PermissionsExt;
         let ca = DevCa::new("test etcd CA").unwrap();
         let server = ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
@@ -710,7 +716,7 @@ impl Etcd {
             };
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         }
-        let data = dir.join("etcd");
+        let data = data.to_path_buf();
         let log = dir.join("etcd.log");
         let mut last = String::new();
         // A port taken between probing and binding: try again with others.
