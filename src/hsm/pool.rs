@@ -67,6 +67,8 @@ pub type WrappedDek = Vec<u8>;
 pub struct Hsm {
     jobs: async_channel::Sender<Job>,
     shared: Arc<Shared>,
+    /// The worker and recovery threads, joined when the pool is dropped.
+    threads: Vec<thread::JoinHandle<()>>,
 }
 
 /// What the token connection is doing.
@@ -191,6 +193,7 @@ impl Hsm {
         shared.reload_keys()?;
 
         let (tx, rx) = async_channel::bounded::<Job>(options.queue_depth.max(1));
+        let mut threads = Vec::with_capacity(workers + 1);
         for i in 0..workers {
             let session = {
                 let ctx = shared.ctx.read().map_err(|_| HsmError::Closed)?;
@@ -202,17 +205,25 @@ impl Hsm {
                 generation: 0,
             };
             let rx = rx.clone();
-            thread::Builder::new()
-                .name(format!("hsm-worker-{i}"))
-                .spawn(move || worker.run(rx, workers))
-                .map_err(HsmError::Thread)?;
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("hsm-worker-{i}"))
+                    .spawn(move || worker.run(rx, workers))
+                    .map_err(HsmError::Thread)?,
+            );
         }
         let recovery = shared.clone();
-        thread::Builder::new()
-            .name("hsm-recovery".into())
-            .spawn(move || recovery.recovery_loop())
-            .map_err(HsmError::Thread)?;
-        Ok(Self { jobs: tx, shared })
+        threads.push(
+            thread::Builder::new()
+                .name("hsm-recovery".into())
+                .spawn(move || recovery.recovery_loop())
+                .map_err(HsmError::Thread)?,
+        );
+        Ok(Self {
+            jobs: tx,
+            shared,
+            threads,
+        })
     }
 
     /// Whether the token is serving or being recovered.
@@ -397,6 +408,17 @@ impl Drop for Hsm {
         self.jobs.close();
         self.shared.closed.store(true, Ordering::Release);
         self.shared.recover_signal.notify_all();
+        // Wait for them, so that no thread of ours still holds the library (its last session
+        // or context) when the process exits: SoftHSM2's exit handlers then tear it down
+        // under that thread, and the process died with SIGSEGV after a clean stop (seen in
+        // CI). A pool dropped on one of its own threads (by a job holding the last handle)
+        // cannot wait for that thread.
+        let me = thread::current().id();
+        for t in self.threads.drain(..) {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
     }
 }
 
