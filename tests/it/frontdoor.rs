@@ -344,9 +344,20 @@ async fn revoked_client_and_officer_certificates_are_refused_and_a_new_crl_takes
             l.contains("TLS handshake refused") && l.contains("Revoked") && l.contains(plane)
         })
     };
-    let log = server.log_text();
-    assert!(revoked(&log, "client"), "{log}");
-    assert!(revoked(&log, "admin"), "{log}");
+    // The server logs after its alert has left, so the client can be told first: wait for
+    // the lines.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = server.log_text();
+        if revoked(&log, "client") && revoked(&log, "admin") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no 'TLS handshake refused … Revoked' line for both planes:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The client tool says so in words.
     let out = crate::common::Output::of(
         r.env
