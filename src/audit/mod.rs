@@ -1,0 +1,319 @@
+//! The audit trail: every access decision, appended to an HMAC-chained JSON-lines file
+//! before the response leaves.
+//!
+//! Each line is one entry; its `mac` is HMAC-SHA256 over the previous entry's MAC followed by
+//! the entry's own bytes (the line without its `mac` field), under a key the token derives
+//! for each segment of 4096 entries from the audit key, which never leaves it (see [`Chain`]).
+//! Editing, removing, reordering or inserting an entry breaks the chain, and forging one needs
+//! the token. Periodically (and at shutdown) the chain head and entry count are recorded as a
+//! checkpoint in the token itself — a private data object that needs the user PIN to change —
+//! so a truncated or rolled-back file is detected too.
+//!
+//! Writes are group-committed: one writer thread, which owns the file, takes every entry
+//! waiting, chains them, writes them and fsyncs once, then acknowledges them all. The token
+//! is asked for a MAC once per segment and for each checkpoint, not once per entry. If the
+//! file cannot be written, every waiting request is refused (fail closed) and health says so.
+//!
+//! The trail's parts, one file each: `writer` (the thread that owns the file and
+//! group-commits), `chain` (how entries are MAC'd; the log's header; the line format),
+//! `checkpoint` (the chain head recorded in the token), `recover` (where an existing log
+//! ends, at start) and `verify` (what `strongroom-admin audit verify` checks).
+
+mod chain;
+mod checkpoint;
+mod recover;
+#[cfg(test)]
+mod tests;
+mod verify;
+mod writer;
+
+pub use chain::{Chain, ChainFormat, Header, SEGMENT_LEN, split_line};
+pub use checkpoint::Checkpoint;
+pub use verify::{Problem, ProblemKind, VerifyReport, read_entries, verify};
+pub use writer::{AuditLog, AuditOptions};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tonic::Code;
+
+use crate::tls::Identity;
+
+/// The length of an entry MAC in bytes.
+pub const MAC_LEN: usize = 32;
+
+/// One access decision, as a request handler reports it. Carries no value, data key or PIN.
+#[derive(Debug, Clone)]
+pub struct AuditEvent<'a> {
+    /// `client` or `admin`.
+    pub plane: &'static str,
+    /// The authenticated caller, if authentication got that far.
+    pub identity: Option<&'a Identity>,
+    /// The RPC.
+    pub operation: &'static str,
+    /// The secret name, prefix, policy name or approval id as requested (may be invalid
+    /// input), bounded for recording.
+    pub name: Option<RecordedName<'a>>,
+    /// The version served or written, if any.
+    pub version: Option<u64>,
+    /// The outcome's status code.
+    pub status: Code,
+    /// The request id.
+    pub request_id: u64,
+    /// Extra context (e.g. the approval an operation created).
+    pub detail: Option<String>,
+}
+
+/// A requested name as the audit log and the process log record it: whole when it is plain
+/// (at most the limit, only bytes some name grammar of the service allows:
+/// `A-Z a-z 0-9 . _ - / *`), which every valid secret name, prefix, policy name and approval
+/// id is; otherwise at most the limit's worth of it plus its length and SHA-256, so that a
+/// caller with no rights cannot make either log grow by more than a bounded amount per call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedName<'a> {
+    /// The name, or for a name that is not plain, its longest prefix (cut on a character
+    /// boundary) whose JSON form is at most the limit's bytes.
+    pub text: &'a str,
+    /// For a name that is not plain: what identifies it whole.
+    pub invalid: Option<InvalidName>,
+}
+
+/// The length and digest of a requested name that is not recorded as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidName {
+    /// Its length in bytes.
+    pub len: u64,
+    /// SHA-256 of its bytes, lowercase hex.
+    pub sha256: String,
+    /// Whether [`RecordedName::text`] is only a prefix of it.
+    pub truncated: bool,
+}
+
+impl<'a> RecordedName<'a> {
+    /// How `name` is recorded when names of up to `limit` bytes are valid.
+    pub fn new(name: &'a str, limit: usize) -> Self {
+        let plain = name.len() <= limit
+            && name.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b'*')
+            });
+        if plain {
+            return Self {
+                text: name,
+                invalid: None,
+            };
+        }
+        let mut json = 0usize;
+        let mut end = 0usize;
+        for (at, c) in name.char_indices() {
+            json += json_len(c);
+            if json > limit {
+                break;
+            }
+            end = at + c.len_utf8();
+        }
+        Self {
+            text: &name[..end],
+            invalid: Some(InvalidName {
+                len: name.len() as u64,
+                sha256: name_sha256(name),
+                truncated: end < name.len(),
+            }),
+        }
+    }
+}
+
+/// SHA-256 of a name, lowercase hex, as `name_sha256` records it.
+pub fn name_sha256(name: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, name.as_bytes()))
+}
+
+/// The bytes `c` takes in a JSON string as serde_json writes it.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\u{8}' | '\u{c}' | '\n' | '\r' | '\t' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// An audit entry as written: the line without its `mac` field. Field order is the byte
+/// order of the line, and so part of what the MAC covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Position in the chain, from 0.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    /// `client`, `admin` or `audit` (the log's own entries).
+    pub plane: String,
+    /// The caller's identity, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The operation.
+    pub operation: String,
+    /// The secret name, prefix, policy name or approval id; for a name that is not plain
+    /// (see [`RecordedName`]), at most the limit's worth of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A name that is not plain: its whole length in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_len: Option<u64>,
+    /// A name that is not plain: the SHA-256 of its whole bytes, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_sha256: Option<String>,
+    /// A name that is not plain and was cut: `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_truncated: Option<bool>,
+    /// The version served or written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// `allow`, `deny` or `error`.
+    pub decision: String,
+    /// The gRPC status code.
+    pub status: String,
+    /// The request id.
+    pub request_id: u64,
+    /// Extra context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A sink could not record an event.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The file could not be written or synced.
+    #[error("cannot write the audit log {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token could not compute the MACs.
+    #[error("cannot MAC audit entries: {0}")]
+    Hsm(#[from] crate::hsm::HsmError),
+    /// The log is behind the token's checkpoint: truncated or rolled back.
+    #[error(
+        "the audit log {path} has {found} entries but the token's checkpoint records {expected}: it was truncated or rolled back; run `strongroom-admin audit verify {path}`, archive it, and start with a new audit.path"
+    )]
+    BehindCheckpoint {
+        /// The file.
+        path: String,
+        /// Entries found.
+        found: u64,
+        /// Entries the checkpoint records.
+        expected: u64,
+    },
+    /// The existing log does not parse.
+    #[error("the audit log {path} is malformed at line {line}: {reason}")]
+    Malformed {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The writer has stopped.
+    #[error("the audit writer has stopped")]
+    Closed,
+}
+
+/// Where the service's audit events go.
+pub enum Auditor {
+    /// The HMAC-chained, durable log: requests wait for their entry.
+    Chained(AuditLog),
+    /// Only the process log (`strongroom::audit` target). For benchmarks measuring the cost
+    /// of auditing; never for production (`audit.dangerous_disable_audit`).
+    DangerousLogOnly,
+}
+
+impl Auditor {
+    /// Records an event; returns once it is durable. An error makes the request fail.
+    /// `expected` is the request's announcement, if it made one.
+    pub async fn record(
+        &self,
+        event: &AuditEvent<'_>,
+        expected: Option<&Expected>,
+    ) -> Result<(), AuditError> {
+        let invalid = event.name.as_ref().and_then(|n| n.invalid.as_ref());
+        tracing::info!(
+            target: "strongroom::audit",
+            plane = event.plane,
+            identity = event.identity.map(Identity::as_str),
+            operation = event.operation,
+            name = event.name.as_ref().map(|n| n.text),
+            name_len = invalid.map(|i| i.len),
+            name_sha256 = invalid.map(|i| i.sha256.as_str()),
+            name_truncated = invalid.and_then(|i| i.truncated.then_some(true)),
+            version = event.version,
+            status = ?event.status,
+            request_id = event.request_id,
+        );
+        match self {
+            Auditor::Chained(log) => log.append(event, expected).await,
+            Auditor::DangerousLogOnly => Ok(()),
+        }
+    }
+
+    /// Whether audit writes are succeeding.
+    pub fn healthy(&self) -> bool {
+        match self {
+            Auditor::Chained(log) => log.healthy(),
+            Auditor::DangerousLogOnly => true,
+        }
+    }
+
+    /// Announces a request whose entry will follow: while it is in its handler, a group
+    /// commit may wait for it (up to the commit window) instead of paying another fsync.
+    /// The entry's [`Auditor::record`] (or dropping the guard) ends the announcement.
+    pub fn announce(&self) -> Expected {
+        let counter = match self {
+            Auditor::Chained(log) => {
+                log.expected.fetch_add(1, Ordering::AcqRel);
+                Some(log.expected.clone())
+            }
+            Auditor::DangerousLogOnly => None,
+        };
+        Expected {
+            counter,
+            live: AtomicBool::new(true),
+        }
+    }
+}
+
+/// A request announced to the audit log (see [`Auditor::announce`]).
+pub struct Expected {
+    counter: Option<Arc<AtomicUsize>>,
+    live: AtomicBool,
+}
+
+impl Expected {
+    /// The request's entry has been queued (or will never come).
+    fn arrived(&self) {
+        if self.live.swap(false, Ordering::AcqRel)
+            && let Some(c) = &self.counter
+        {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        self.arrived();
+    }
+}
+
+impl Entry {
+    /// Whether this entry is about the name `name`: it records it whole, or records a cut
+    /// of it with its SHA-256.
+    pub fn is_about(&self, name: &str) -> bool {
+        match &self.name_sha256 {
+            Some(sha) => *sha == name_sha256(name),
+            None => self.name.as_deref() == Some(name),
+        }
+    }
+}
