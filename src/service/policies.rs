@@ -246,6 +246,11 @@ pub(crate) async fn seed(state: &State, rules: &[RuleConfig], empty: bool) -> Re
         tracing::warn!(
             "the store failed its rollback check: the configuration file's [[policy]] rules are not seeded"
         );
+        record_seeding(
+            state,
+            "not seeded: the store failed its rollback check".into(),
+        )
+        .await?;
         return Ok(());
     }
     if !seeded && super::rollback::token_recorded(state).await? {
@@ -255,6 +260,12 @@ pub(crate) async fn seed(state: &State, rules: &[RuleConfig], empty: bool) -> Re
         tracing::warn!(
             "the token has recorded this store but it has no seeded marker: the configuration file's [[policy]] rules are not seeded again"
         );
+        record_seeding(
+            state,
+            "not seeded again: the token has recorded this store but it has no seeded marker"
+                .into(),
+        )
+        .await?;
         blocking(state, |s| s.aux_put(Aux::Meta, SEEDED, b"1")).await?;
         return Ok(());
     }
@@ -271,8 +282,51 @@ pub(crate) async fn seed(state: &State, rules: &[RuleConfig], empty: bool) -> Re
             rule: rules.to_vec(),
         })
         .map_err(|e| Error::Internal(e.to_string()))?;
+        let digest = hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            document.as_bytes(),
+        ));
+        // Recorded before the rules are written: a seeding is never in the store unaudited.
+        record_seeding(
+            state,
+            format!(
+                "seeding the configuration file's rules: rules={}; document_sha256={digest}",
+                rules.len()
+            ),
+        )
+        .await?;
         put(state, CONFIG_POLICY, &document, "configuration file", "").await?;
+    } else {
+        record_seeding(
+            state,
+            "seeded with no rules: the configuration file has none".into(),
+        )
+        .await?;
     }
     blocking(state, |s| s.aux_put(Aux::Meta, SEEDED, b"1")).await?;
     Ok(())
+}
+
+/// Records what seeding did (or why it did not) in the audit log, before it acts: the
+/// policies a fresh store starts with come from the configuration file, not from an
+/// officer, so the log must say so.
+async fn record_seeding(state: &State, detail: String) -> Result<(), Error> {
+    let event = crate::audit::AuditEvent {
+        plane: "admin",
+        identity: None,
+        operation: "SeedPolicies",
+        name: Some(crate::audit::RecordedName::new(
+            CONFIG_POLICY,
+            MAX_POLICY_NAME,
+        )),
+        version: None,
+        status: tonic::Code::Ok,
+        request_id: 0,
+        detail: Some(detail),
+    };
+    state
+        .audit
+        .record(&event, None)
+        .await
+        .map_err(|e| Error::Audit(e.to_string()))
 }

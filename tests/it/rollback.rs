@@ -447,6 +447,27 @@ async fn removing_the_seeded_marker_is_flagged_and_never_brings_the_seeded_rules
         .await
         .unwrap_err();
     assert_ne!(e.code(), Code::FailedPrecondition, "{e:?}");
+    server.stop();
+
+    // Seeding is audited: the first start recorded what it seeded, and the starts after the
+    // marker was removed recorded that they did not seed again.
+    let seedings: Vec<String> = std::fs::read_to_string(env.audit_log())
+        .unwrap()
+        .lines()
+        .filter_map(|l| strongroom::audit::split_line(l))
+        .filter_map(|(body, _)| serde_json::from_str::<strongroom::audit::Entry>(&body).ok())
+        .filter(|e| e.operation == "SeedPolicies")
+        .map(|e| e.detail.unwrap_or_default())
+        .collect();
+    assert!(
+        seedings[0].starts_with("seeding the configuration file's rules: rules="),
+        "{seedings:?}"
+    );
+    assert!(
+        seedings.iter().skip(1).all(|d| d.starts_with("not seeded")),
+        "{seedings:?}"
+    );
+    assert!(seedings.len() >= 2, "{seedings:?}");
 }
 
 #[tokio::test]
