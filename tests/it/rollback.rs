@@ -454,7 +454,7 @@ async fn removing_the_seeded_marker_is_flagged_and_never_brings_the_seeded_rules
     let seedings: Vec<String> = std::fs::read_to_string(env.audit_log())
         .unwrap()
         .lines()
-        .filter_map(|l| strongroom::audit::split_line(l))
+        .filter_map(strongroom::audit::split_line)
         .filter_map(|(body, _)| serde_json::from_str::<strongroom::audit::Entry>(&body).ok())
         .filter(|e| e.operation == "SeedPolicies")
         .map(|e| e.detail.unwrap_or_default())
