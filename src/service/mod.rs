@@ -175,6 +175,8 @@ impl Server {
         // The store commits its records under a key only the token can give (rollback.rs).
         let state_key = rollback::state_key(&hsm, hsm_timeout).await?;
         let store = crate::store::open(&config.store, config.limits.max_value_bytes, state_key)?;
+        // A store a migration is still copying into (or stopped half way) is not this one.
+        crate::store::migrate::refuse_half_migrated(store.as_ref())?;
         let audit = if config.audit.dangerous_disable_audit {
             tracing::warn!(
                 "DANGEROUS: audit.dangerous_disable_audit is on: no durable audit trail"

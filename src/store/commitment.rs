@@ -28,6 +28,9 @@ use crate::secret::SealedRecord;
 const FRAME_DOMAIN: &[u8] = b"strongroom/store-state/v1\0";
 
 /// The first byte of a version record's key in the common layout.
+/// What the token's store MAC key signs to give the [`StateKey`].
+pub const STATE_KEY_DOMAIN: &[u8] = b"strongroom/state-commitment-key/v1\0";
+
 pub(crate) const RECORD_KIND: u8 = b'r';
 /// The first byte of bookkeeping keys (the frame's among them) in the common layout.
 pub(crate) const META_KIND: u8 = b'm';

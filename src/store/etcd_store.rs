@@ -358,6 +358,34 @@ impl EtcdStore {
         k
     }
 
+    /// The etcd key of a key in the common layout: the inverse of
+    /// [`canonical`](Self::canonical).
+    fn etcd_key_of(&self, key: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let bad = || corrupt(key, "not a key in the common layout");
+        let (&kind, body) = key.split_first().ok_or_else(bad)?;
+        Ok(match kind {
+            FOREIGN_KIND => {
+                let mut k = self.prefix.clone();
+                k.extend_from_slice(body);
+                k
+            }
+            b'h' | b'p' | b'a' | b'm' => self.key(kind, body),
+            b'r' => {
+                let at = body.len().checked_sub(8).ok_or_else(bad)?;
+                let (name, version) = body.split_at(at);
+                let version = u64::from_be_bytes(version.try_into().map_err(|_| bad())?);
+                let mut rest = name.to_vec();
+                rest.extend_from_slice(format!("{version:020}").as_bytes());
+                self.key(kind, &rest)
+            }
+            b'w' => {
+                let mk = u32::from_be_bytes(body.try_into().map_err(|_| bad())?);
+                self.key(kind, format!("{mk:010}").as_bytes())
+            }
+            _ => return Err(bad()),
+        })
+    }
+
     fn deadline(&self) -> Instant {
         Instant::now() + self.timeout
     }
@@ -1289,6 +1317,55 @@ impl Store for EtcdStore {
 
     /// etcd acknowledges a write only once a quorum has it in its log: nothing to flush.
     fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn export_page(
+        &self,
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<super::migrate::ExportPage, StoreError> {
+        let (start, end) = self.all_range();
+        let from = match cursor {
+            Some(c) => {
+                let mut k = c.to_vec();
+                k.push(0);
+                k
+            }
+            None => start,
+        };
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let resp = self.range(self.deadline(), from, end, limit, None)?;
+        let pairs: Vec<_> = resp
+            .kvs()
+            .iter()
+            .map(|kv| (self.canonical(kv.key()), kv.value().to_vec()))
+            .collect();
+        let next = resp
+            .more()
+            .then(|| resp.kvs().last().map(|kv| kv.key().to_vec()))
+            .flatten();
+        Ok(super::migrate::ExportPage { pairs, next })
+    }
+
+    fn import_raw(&self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let _w = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        // etcd takes at most 128 operations per transaction by default.
+        for chunk in changes.chunks(100) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(k, v)| {
+                    let key = self.etcd_key_of(k)?;
+                    Ok(match v {
+                        Some(v) => TxnOp::put(key, v.clone(), None),
+                        None => TxnOp::delete(key, None),
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?;
+            let txn = Txn::new().and_then(ops);
+            let mut kv = self.kv.clone();
+            self.call(self.deadline(), async move { kv.txn(txn).await })?;
+        }
         Ok(())
     }
 

@@ -10,13 +10,14 @@
 mod commitment;
 mod durable;
 mod etcd_store;
+pub mod migrate;
 mod sled_store;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use commitment::{Commitment, StateKey};
+pub use commitment::{Commitment, STATE_KEY_DOMAIN, StateKey};
 pub use etcd_store::{EtcdOptions, EtcdStore};
 pub use sled_store::SledStore;
 
@@ -315,6 +316,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes every write so far durable.
     fn sync(&self) -> Result<(), StoreError>;
+
+    /// Up to `limit` keys of the store with their values, in the common layout the state
+    /// commitment is defined over, from the backend's position `cursor` (`None`: the
+    /// start). For moving a store to another backend ([`migrate`]).
+    fn export_page(
+        &self,
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<migrate::ExportPage, StoreError>;
+
+    /// Writes (`Some`) or removes (`None`) keys given in the common layout exactly as they
+    /// are, the store's frame (identity, epoch, commitment) included and not updated: only
+    /// for [`migrate`], which copies a whole store and verifies it.
+    fn import_raw(&self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError>;
 
     /// Whether a point read is served from this process's memory or disk (sled), so it may
     /// run on an async runtime thread; `false` when it crosses the network (etcd).

@@ -507,6 +507,44 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn export_page(
+        &self,
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<super::migrate::ExportPage, StoreError> {
+        use std::ops::Bound;
+        // sled keeps its keys in the common layout already.
+        let from = match cursor {
+            Some(c) => Bound::Excluded(c.to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut pairs = Vec::with_capacity(limit.min(4096));
+        for kv in self.db.range::<Vec<u8>, _>((from, Bound::Unbounded)) {
+            let (k, v) = kv?;
+            pairs.push((k.to_vec(), v.to_vec()));
+            if pairs.len() >= limit.max(1) {
+                break;
+            }
+        }
+        let next = (pairs.len() >= limit.max(1))
+            .then(|| pairs.last().map(|(k, _)| k.clone()))
+            .flatten();
+        Ok(super::migrate::ExportPage { pairs, next })
+    }
+
+    fn import_raw(&self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let _w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut batch = Batch::default();
+        for (k, v) in changes {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        self.db.apply_batch(batch)?;
+        self.flush()
+    }
+
     fn epoch(&self) -> Result<(String, u64), StoreError> {
         let id = self
             .db

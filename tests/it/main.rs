@@ -20,6 +20,7 @@ mod frontdoor;
 mod invariants;
 mod limits;
 mod list;
+mod migrate;
 mod mtls;
 mod overload;
 mod oversize;

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod audit_cmd;
+mod migrate_cmd;
 mod online;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -94,7 +95,7 @@ pub(crate) enum Command {
         /// Approval id.
         id: String,
     },
-    /// The store (online; accept needs approval).
+    /// The store (accept: online, needs approval; migrate: offline, with the PIN).
     #[command(subcommand)]
     Store(online::StoreCmd),
     /// Secrets, as officers manage them (online; destroy needs approval).
@@ -222,8 +223,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         | Command::Approve { .. }
         | Command::Reject { .. }
         | Command::Secret(_)
-        | Command::Store(_)
+        | Command::Store(online::StoreCmd::Accept)
         | Command::Key(KeyCmd::Rotate) => online::run(&cli.online, cli.format, &cli.command),
+        Command::Store(online::StoreCmd::Migrate { config, from, to }) => {
+            migrate_cmd::run(&cli, config, from, to)
+        }
         Command::Audit(cmd) => audit_cmd::run(&cli, cmd),
         Command::Token(TokenCmd::List) => {
             let pkcs11 = hsm::load_module(&cli.module)?;

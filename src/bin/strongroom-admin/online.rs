@@ -97,6 +97,19 @@ pub(crate) enum ApprovalCmd {
 pub(crate) enum StoreCmd {
     /// Accept the store as it is after its rollback check failed (needs approval).
     Accept,
+    /// Copy a store (ciphertext and wrapped keys only) to another backend, offline with the
+    /// token's PIN, then verify the copy; strongroomd refuses a half-migrated target.
+    Migrate {
+        /// The service's configuration file: the token, and etcd's TLS files and prefix.
+        #[arg(long, env = "STRONGROOM_CONFIG")]
+        config: PathBuf,
+        /// The store to copy: sled:PATH or etcd:ENDPOINT[,ENDPOINT…].
+        #[arg(long)]
+        from: crate::migrate_cmd::Side,
+        /// The empty store to copy into: sled:PATH or etcd:ENDPOINT[,ENDPOINT…].
+        #[arg(long)]
+        to: crate::migrate_cmd::Side,
+    },
 }
 
 #[derive(Subcommand)]

@@ -222,6 +222,13 @@ impl TestEnv {
             .stdin(Stdio::null());
     }
 
+    /// Runs `strongroomd` with `config` until it exits (for starts that must be refused).
+    pub fn run_until_exit(&self, config: &Path) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroomd"));
+        self.apply_env(&mut cmd);
+        Output::of(cmd.arg("--config").arg(config))
+    }
+
     /// Runs `strongroom-admin` with `args`.
     pub fn admin(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom-admin"));
