@@ -561,3 +561,29 @@ async fn requests_that_cannot_be_right_are_refused_before_any_approval() {
     assert!(!second.executed);
     assert_eq!(approval_count(&server).await, 2);
 }
+
+#[test]
+fn approval_timings_of_zero_are_refused_at_start() {
+    let env = TestEnv::new();
+    for (extra, key) in [
+        ("approval_ttl_secs = 0", "approval_ttl_secs"),
+        (
+            "approval_purge_interval_secs = 0",
+            "approval_purge_interval_secs",
+        ),
+    ] {
+        let config = env.config(&format!(
+            "{}\n{POLICY}",
+            admin_section(&["alice", "bob"], 2, extra)
+        ));
+        let out = Output::of(
+            std::process::Command::new(env!("CARGO_BIN_EXE_strongroomd"))
+                .env("SOFTHSM2_CONF", env.dir.path().join("softhsm2.conf"))
+                .env("STRONGROOM_USER_PIN", &env.user_pin)
+                .arg("--config")
+                .arg(&config),
+        );
+        assert_eq!(out.code, 1, "{extra}: {}", out.stderr);
+        assert!(out.stderr.contains(key), "{extra}: {}", out.stderr);
+    }
+}
