@@ -116,9 +116,17 @@ pub struct AdminConfig {
     /// Distinct officers (the requester included) that must approve a guarded operation.
     #[serde(default = "two")]
     pub quorum: u32,
-    /// How long a pending approval waits, in seconds.
+    /// How long a pending approval waits, in seconds; past it, it can no longer be approved
+    /// and the purge removes it.
     #[serde(default = "default_approval_ttl")]
     pub approval_ttl_secs: u64,
+    /// How long executed, failed and rejected approvals are kept after they finished, in
+    /// seconds, before the purge removes them.
+    #[serde(default = "default_approval_retention")]
+    pub approval_retention_secs: u64,
+    /// How often the purge of expired and retained approvals runs, in seconds (at least 1).
+    #[serde(default = "default_approval_purge_interval")]
+    pub approval_purge_interval_secs: u64,
     /// DEVELOPMENT ONLY: guarded operations run on one officer's word. Shown in status,
     /// health and the log.
     #[serde(default)]
@@ -380,6 +388,12 @@ fn two() -> u32 {
 fn default_approval_ttl() -> u64 {
     3600
 }
+fn default_approval_retention() -> u64 {
+    7 * 24 * 3600
+}
+fn default_approval_purge_interval() -> u64 {
+    300
+}
 fn default_queue_depth() -> usize {
     1024
 }
@@ -613,6 +627,12 @@ impl AdminConfig {
         if self.quorum == 0 || (self.quorum < 2 && !self.dangerous_single_officer) {
             return Err(ConfigError::Invalid(
                 "admin.quorum must be at least 2 (or set admin.dangerous_single_officer for development)"
+                    .into(),
+            ));
+        }
+        if self.approval_ttl_secs == 0 || self.approval_purge_interval_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "admin.approval_ttl_secs and admin.approval_purge_interval_secs must be at least 1"
                     .into(),
             ));
         }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tonic::{Code, Request, Response, Status};
 
+use super::approvals::{self, Count};
 use super::policies;
 use super::secrets::unix_now;
 use super::{State, blocking};
@@ -16,7 +17,7 @@ use crate::hsm::keys::MacKey;
 use crate::policy::{Capability, Decision};
 use crate::proto::admin_service_server::AdminService;
 use crate::proto::{
-    AcceptStoreStateRequest, Approval, ApprovalParam, ApprovalV1, ApproveRequest,
+    AcceptStoreStateRequest, Approval, ApprovalParam, ApprovalV1, ApproveRequest, ApproverStanding,
     CheckPolicyRequest, CheckPolicyResponse, DeletePolicyRequest, DestroySecretRequest,
     GetApprovalRequest, GetPolicyRequest, ListApprovalsRequest, ListApprovalsResponse,
     ListPoliciesRequest, ListPoliciesResponse, OperationResponse, PolicyInfo, PutPolicyRequest,
@@ -32,6 +33,8 @@ const DELETE_POLICY: &str = "DeletePolicy";
 const DESTROY_SECRET: &str = "DestroySecret";
 const ROTATE_MASTER_KEY: &str = "RotateMasterKey";
 const ACCEPT_STORE_STATE: &str = "AcceptStoreState";
+/// The audit operation of a guarded operation's execution (its entry precedes the change).
+const EXECUTE: &str = "ExecuteApproval";
 /// The largest policy document accepted (its request's decode limit follows it).
 const MAX_POLICY_DOCUMENT: usize = crate::codec::MAX_POLICY_DOCUMENT_BYTES;
 
@@ -91,11 +94,23 @@ impl AdminService for AdminApi {
                         "the policy document is larger than {MAX_POLICY_DOCUMENT} bytes"
                     )));
                 }
-                crate::policy::PolicyDocument::parse(
+                if req.document.trim().is_empty() {
+                    return Err(Error::InvalidArgument(
+                        "the policy document is empty; to take a policy away, use `policy delete`"
+                            .into(),
+                    ));
+                }
+                let doc = crate::policy::PolicyDocument::parse(
                     &req.document,
                     this.state.limits.max_name_bytes,
                 )
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                if doc.rule.is_empty() {
+                    return Err(Error::InvalidArgument(
+                        "the policy document has no rules; to take a policy away, use `policy delete`"
+                            .into(),
+                    ));
+                }
                 this.request_guarded(
                     &officer,
                     PUT_POLICY,
@@ -166,6 +181,11 @@ impl AdminService for AdminApi {
             let req = request.into_inner();
             let result = async {
                 let name = policies::parse_name(&req.name)?;
+                // Refused before any approval: there is nothing to delete.
+                let key = name.clone();
+                blocking(&this.state, move |s| s.aux_get(Aux::Policy, &key))
+                    .await?
+                    .ok_or(Error::NotFound)?;
                 this.request_guarded(&officer, DELETE_POLICY, vec![("name", name)])
                     .await
             }
@@ -226,6 +246,14 @@ impl AdminService for AdminApi {
             let result = async {
                 let name = SecretName::parse(&req.name, this.state.limits.max_name_bytes)
                     .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                // Refused before any approval: there is nothing to destroy.
+                let probe = name.clone();
+                let live = blocking(&this.state, move |s| s.head(&probe))
+                    .await?
+                    .is_some_and(|h| h.live() > 0);
+                if !live {
+                    return Err(Error::NotFound);
+                }
                 this.request_guarded(
                     &officer,
                     DESTROY_SECRET,
@@ -290,7 +318,7 @@ impl AdminService for AdminApi {
                 let now = unix_now();
                 let mut approvals: Vec<Approval> = list
                     .into_iter()
-                    .map(|a| to_proto(a, now))
+                    .map(|a| to_proto(&this.state, a, now))
                     .filter(|a| all || a.state == "pending")
                     .collect();
                 approvals.sort_by_key(|a| a.created_at_unix);
@@ -314,6 +342,7 @@ impl AdminService for AdminApi {
             let result = async {
                 check_id(&id)?;
                 Ok(to_proto(
+                    &this.state,
                     policies::load_approval(&this.state, &id).await?,
                     unix_now(),
                 ))
@@ -353,6 +382,9 @@ impl AdminService for AdminApi {
                 let _turn = this.state.admin_lock.lock().await;
                 let mut a = policies::load_approval(&this.state, &id).await?;
                 let now = unix_now();
+                if approvals::expired(&a, now) {
+                    return Err(approvals::expired_error(&a, now));
+                }
                 if a.state != "pending" {
                     return Err(Error::FailedPrecondition(format!(
                         "approval {id} is {}, not pending",
@@ -361,11 +393,14 @@ impl AdminService for AdminApi {
                 }
                 a.state = "rejected".into();
                 a.rejected_by = officer.identity.as_str().to_owned();
+                a.finished_at_unix = now;
+                a.params_sha256 = approvals::digest_of(&a);
                 let a = policies::store_approval(&this.state, a).await?;
-                Ok(to_proto(a, now))
+                Ok(to_proto(&this.state, a, now))
             }
             .await;
-            this.finish(&officer, "Reject", Some(&id), result, None)
+            let detail = result.as_ref().ok().map(detail_of);
+            this.finish(&officer, "Reject", Some(&id), result, detail)
                 .await
         })
         .await
@@ -497,7 +532,8 @@ impl AdminApiInner {
     }
 
     /// Records a request for a guarded operation; runs it at once only if one officer is a
-    /// quorum (development setting).
+    /// quorum (development setting). A pending request for the same operation and parameters
+    /// is refused in favour of the one that exists.
     async fn request_guarded(
         &self,
         officer: &Officer,
@@ -506,6 +542,14 @@ impl AdminApiInner {
     ) -> Result<OperationResponse, Error> {
         let _turn = self.state.admin_lock.lock().await;
         let now = unix_now();
+        let digest =
+            approvals::params_sha256(operation, params.iter().map(|(k, v)| (*k, v.as_str())));
+        if let Some(existing) = approvals::pending_duplicate(&self.state, &digest, now).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "approval {} (requested by {}) already asks for this {operation} with the same parameters (params_sha256 {digest}); approve it with `strongroom-admin approve {}`, or reject it first",
+                existing.id, existing.requester, existing.id
+            )));
+        }
         let mut approval = ApprovalV1 {
             id: new_id()?,
             operation: operation.to_owned(),
@@ -524,13 +568,15 @@ impl AdminApiInner {
             state: "pending".into(),
             result: String::new(),
             rejected_by: String::new(),
+            params_sha256: digest,
+            finished_at_unix: 0,
             mac: Vec::new(),
         };
-        if approval.approvers.len() >= approval.quorum as usize {
-            self.execute(&mut approval).await;
+        if approvals::count(&self.state, &approval).reached() {
+            self.execute(officer, &mut approval).await?;
         }
         let approval = policies::store_approval(&self.state, approval).await?;
-        Ok(operation_response(approval, now))
+        Ok(operation_response(&self.state, approval, now))
     }
 
     async fn approve_inner(&self, officer: &Officer, id: &str) -> Result<OperationResponse, Error> {
@@ -538,18 +584,22 @@ impl AdminApiInner {
         let _turn = self.state.admin_lock.lock().await;
         let mut a = policies::load_approval(&self.state, id).await?;
         let now = unix_now();
-        if a.state == "pending" && now >= a.expires_at_unix {
+        if approvals::expired(&a, now) {
+            let refusal = approvals::expired_error(&a, now);
             a.state = "expired".into();
+            a.finished_at_unix = a.expires_at_unix;
+            a.params_sha256 = approvals::digest_of(&a);
             policies::store_approval(&self.state, a).await?;
-            return Err(Error::FailedPrecondition(format!(
-                "approval {id} has expired; request the operation again"
-            )));
+            return Err(refusal);
         }
         if a.state != "pending" {
             return Err(Error::FailedPrecondition(format!(
                 "approval {id} is {}, not pending",
                 a.state
             )));
+        }
+        if let Some(why) = approvals::count(&self.state, &a).blocked {
+            return Err(Error::FailedPrecondition(format!("approval {id}: {why}")));
         }
         if a.approvers.iter().any(|o| o == officer.identity.as_str()) {
             return Err(Error::FailedPrecondition(format!(
@@ -558,15 +608,40 @@ impl AdminApiInner {
             )));
         }
         a.approvers.push(officer.identity.as_str().to_owned());
-        if a.approvers.len() >= a.quorum as usize {
-            self.execute(&mut a).await;
+        a.params_sha256 = approvals::digest_of(&a);
+        if approvals::count(&self.state, &a).reached() {
+            self.execute(officer, &mut a).await?;
         }
         let a = policies::store_approval(&self.state, a).await?;
-        Ok(operation_response(a, now))
+        Ok(operation_response(&self.state, a, now))
     }
 
-    /// Runs an approved operation and records the outcome in the approval.
-    async fn execute(&self, a: &mut ApprovalV1) {
+    /// Runs an approved operation and records the outcome in the approval. Its audit entry
+    /// (the operation, its parameter digest and the approvals that counted) is written
+    /// first; if it cannot be, the operation does not run.
+    async fn execute(&self, officer: &Officer, a: &mut ApprovalV1) -> Result<(), Error> {
+        let counted: Vec<String> = approvals::count(&self.state, a)
+            .standing
+            .into_iter()
+            .filter(|s| s.counts)
+            .map(|s| s.officer)
+            .collect();
+        self.audit(
+            Some(&officer.identity),
+            EXECUTE,
+            Some(&a.id),
+            Code::Ok,
+            officer.request_id,
+            Some(format!(
+                "approval={} op={} params_sha256={} approved_by={}",
+                a.id,
+                a.operation,
+                approvals::digest_of(a),
+                counted.join(",")
+            )),
+        )
+        .await
+        .map_err(|s| Error::Audit(s.message().to_owned()))?;
         let param = |k: &str| {
             a.params
                 .iter()
@@ -574,7 +649,7 @@ impl AdminApiInner {
                 .map(|p| p.value.clone())
                 .unwrap_or_default()
         };
-        let by = a.approvers.join(", ");
+        let by = counted.join(", ");
         let outcome: Result<String, Error> = match a.operation.as_str() {
             PUT_POLICY => {
                 policies::put(&self.state, &param("name"), &param("document"), &by, &a.id)
@@ -627,7 +702,9 @@ impl AdminApiInner {
                 a.result = e.to_string();
             }
         }
+        a.finished_at_unix = unix_now();
         super::update_health(&self.state).await;
+        Ok(())
     }
 
     async fn status_inner(&self) -> Result<StatusResponse, Error> {
@@ -730,8 +807,16 @@ fn new_id() -> Result<String, Error> {
     Ok(hex::encode(id))
 }
 
-fn to_proto(a: ApprovalV1, now: i64) -> Approval {
-    let state = if a.state == "pending" && now >= a.expires_at_unix {
+fn to_proto(state: &super::State, a: ApprovalV1, now: i64) -> Approval {
+    let Count {
+        standing,
+        counted,
+        quorum,
+        blocked,
+    } = approvals::count(state, &a);
+    let params_sha256 = approvals::digest_of(&a);
+    let pending = a.state == "pending";
+    let state_name = if approvals::expired(&a, now) {
         "expired".to_owned()
     } else {
         a.state
@@ -746,17 +831,33 @@ fn to_proto(a: ApprovalV1, now: i64) -> Approval {
             .collect::<HashMap<_, _>>(),
         requester: a.requester,
         approvers: a.approvers,
-        quorum: a.quorum,
+        quorum,
         created_at_unix: a.created_at_unix,
         expires_at_unix: a.expires_at_unix,
-        state,
+        state: state_name,
         result: a.result,
         rejected_by: a.rejected_by,
+        params_sha256,
+        standing: standing
+            .into_iter()
+            .map(|s| ApproverStanding {
+                officer: s.officer,
+                counts: s.counts,
+                reason: s.reason,
+            })
+            .collect(),
+        counted,
+        blocked: if pending {
+            blocked.unwrap_or_default()
+        } else {
+            String::new()
+        },
+        finished_at_unix: a.finished_at_unix,
     }
 }
 
-fn operation_response(a: ApprovalV1, now: i64) -> OperationResponse {
-    let approval = to_proto(a, now);
+fn operation_response(state: &super::State, a: ApprovalV1, now: i64) -> OperationResponse {
+    let approval = to_proto(state, a, now);
     OperationResponse {
         executed: approval.state == "executed",
         result: approval.result.clone(),
@@ -764,12 +865,20 @@ fn operation_response(a: ApprovalV1, now: i64) -> OperationResponse {
     }
 }
 
+/// The audit detail of a call about an approval: which approval, its state, and the
+/// operation with its parameter digest, so an entry can be matched to `approval show`.
+fn detail_of(a: &Approval) -> String {
+    format!(
+        "approval={} state={} op={} params_sha256={}",
+        a.id, a.state, a.operation, a.params_sha256
+    )
+}
+
 fn approval_detail(result: &Result<OperationResponse, Error>) -> Option<String> {
-    result.as_ref().ok().and_then(|r| {
-        r.approval
-            .as_ref()
-            .map(|a| format!("approval={} state={}", a.id, a.state))
-    })
+    result
+        .as_ref()
+        .ok()
+        .and_then(|r| r.approval.as_ref().map(detail_of))
 }
 
 fn policy_info(r: crate::proto::PolicyRecordV1, authentic: bool) -> PolicyInfo {

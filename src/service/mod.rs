@@ -6,6 +6,7 @@
 //! binds until `shutdown` completes, so tests bind `127.0.0.1:0`.
 
 mod admin;
+pub mod approvals;
 mod page_token;
 mod policies;
 mod rollback;
@@ -268,6 +269,9 @@ impl Server {
         update_health(&state).await;
         let watcher = tokio::spawn(health_watch(state.clone()));
         let epochs = tokio::spawn(rollback::watch(state.clone()));
+        // The approval purge (expired and retained approvals), every
+        // admin.approval_purge_interval_secs; nothing to do without an admin plane.
+        let purge = tokio::spawn(approvals::purge_task(state.clone()));
 
         // The outer cap: beyond it tonic refuses a message (OUT_OF_RANGE) from its frame
         // header, without reading it into memory. Below it, each request type has its own
@@ -355,6 +359,7 @@ impl Server {
         reloader.abort();
         watcher.abort();
         epochs.abort();
+        purge.abort();
         if let Err(e) = rollback::record(&state).await {
             tracing::error!(error = %e, "cannot record the final store epoch in the token");
         }

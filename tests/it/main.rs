@@ -7,6 +7,7 @@
 mod common;
 
 mod admin;
+mod approvals;
 mod audit;
 mod auth;
 mod badinput;

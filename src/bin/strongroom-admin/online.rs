@@ -86,10 +86,14 @@ pub(crate) enum ApprovalCmd {
         #[arg(long)]
         all: bool,
     },
-    /// One approval.
+    /// One approval: the operation, its parameters and their digest (the `params_sha256` of
+    /// its audit entries), and whose approvals count.
     Show {
         /// Approval id.
         id: String,
+        /// Print long parameters (a policy document) whole instead of by size and digest.
+        #[arg(long)]
+        full: bool,
     },
 }
 
@@ -358,30 +362,30 @@ async fn run_async(target: &Target, format: Format, command: &Command) -> Result
                 println!("{}", json!(v));
             } else {
                 println!(
-                    "{:<16}  {:<16}  {:<9}  {:<9}  REQUESTER",
-                    "ID", "OPERATION", "STATE", "APPROVALS"
+                    "{:<16}  {:<16}  {:<9}  {:<9}  {:<40}  NOTE",
+                    "ID", "OPERATION", "STATE", "APPROVALS", "REQUESTER"
                 );
                 for a in list {
                     println!(
-                        "{:<16}  {:<16}  {:<9}  {:<9}  {}",
+                        "{:<16}  {:<16}  {:<9}  {:<9}  {:<40}  {}",
                         a.id,
                         a.operation,
                         a.state,
-                        format!("{}/{}", a.approvers.len(), a.quorum),
-                        a.requester
+                        format!("{}/{}", a.counted, a.quorum),
+                        a.requester,
+                        list_note(&a)
                     );
                 }
             }
             Ok(())
         }
-        Command::Approval(ApprovalCmd::Show { id }) => {
+        Command::Approval(ApprovalCmd::Show { id, full }) => {
             let a = c
                 .get_approval(GetApprovalRequest { id: id.clone() })
                 .await
                 .map_err(server)?
                 .into_inner();
-            print_approval(format, &a);
-            Ok(())
+            print_approval(format, &a, *full)
         }
         Command::Approve { id } => {
             let r = c
@@ -397,8 +401,7 @@ async fn run_async(target: &Target, format: Format, command: &Command) -> Result
                 .await
                 .map_err(server)?
                 .into_inner();
-            print_approval(format, &a);
-            Ok(())
+            print_approval(format, &a, false)
         }
         Command::Secret(SecretCmd::Destroy { name }) => {
             let r = c
@@ -463,14 +466,47 @@ async fn connect(target: &Target) -> Result<AdminServiceClient<Channel>, Failure
 }
 
 fn approval_json(a: &Approval) -> serde_json::Value {
-    // A policy document can be long; the approval shows its parameters as they are.
+    // JSON is for programs: the parameters are given whole.
     json!({
         "id": a.id, "operation": a.operation, "parameters": a.parameters,
+        "params_sha256": a.params_sha256,
         "requester": a.requester, "approvers": a.approvers, "quorum": a.quorum,
+        "counted": a.counted,
+        "standing": a.standing.iter().map(|s| json!({
+            "officer": s.officer, "counts": s.counts, "reason": s.reason,
+        })).collect::<Vec<_>>(),
+        "blocked": a.blocked,
         "created_at_unix": a.created_at_unix, "expires_at_unix": a.expires_at_unix,
+        "finished_at_unix": a.finished_at_unix,
         "state": a.state, "result": a.result, "rejected_by": a.rejected_by,
     })
 }
+
+/// What `approval list` flags about an approval: approvals that do not count, or why it
+/// cannot run.
+fn list_note(a: &Approval) -> String {
+    let not_counting: Vec<&str> = a
+        .standing
+        .iter()
+        .filter(|s| !s.counts)
+        .map(|s| s.officer.as_str())
+        .collect();
+    let mut note = Vec::new();
+    if !a.blocked.is_empty() {
+        note.push("blocked: requester is not an officer now".to_owned());
+    }
+    if !not_counting.is_empty() {
+        note.push(format!(
+            "not counting (not officers now): {}",
+            not_counting.join(", ")
+        ));
+    }
+    note.join("; ")
+}
+
+/// Parameters longer than this, or on several lines, are shown by size and digest unless
+/// `--full`.
+const SHOWN_WHOLE: usize = 200;
 
 fn policy_json(p: &PolicyInfo) -> serde_json::Value {
     json!({
@@ -480,31 +516,86 @@ fn policy_json(p: &PolicyInfo) -> serde_json::Value {
     })
 }
 
-fn print_approval(format: Format, a: &Approval) {
+/// Prints an approval; its parameter digest is recomputed from the parameters shown, and a
+/// digest that does not match them is an error.
+fn print_approval(format: Format, a: &Approval, full: bool) -> Result<(), Failure> {
+    let computed = strongroom::service::approvals::params_sha256(
+        &a.operation,
+        a.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    let matches = computed == a.params_sha256;
     if format == Format::Json {
         println!("{}", approval_json(a));
-        return;
+    } else {
+        print_approval_text(a, full, matches);
     }
+    if matches {
+        Ok(())
+    } else {
+        Err(Failure::Token(format!(
+            "approval {}: the service's params_sha256 {} does not match the parameters it sent (they hash to {computed}); do not approve it",
+            a.id, a.params_sha256
+        )))
+    }
+}
+
+fn print_approval_text(a: &Approval, full: bool, matches: bool) {
+    let when = strongroom::service::approvals::utc;
     println!("approval   {}", a.id);
     println!("operation  {}", a.operation);
     let mut params: Vec<_> = a.parameters.iter().collect();
     params.sort();
     for (k, v) in params {
-        let v = if v.contains('\n') {
+        let long = k == "document" || v.len() > SHOWN_WHOLE || v.contains('\n');
+        let v = if long && !full {
+            format!(
+                "{} bytes, sha256 {} (--full prints it)",
+                v.len(),
+                strongroom::service::approvals::value_sha256(v)
+            )
+        } else if v.contains('\n') {
             format!("\n{v}")
         } else {
             v.clone()
         };
         println!("  {k}: {v}");
     }
+    println!(
+        "params     sha256 {} ({}; audit entries carry it as params_sha256=)",
+        a.params_sha256,
+        if matches {
+            "matches the parameters above"
+        } else {
+            "DOES NOT match the parameters above"
+        }
+    );
     println!("requester  {}", a.requester);
+    let counting: Vec<&str> = a
+        .standing
+        .iter()
+        .filter(|s| s.counts)
+        .map(|s| s.officer.as_str())
+        .collect();
     println!(
         "approvals  {}/{}: {}",
-        a.approvers.len(),
+        a.counted,
         a.quorum,
-        a.approvers.join(", ")
+        counting.join(", ")
     );
+    for s in a.standing.iter().filter(|s| !s.counts) {
+        println!("  not counting: {} ({})", s.officer, s.reason);
+    }
+    if !a.blocked.is_empty() {
+        println!("blocked    {}", a.blocked);
+    }
     println!("state      {}", a.state);
+    println!("created    {}", when(a.created_at_unix));
+    if a.state == "pending" || a.state == "expired" {
+        println!("expires    {}", when(a.expires_at_unix));
+    }
+    if a.finished_at_unix > 0 {
+        println!("finished   {}", when(a.finished_at_unix));
+    }
     if !a.rejected_by.is_empty() {
         println!("rejected   by {}", a.rejected_by);
     }
@@ -543,19 +634,14 @@ fn print_operation_text(format: Format, r: &OperationResponse) {
     if r.executed {
         println!(
             "executed ({} of {} officers): {}",
-            a.approvers.len(),
-            a.quorum,
-            r.result
+            a.counted, a.quorum, r.result
         );
     } else if a.state == "failed" {
         println!("approved but failed: {}", a.result);
     } else {
         println!(
-            "pending approval {} ({} of {} officers); another officer runs: strongroom-admin approve {}",
-            a.id,
-            a.approvers.len(),
-            a.quorum,
-            a.id
+            "pending approval {} ({} of {} officers; params_sha256 {}); another officer runs: strongroom-admin approve {}",
+            a.id, a.counted, a.quorum, a.params_sha256, a.id
         );
     }
 }

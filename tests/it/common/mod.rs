@@ -13,6 +13,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod officers;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
