@@ -124,6 +124,7 @@ limited! {
     Small:
         // SecretService
         GetSecretRequest, DescribeSecretRequest, ListSecretsRequest, DeleteSecretRequest,
+        WatchSecretsRequest,
         // AdminService
         StatusRequest, GetPolicyRequest, ListPoliciesRequest, DeletePolicyRequest,
         CheckPolicyRequest, DestroySecretRequest, RotateMasterKeyRequest,
@@ -131,7 +132,7 @@ limited! {
         RejectRequest;
     Unlimited:
         PutSecretResponse, GetSecretResponse, DescribeSecretResponse, ListSecretsResponse,
-        DeleteSecretResponse, StatusResponse, OperationResponse, PolicyInfo,
+        DeleteSecretResponse, WatchEvent, StatusResponse, OperationResponse, PolicyInfo,
         ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval;
 }
 
