@@ -926,6 +926,7 @@ fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
 mod tests {
     use super::*;
     use crate::secret::NamePrefix;
+    use crate::store::ChangeKind;
 
     fn name(s: &str) -> SecretName {
         SecretName::parse(s, 256).unwrap()
@@ -1126,6 +1127,53 @@ mod tests {
         assert_eq!(page.next_after.as_deref(), Some("s/00"));
     }
 
+    #[tokio::test]
+    async fn the_change_log_keeps_its_history_and_says_when_a_reader_is_too_far_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), test_key())
+            .unwrap()
+            .with_change_history(3);
+        let mut feed = store.watch(0).unwrap();
+        store.commit(&record("a", 1), None).unwrap().unwrap();
+        let first = feed.next().await.unwrap().unwrap();
+        assert_eq!(
+            (first.name.as_str(), first.kind),
+            ("a", ChangeKind::Created)
+        );
+        // A reader that keeps up sees every change, however short the history.
+        for v in 2..=5 {
+            let h = store.head(&name("a")).unwrap();
+            store.commit(&record("a", v), h).unwrap().unwrap();
+            let e = feed.next().await.unwrap().unwrap();
+            assert_eq!((e.version, e.kind), (v, ChangeKind::Updated));
+        }
+        store.delete(&name("a")).unwrap();
+        let e = feed.next().await.unwrap().unwrap();
+        assert_eq!((e.version, e.kind), (5, ChangeKind::Deleted));
+        // One that lags past the history is told so rather than skipping events.
+        let mut slow = store.watch(e.revision).unwrap();
+        for v in 6..=10 {
+            let h = store.head(&name("a")).unwrap();
+            store.commit(&record("a", v), h).unwrap().unwrap();
+        }
+        assert!(matches!(
+            slow.next().await,
+            Some(Err(FeedError::Compacted { .. }))
+        ));
+        // Three revisions kept: a reader at the first event is too far behind.
+        match store.watch(first.revision) {
+            Err(FeedError::Compacted { oldest, .. }) => assert!(oldest > first.revision + 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            store.db.scan_prefix([CHANGES]).count(),
+            3,
+            "trimmed to the history"
+        );
+        assert!(matches!(store.watch(1 << 40), Err(FeedError::Ahead { .. })));
+        assert!(store.verify_state().unwrap().matches());
+    }
+
     #[test]
     fn the_commitment_follows_every_write_and_shows_a_record_put_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -1153,9 +1201,9 @@ mod tests {
         store.delete(&name("a")).unwrap();
         let check = store.verify_state().unwrap();
         assert!(check.matches(), "{check:?}");
-        // Each b/ name has a head and a version; then a's tombstone, the policy, the marker and
-        // the wrap count.
-        assert_eq!(check.records, 2 * (SCAN_STEP + 10) as u64 + 4);
+        // Each b/ name has a head, a version and a change-log entry; then a's tombstone, the
+        // policy, the marker, the wrap count and a's three change-log entries.
+        assert_eq!(check.records, 3 * (SCAN_STEP + 10) as u64 + 4 + 3);
         let st = store.state().unwrap();
         assert_eq!(st.frame, FrameStatus::Valid);
         assert_eq!(st.epoch, 6 + (SCAN_STEP + 10) as u64 + 1);
