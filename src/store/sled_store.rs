@@ -20,9 +20,12 @@
 //! The change log: a batch that changes a head also writes `c` + its epoch → the revision of
 //! the previous entry (8 bytes big-endian), the kind (`c`, `u`, `d`), the version (8 bytes
 //! big-endian) and the name, and removes entries older than `store.watch_history` revisions.
-//! The log lives inside the commitment (it is written in the same batch as the head it
-//! describes, so a crash never keeps one without the other; a rolled-back log is caught like
-//! any record). Each entry names its predecessor, so a reader that finds the first entry
+//! The log is written in the same batch as the head it describes, so a crash never keeps one
+//! without the other, but it lies outside the commitment, like the frame: etcd keeps no such
+//! log (it watches its own history), and the same records must commit to the same value on
+//! both backends. It therefore drives no security decision: an event carries no value, every
+//! event is checked against the policy in force before it is sent, and a watcher acts on it
+//! only by reading the secret through the checked path. Each entry names its predecessor, so a reader that finds the first entry
 //! after its position naming a later predecessor knows entries were trimmed in between:
 //! it is too far behind. Watchers read only entries up to the durable revision (published
 //! after each write's fsync), so no event describes a write a crash could still undo.
@@ -299,6 +302,14 @@ impl SledStore {
                 ));
             }
             let mut delta = Commitment::EMPTY;
+            if ch.key.first() == Some(&CHANGES) {
+                // Outside the commitment (see the module documentation).
+                match ch.new {
+                    Some(v) => batch.insert(ch.key, v),
+                    None => batch.remove(ch.key),
+                }
+                continue;
+            }
             if let Some(old) = &ch.old {
                 delta = delta.sub(&self.element(&ch.key, old));
             }
@@ -349,7 +360,7 @@ impl SledStore {
             let mut last = None;
             for kv in self.db.range(scan.below.clone()..) {
                 let (k, v) = kv?;
-                if !is_frame_key(&k) {
+                if !is_frame_key(&k) && k.first() != Some(&CHANGES) {
                     scan.acc = scan.acc.add(&self.element(&k, &v));
                     scan.records += 1;
                 }
@@ -1201,9 +1212,9 @@ mod tests {
         store.delete(&name("a")).unwrap();
         let check = store.verify_state().unwrap();
         assert!(check.matches(), "{check:?}");
-        // Each b/ name has a head, a version and a change-log entry; then a's tombstone, the
-        // policy, the marker, the wrap count and a's three change-log entries.
-        assert_eq!(check.records, 3 * (SCAN_STEP + 10) as u64 + 4 + 3);
+        // Each b/ name has a head and a version; then a's tombstone, the policy, the marker and
+        // the wrap count (the change log is outside the commitment).
+        assert_eq!(check.records, 2 * (SCAN_STEP + 10) as u64 + 4);
         let st = store.state().unwrap();
         assert_eq!(st.frame, FrameStatus::Valid);
         assert_eq!(st.epoch, 6 + (SCAN_STEP + 10) as u64 + 1);

@@ -425,30 +425,43 @@ async fn on_etcd_watches_reach_every_replica_and_survive_losing_one() {
     );
 }
 
+/// sled's change log lies outside the state commitment (etcd keeps none, and both backends
+/// must commit to the same records): editing it does not flag the store, and what it says
+/// still passes the policy before anyone sees it.
 #[tokio::test]
-async fn the_sled_change_log_is_inside_the_state_commitment() {
-    if skip_on_etcd("it reads sled's files") {
+async fn the_sled_change_log_drives_no_security_decision() {
+    if skip_on_etcd("it edits sled's files") {
         return;
     }
     let env = TestEnv::new();
     let server = env.start();
-    write(&server, "payments/a", b"v").await;
+    let mut w = server.client("reader").await;
+    let mut stream = w.watch_secrets(watch(&[""], 0)).await.unwrap().into_inner();
+    write(&server, "payments/db/a", b"v").await;
+    let before = next_events(&mut stream, 1).await[0].revision - 1;
+    drop((stream, w));
     server.stop();
-    // Forging a change-log entry is a change to committed state: the service flags it.
+    // The entry is rewritten to name a secret the reader may not read.
     {
         let db = sled::open(&env.store).unwrap();
-        let (k, v) = db.scan_prefix(b"c").next().unwrap().unwrap();
-        let mut forged = v.to_vec();
-        let last = forged.len() - 1;
-        forged[last] = b'b';
+        let (k, v) = db.scan_prefix(b"c").next_back().unwrap().unwrap();
+        let mut forged = v[..17].to_vec();
+        forged.extend_from_slice(b"payments/other");
         db.insert(k, forged).unwrap();
         db.flush().unwrap();
     }
     let server = env.start();
     let mut c = server.client("payments").await;
-    let e = c
-        .get_secret(crate::common::get("payments/a"))
+    c.get_secret(crate::common::get("payments/db/a"))
         .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        .expect("not flagged: the log is outside the commitment");
+    let mut w = server.client("reader").await;
+    let mut stream = w
+        .watch_secrets(watch(&[""], before))
+        .await
+        .unwrap()
+        .into_inner();
+    write(&server, "payments/db/b", b"v").await;
+    let e = next_events(&mut stream, 1).await;
+    assert_eq!(e[0].name, "payments/db/b", "the forged entry was not sent");
 }
