@@ -124,6 +124,7 @@ limited! {
     Small:
         // SecretService
         GetSecretRequest, DescribeSecretRequest, ListSecretsRequest, DeleteSecretRequest,
+        WatchSecretsRequest,
         // AdminService
         StatusRequest, GetPolicyRequest, ListPoliciesRequest, DeletePolicyRequest,
         CheckPolicyRequest, DestroySecretRequest, RotateMasterKeyRequest,
@@ -131,7 +132,7 @@ limited! {
         RejectRequest;
     Unlimited:
         PutSecretResponse, GetSecretResponse, DescribeSecretResponse, ListSecretsResponse,
-        DeleteSecretResponse, StatusResponse, OperationResponse, PolicyInfo,
+        DeleteSecretResponse, WatchEvent, StatusResponse, OperationResponse, PolicyInfo,
         ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval;
 }
 
@@ -249,7 +250,7 @@ mod tests {
     #[test]
     fn every_request_of_both_services_has_a_limit() {
         let requests = request_types();
-        assert_eq!(requests.len(), 5 + 13, "{requests:?}");
+        assert_eq!(requests.len(), 6 + 13, "{requests:?}");
         for r in &requests {
             let limit = LIMITS.iter().find(|(n, _)| n == r).map(|(_, l)| *l);
             assert!(

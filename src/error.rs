@@ -49,6 +49,13 @@ pub enum Error {
     /// The audit entry could not be written; the request is refused.
     #[error("the audit log cannot be written: {0}")]
     Audit(String),
+    /// A position the caller gave is outside what the service keeps (a watch too far
+    /// behind); the message says what to do.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A per-caller or total cap is reached (open watches); the caller may retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A bug or an unexpected runtime failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -81,6 +88,8 @@ impl Error {
             Error::Store(_) => Code::Unavailable,
             Error::DataLoss(_) => Code::DataLoss,
             Error::Audit(_) => Code::Unavailable,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
         }
     }

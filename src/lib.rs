@@ -17,19 +17,23 @@
 //! - [`secret`]: [`secret::SecretName`] (parsed), [`secret::SecretValue`] (zeroizing, no
 //!   `Debug`), the sealed record.
 //! - [`policy`]: pure authorisation decisions.
-//! - [`store`]: the [`store::Store`] trait and its sled backend.
+//! - [`store`]: the [`store::Store`] trait, its sled and etcd backends, and the change feed
+//!   watchers read ([`store::ChangeFeed`]: sled's change log inside the state commitment,
+//!   etcd's watch API).
 //! - [`hsm`]: the PKCS#11 token, master keys, the worker pool, fault classes.
 //! - [`envelope`]: sealing and opening values under data keys, with AAD.
 //! - [`audit`]: the HMAC-chained, group-committed audit log every decision passes through,
 //!   and its verifier.
-//! - [`service`]: the tonic services — SecretService for clients, AdminService for officers
-//!   (policies in the store, dual control, rollback acceptance); [`error`]: one error enum and
+//! - [`service`]: the tonic services — SecretService for clients (WatchSecrets streams with
+//!   per-event policy and caps in `service/watch.rs`), AdminService for officers (policies in
+//!   the store, dual control, rollback acceptance); [`error`]: one error enum and
 //!   its gRPC mapping; [`codec`]: the protobuf codec (malformed input is INVALID_ARGUMENT).
 //! - [`config`]: typed configuration; [`files`]: private files (PIN file, keys) closed to
 //!   group and others.
 //! - [`explain`]: TLS and connection failures in words, for the command-line tools.
 //! - [`client`]: a typed SecretService client over several endpoints that fails over
-//!   (idempotent calls on `UNAVAILABLE` and broken connections; writes only when not sent).
+//!   (idempotent calls on `UNAVAILABLE` and broken connections; writes only when not sent;
+//!   watches resume on the next endpoint from the last revision seen).
 //!
 //! # The path of one GetSecret
 //!

@@ -251,11 +251,22 @@ impl Policy {
     /// [`allows`](Self::allows) grants List on it: prefixes are segment sets, so two of them
     /// either nest or do not meet, and their overlap is the narrower one.
     pub fn list_scope(&self, identity: &Identity, requested: &NamePrefix) -> Vec<NamePrefix> {
+        self.scope(identity, Capability::List, requested)
+    }
+
+    /// The parts of `requested` where `identity` holds `capability`, as
+    /// [`list_scope`](Self::list_scope) computes them for List (WatchSecrets asks for Read).
+    pub fn scope(
+        &self,
+        identity: &Identity,
+        capability: Capability,
+        requested: &NamePrefix,
+    ) -> Vec<NamePrefix> {
         let mut scope: Vec<NamePrefix> = self
             .rules
             .iter()
             .filter(|r| {
-                r.capabilities.contains(&Capability::List) && r.identity.matches(identity.as_str())
+                r.capabilities.contains(&capability) && r.identity.matches(identity.as_str())
             })
             .filter_map(|r| overlap(&r.prefix, requested))
             .collect();

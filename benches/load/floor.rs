@@ -142,6 +142,15 @@ impl SecretService for Floor {
     ) -> Result<Response<DeleteSecretResponse>, Status> {
         Err(Status::unimplemented("floor server"))
     }
+
+    type WatchSecretsStream = tokio_stream::Empty<Result<strongroom::proto::WatchEvent, Status>>;
+
+    async fn watch_secrets(
+        &self,
+        _: Request<strongroom::proto::WatchSecretsRequest>,
+    ) -> Result<Response<Self::WatchSecretsStream>, Status> {
+        Err(Status::unimplemented("floor server"))
+    }
 }
 
 pub(crate) fn floor_server(a: FloorArgs) -> Res<()> {

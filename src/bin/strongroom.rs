@@ -16,7 +16,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use strongroom::client::{Attempt, AttemptFailure, Client, ClientError, ClientTls, PutOptions};
+use strongroom::client::{
+    Attempt, AttemptFailure, Client, ClientError, ClientTls, PutOptions, WatchSpec,
+};
 use strongroom::secret::SecretValue;
 
 /// Client for the strongroom secret service.
@@ -116,6 +118,20 @@ enum Command {
     Delete {
         /// Secret name.
         name: String,
+    },
+    /// Print one line per change (created, updated, deleted) under the prefixes, never
+    /// values: `REVISION KIND NAME VERSION`. Runs until interrupted; resumes on another
+    /// endpoint of --addr from the last revision printed when one fails.
+    Watch {
+        /// Prefixes to watch ("" for everything you may read).
+        #[arg(required_unless_present = "name")]
+        prefixes: Vec<String>,
+        /// An exact name to watch (repeatable).
+        #[arg(long)]
+        name: Vec<String>,
+        /// Print the changes after this revision (the last one printed before); 0: from now.
+        #[arg(long, default_value_t = 0)]
+        after_revision: u64,
     },
 }
 
@@ -409,6 +425,41 @@ async fn execute(
                 eprintln!("(more: --page-token {page_token}, or --all)");
             }
             Ok(())
+        }
+        Command::Watch {
+            prefixes,
+            name,
+            after_revision,
+        } => {
+            let mut watch = client.watch(WatchSpec {
+                names: name,
+                prefixes,
+                after_revision,
+            });
+            loop {
+                let e = watch.next().await.map_err(|e| {
+                    eprintln!("(last revision seen: {})", watch.last_revision());
+                    Failure::Client(e)
+                })?;
+                let kind =
+                    strongroom::proto::watch_event::Kind::try_from(e.kind).map_or("unknown", |k| {
+                        match k {
+                            strongroom::proto::watch_event::Kind::Created => "created",
+                            strongroom::proto::watch_event::Kind::Updated => "updated",
+                            strongroom::proto::watch_event::Kind::Deleted => "deleted",
+                            strongroom::proto::watch_event::Kind::Unspecified => "unknown",
+                        }
+                    });
+                if cli.format == Format::Json {
+                    print_json(
+                        &mut out,
+                        json!({"revision": e.revision, "kind": kind, "name": e.name, "version": e.version}),
+                    )?;
+                } else {
+                    writeln!(out, "{} {kind} {} {}", e.revision, e.name, e.version).map_err(io)?;
+                }
+                out.flush().map_err(io)?;
+            }
         }
         Command::Delete { name } => {
             let resp = client.delete(&name).await.map_err(Failure::Client)?;

@@ -212,6 +212,10 @@ pub struct StoreConfig {
     /// (sled) or none at all (etcd: one revision).
     #[serde(default = "default_verify_interval")]
     pub verify_interval_secs: u64,
+    /// sled: how many revisions of changes the change log keeps for WatchSecrets (a watcher
+    /// further behind must list again); etcd keeps its own history (its compaction).
+    #[serde(default = "default_watch_history")]
+    pub watch_history: u64,
 }
 
 /// `store.backend`.
@@ -238,6 +242,10 @@ pub const DEFAULT_STORE_VERIFY_INTERVAL_SECS: u64 = 3600;
 /// The longest interval between state scans: 30 days.
 pub const MAX_STORE_VERIFY_INTERVAL_SECS: u64 = 30 * 24 * 3600;
 
+fn default_watch_history() -> u64 {
+    crate::store::DEFAULT_WATCH_HISTORY
+}
+
 fn default_etcd_prefix() -> String {
     crate::store::DEFAULT_ETCD_PREFIX.into()
 }
@@ -249,6 +257,12 @@ fn default_etcd_timeout_ms() -> u64 {
 impl StoreConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.watch_history == 0 || self.watch_history > crate::store::MAX_WATCH_HISTORY {
+            return invalid(format!(
+                "store.watch_history must be 1..={} (revisions of changes kept for watchers)",
+                crate::store::MAX_WATCH_HISTORY
+            ));
+        }
         if self.verify_interval_secs > MAX_STORE_VERIFY_INTERVAL_SECS {
             return invalid(format!(
                 "store.verify_interval_secs must be 0..={MAX_STORE_VERIFY_INTERVAL_SECS} (0: only at start)"
@@ -351,6 +365,13 @@ pub struct Limits {
     /// Most keys one ListSecrets call examines; a listing that needs more continues over
     /// several calls with page tokens.
     pub max_list_scan: u64,
+    /// WatchSecrets streams open at once, every caller together; past it RESOURCE_EXHAUSTED.
+    pub max_watches: usize,
+    /// WatchSecrets streams one identity may hold open at once (over all its connections).
+    pub max_watches_per_identity: usize,
+    /// Events queued for one watcher that reads slowly; when they fill up, its stream ends
+    /// with ABORTED and the revision to resume from, instead of buffering more.
+    pub watch_buffer: usize,
 }
 
 impl Default for Limits {
@@ -360,6 +381,9 @@ impl Default for Limits {
             max_name_bytes: 256,
             max_page_size: 1000,
             max_list_scan: DEFAULT_MAX_LIST_SCAN,
+            max_watches: 1024,
+            max_watches_per_identity: 16,
+            watch_buffer: 256,
         }
     }
 }
@@ -545,6 +569,21 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "limits.max_list_scan must be 1..={MAX_LIST_SCAN_CEILING}"
             )));
+        }
+        if l.max_watches == 0
+            || l.max_watches_per_identity == 0
+            || l.max_watches_per_identity > l.max_watches
+            || l.max_watches > 100_000
+        {
+            return Err(ConfigError::Invalid(
+                "limits.max_watches must be 1..=100000 and limits.max_watches_per_identity 1..=max_watches"
+                    .into(),
+            ));
+        }
+        if l.watch_buffer == 0 || l.watch_buffer > 65_536 {
+            return Err(ConfigError::Invalid(
+                "limits.watch_buffer must be 1..=65536 (events queued per watcher)".into(),
+            ));
         }
         if self.hsm.request_timeout_ms == 0 {
             return Err(ConfigError::Invalid(

@@ -11,6 +11,7 @@ mod page_token;
 mod policies;
 mod rollback;
 mod secrets;
+mod watch;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -23,6 +24,7 @@ use tonic_health::server::HealthReporter;
 
 pub use admin::AdminApi;
 pub use secrets::SecretsService;
+pub use watch::{MAX_WATCH_FILTERS, WatchStream};
 
 use crate::audit::{AuditLog, AuditOptions, Auditor};
 use crate::config::{AdminConfig, Config, FrontLimits};
@@ -95,6 +97,8 @@ pub(crate) struct State {
     pub(crate) rollback: RwLock<Option<String>>,
     /// How often the store's records are checked against its commitment (zero: at start only).
     pub(crate) store_verify: Duration,
+    /// Open WatchSecrets streams, against their caps.
+    pub(crate) watches: Arc<watch::Slots>,
 }
 
 impl State {
@@ -234,6 +238,7 @@ impl Server {
             admin_lock: tokio::sync::Mutex::new(()),
             rollback: RwLock::new(None),
             store_verify: Duration::from_secs(config.store.verify_interval_secs),
+            watches: watch::Slots::new(&config.limits),
         });
         rollback::check(&state).await?;
         policies::seed(&state, &config.policy, seed.is_empty()).await?;

@@ -20,7 +20,7 @@ use crate::policy::Capability;
 use crate::proto::{
     DeleteSecretRequest, DeleteSecretResponse, DescribeSecretRequest, DescribeSecretResponse,
     GetSecretRequest, GetSecretResponse, ListSecretsRequest, ListSecretsResponse, PutSecretRequest,
-    PutSecretResponse, VersionInfo, secret_service_server::SecretService,
+    PutSecretResponse, VersionInfo, WatchSecretsRequest, secret_service_server::SecretService,
 };
 use crate::secret::{Mechanism, NamePrefix, SealedRecord, SecretName};
 use crate::store::{NameRange, StoreError};
@@ -174,6 +174,29 @@ impl SecretService for SecretsService {
             |r| &r.name,
             |_| None,
             |this, ctx, req| Box::pin(async move { delete(&this.state, ctx, &req).await }),
+        )
+        .await
+    }
+
+    type WatchSecretsStream = super::watch::WatchStream;
+
+    async fn watch_secrets(
+        &self,
+        request: Request<WatchSecretsRequest>,
+    ) -> Result<Response<Self::WatchSecretsStream>, Status> {
+        // Audited once, when the subscription opens (src/service/watch.rs).
+        self.serve(
+            request,
+            "WatchSecrets",
+            super::watch::audited,
+            |_| None,
+            |this, ctx, req| {
+                Box::pin(super::watch::open(
+                    this.state.clone(),
+                    ctx.identity.clone(),
+                    req,
+                ))
+            },
         )
         .await
     }

@@ -35,6 +35,12 @@
 //! scan reads the frame and then every key under the prefix at that one revision: etcd's MVCC
 //! makes it consistent without holding any writer back.
 //!
+//! WatchSecrets reads etcd's own history: a watch on the heads' range from the revision after
+//! the watcher's last (`start_revision`), with each head's previous value to tell a creation
+//! from an update; an event's revision is the head's mod revision, the same on every
+//! replica, so a watcher may resume on any of them. etcd's compaction of that history is
+//! [`FeedError::Compacted`]. Nothing is stored for it beside the records.
+//!
 //! etcd-client is async and the trait is blocking: the client runs on this store's own
 //! one-thread runtime, and every call waits for at most `store.etcd_timeout_ms`, after which
 //! it fails with [`StoreError::Unreachable`] (UNAVAILABLE to clients). A probe every half
@@ -49,16 +55,16 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
     GetResponse, Identity, KeyValue, KvClient, MaintenanceClient, TlsOptions, Txn, TxnOp,
-    TxnOpResponse, TxnResponse,
+    TxnOpResponse, TxnResponse, WatchClient, WatchOptions, WatchStream,
 };
 use prost::Message;
 
 use super::commitment::{EPOCH, STATE, STORE_ID, frame_value, is_frame_key, parse_frame};
 use super::{
-    Aux, Commitment, FrameStatus, Head, NameRange, Page, StateCheck, StateKey, Store, StoreError,
-    StoreState, VersionConflict,
+    Aux, ChangeEvent, ChangeFeed, ChangeKind, Commitment, FeedError, FrameStatus, Head, NameRange,
+    Page, StateCheck, StateKey, Store, StoreError, StoreState, VersionConflict,
 };
 use crate::proto::HeadV1;
 use crate::secret::{SealedRecord, SecretName};
@@ -106,6 +112,7 @@ pub struct EtcdStore {
     handle: tokio::runtime::Handle,
     kv: KvClient,
     maintenance: MaintenanceClient,
+    watch: WatchClient,
     prefix: Vec<u8>,
     timeout: Duration,
     /// The key the store commits its records under.
@@ -236,6 +243,7 @@ impl EtcdStore {
                 .kv_client()
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             maintenance: client.maintenance_client(),
+            watch: client.watch_client(),
             runtime: Some(runtime),
             handle,
             prefix: options.prefix.into_bytes(),
@@ -1369,6 +1377,55 @@ impl Store for EtcdStore {
         Ok(())
     }
 
+    fn watch(&self, after: u64) -> Result<ChangeFeed, FeedError> {
+        let (start, end) = self.kind_range(b'h');
+        let mut options = WatchOptions::new().with_range(end).with_prev_key();
+        if after > 0 {
+            let from = i64::try_from(after).ok().and_then(|a| a.checked_add(1));
+            let Some(from) = from else {
+                return Err(FeedError::Ahead {
+                    after,
+                    current: u64::try_from(self.last_revision()).unwrap_or(0),
+                });
+            };
+            options = options.with_start_revision(from);
+        }
+        let mut client = self.watch.clone();
+        let key = start.clone();
+        let (stream, first) = self.call(self.deadline(), async move {
+            let mut stream = client.watch(key, Some(options)).await?;
+            let first = stream.message().await?;
+            Ok((stream, first))
+        })?;
+        let Some(first) = first else {
+            return Err(StoreError::Unreachable("etcd ended the watch as it opened".into()).into());
+        };
+        let current = first.header().map_or(0, |h| h.revision());
+        self.saw(Some(current));
+        let current = u64::try_from(current).unwrap_or(0);
+        if first.compact_revision() > 0 {
+            return Err(FeedError::Compacted {
+                after,
+                oldest: u64::try_from(first.compact_revision()).unwrap_or(0),
+            });
+        }
+        if first.canceled() {
+            return Err(StoreError::Etcd(format!(
+                "etcd refused the watch: {}",
+                first.cancel_reason()
+            ))
+            .into());
+        }
+        if after > current {
+            // etcd would wait for that revision: it is not one of this store's yet.
+            return Err(FeedError::Ahead { after, current });
+        }
+        let (tx, feed) = ChangeFeed::channel();
+        self.handle
+            .spawn(forward_watch(stream, start.len(), after, tx));
+        Ok(feed)
+    }
+
     fn reads_are_local(&self) -> bool {
         false
     }
@@ -1379,6 +1436,105 @@ impl Store for EtcdStore {
 }
 
 /// The compare that the head of `key` is `expected` (absent for `None`).
+/// Sends the events of an etcd watch on the heads, as changes, until the feed's reader goes
+/// away; its first error (compaction, etcd lost) ends it. Waits while the feed is full:
+/// gRPC flow control then holds etcd's stream.
+async fn forward_watch(
+    mut stream: WatchStream,
+    prefix_len: usize,
+    mut last: u64,
+    tx: tokio::sync::mpsc::Sender<Result<ChangeEvent, FeedError>>,
+) {
+    loop {
+        let message = tokio::select! {
+            m = stream.message() => m,
+            () = tx.closed() => return,
+        };
+        let response = match message {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let _ = tx
+                    .send(Err(
+                        StoreError::Unreachable("etcd ended the watch".into()).into()
+                    ))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(classify(e).into())).await;
+                return;
+            }
+        };
+        if response.compact_revision() > 0 {
+            let oldest = u64::try_from(response.compact_revision()).unwrap_or(0);
+            let _ = tx
+                .send(Err(FeedError::Compacted {
+                    after: last,
+                    oldest,
+                }))
+                .await;
+            return;
+        }
+        if response.canceled() {
+            let reason = format!("etcd cancelled the watch: {}", response.cancel_reason());
+            let _ = tx.send(Err(StoreError::Etcd(reason).into())).await;
+            return;
+        }
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            let change = head_change(kv, event.event_type(), event.prev_kv(), prefix_len);
+            match change {
+                Ok(Some(c)) => {
+                    last = c.revision;
+                    if tx.send(Ok(c)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The change a watch event on a head describes; `None` for a key that names no secret.
+fn head_change(
+    kv: &KeyValue,
+    kind: EventType,
+    prev: Option<&KeyValue>,
+    prefix_len: usize,
+) -> Result<Option<ChangeEvent>, StoreError> {
+    let Some(text) = kv
+        .key()
+        .get(prefix_len..)
+        .and_then(|k| std::str::from_utf8(k).ok())
+    else {
+        return Ok(None);
+    };
+    let Ok(name) = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING) else {
+        tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "a head's key names no secret; no event");
+        return Ok(None);
+    };
+    let old = prev.map(|p| decode_head(p.key(), p.value())).transpose()?;
+    let (kind, version) = match kind {
+        EventType::Put => {
+            let new = decode_head(kv.key(), kv.value())?;
+            (ChangeKind::of(old, new), new.latest)
+        }
+        // The service never removes a head; someone did: the name is gone.
+        EventType::Delete => (ChangeKind::Deleted, old.map_or(0, |h| h.latest)),
+    };
+    Ok(Some(ChangeEvent {
+        revision: u64::try_from(kv.mod_revision()).unwrap_or(0),
+        name,
+        version,
+        kind,
+    }))
+}
+
 fn head_is(key: &[u8], expected: Option<Head>) -> Compare {
     match expected {
         None => Compare::create_revision(key.to_vec(), CompareOp::Equal, 0),

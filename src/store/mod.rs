@@ -10,6 +10,7 @@
 mod commitment;
 mod durable;
 mod etcd_store;
+mod feed;
 pub mod migrate;
 mod sled_store;
 
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 pub use commitment::{Commitment, STATE_KEY_DOMAIN, StateKey};
 pub use etcd_store::{EtcdOptions, EtcdStore};
+pub use feed::{ChangeEvent, ChangeFeed, ChangeKind, FEED_CAPACITY, FeedError};
 pub use sled_store::SledStore;
 
 use crate::config::{StoreBackend, StoreConfig};
@@ -26,6 +28,11 @@ use crate::secret::{NamePrefix, SealedRecord, SecretName};
 
 /// sled's page cache when the configuration names none, in MiB (sled's own default).
 pub const DEFAULT_CACHE_MB: u64 = 1024;
+
+/// Revisions of changes sled's change log keeps when the configuration names none.
+pub const DEFAULT_WATCH_HISTORY: u64 = 10_000;
+/// The most revisions of changes sled's change log may keep.
+pub const MAX_WATCH_HISTORY: u64 = 10_000_000;
 
 /// The etcd key namespace when the configuration names none.
 pub const DEFAULT_ETCD_PREFIX: &str = "strongroom/";
@@ -41,11 +48,10 @@ pub fn open(
     key: StateKey,
 ) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match config.backend {
-        StoreBackend::Sled => Arc::new(SledStore::open_with_cache(
-            &config.path,
-            config.cache_capacity_mb,
-            key,
-        )?),
+        StoreBackend::Sled => Arc::new(
+            SledStore::open_with_cache(&config.path, config.cache_capacity_mb, key)?
+                .with_change_history(config.watch_history),
+        ),
         StoreBackend::Etcd => {
             // Validation (config.rs) requires all three with the etcd backend.
             let file = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
@@ -330,6 +336,12 @@ pub trait Store: Send + Sync + 'static {
     /// are, the store's frame (identity, epoch, commitment) included and not updated: only
     /// for [`migrate`], which copies a whole store and verifies it.
     fn import_raw(&self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError>;
+
+    /// The changes to secrets after revision `after` (0: from now), in revision order, each
+    /// once. Starting may block (etcd opens its watch here); `Compacted` when the events
+    /// after `after` are no longer kept, `Ahead` when `after` is not yet a revision of the
+    /// store. Only durable (sled) or committed (etcd) changes are sent.
+    fn watch(&self, after: u64) -> Result<ChangeFeed, FeedError>;
 
     /// Whether a point read is served from this process's memory or disk (sled), so it may
     /// run on an async runtime thread; `false` when it crosses the network (etcd).

@@ -3,7 +3,8 @@
 //! Keys: `h` + name → [`HeadV1`](crate::proto::HeadV1); `r` + name + `\0` + version (8 bytes
 //! big-endian) → [`SealedRecordV1`](crate::proto::SealedRecordV1); `w` + master key version
 //! (4 bytes big-endian) → wrap count (8 bytes big-endian); `p`, `a`, `m` + key → policies,
-//! approvals and bookkeeping that officers manage. Names never contain `\0`, so a
+//! approvals and bookkeeping that officers manage; `c` + revision (8 bytes big-endian) → one
+//! entry of the change log WatchSecrets reads (see below). Names never contain `\0`, so a
 //! name's records are exactly the keys under `r` + name + `\0`.
 //!
 //! Writes take one process-wide lock for check-and-set, apply one atomic batch, and return
@@ -15,6 +16,19 @@
 //! updated by the batch's own changes (see [`StateKey`]). While the kept tag does not verify
 //! (a store from before commitments, or an edited frame), writes keep a zero tag, so the
 //! fault stays visible until officers accept the state ([`Store::rebase_state`]).
+//!
+//! The change log: a batch that changes a head also writes `c` + its epoch → the revision of
+//! the previous entry (8 bytes big-endian), the kind (`c`, `u`, `d`), the version (8 bytes
+//! big-endian) and the name, and removes entries older than `store.watch_history` revisions.
+//! The log is written in the same batch as the head it describes, so a crash never keeps one
+//! without the other, but it lies outside the commitment, like the frame: etcd keeps no such
+//! log (it watches its own history), and the same records must commit to the same value on
+//! both backends. It therefore drives no security decision: an event carries no value, every
+//! event is checked against the policy in force before it is sent, and a watcher acts on it
+//! only by reading the secret through the checked path. Each entry names its predecessor, so a reader that finds the first entry
+//! after its position naming a later predecessor knows entries were trimmed in between:
+//! it is too far behind. Watchers read only entries up to the durable revision (published
+//! after each write's fsync), so no event describes a write a crash could still undo.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -26,8 +40,8 @@ use sled::{Batch, IVec};
 use super::commitment::{EPOCH, STATE, STORE_ID, frame_value, is_frame_key, parse_frame};
 use super::durable::StoreSync;
 use super::{
-    Aux, Commitment, FrameStatus, Head, NameRange, Page, StateCheck, StateKey, Store, StoreError,
-    StoreState, VersionConflict,
+    Aux, ChangeEvent, ChangeFeed, Commitment, FeedError, FrameStatus, Head, NameRange, Page,
+    StateCheck, StateKey, Store, StoreError, StoreState, VersionConflict,
 };
 use crate::proto::HeadV1;
 use crate::secret::{SealedRecord, SecretName};
@@ -38,6 +52,11 @@ const WRAPS: u8 = b'w';
 const POLICY: u8 = b'p';
 const APPROVAL: u8 = b'a';
 const META: u8 = b'm';
+const CHANGES: u8 = b'c';
+/// Change-log entries a batch removes at most while trimming (a batch adds at most one).
+const TRIM_STEP: usize = 4;
+/// Change-log entries a watcher reads per step.
+const FEED_STEP: usize = 64;
 /// Keys a verifying scan hashes per step while it holds the write lock.
 const SCAN_STEP: usize = 512;
 
@@ -53,6 +72,8 @@ struct Scan {
 #[derive(Default)]
 struct Writer {
     scan: Option<Scan>,
+    /// The revision of the newest change-log entry (0: none).
+    last_change: u64,
 }
 
 /// One key's change in a batch.
@@ -80,6 +101,10 @@ pub struct SledStore {
     sync: StoreSync,
     /// Keys `list` has examined, for the admin plane's status.
     examined: AtomicU64,
+    /// Revisions of changes the change log keeps.
+    history: u64,
+    /// The highest epoch known durable: watchers read the change log up to it.
+    durable: tokio::sync::watch::Sender<u64>,
 }
 
 impl SledStore {
@@ -123,14 +148,91 @@ impl SledStore {
             db.flush()?;
             sync.sync().map_err(StoreError::Sync)?;
         }
+        let last_change = match db.scan_prefix([CHANGES]).next_back() {
+            Some(kv) => change_revision(&kv?.0)?,
+            None => 0,
+        };
+        let epoch = db
+            .get(aux_key(Aux::Meta, EPOCH))?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
         Ok(Self {
             db,
             key,
-            write_lock: Mutex::new(Writer::default()),
+            write_lock: Mutex::new(Writer {
+                scan: None,
+                last_change,
+            }),
             scan_lock: Mutex::new(()),
             sync,
             examined: AtomicU64::new(0),
+            history: super::DEFAULT_WATCH_HISTORY,
+            durable: tokio::sync::watch::Sender::new(epoch),
         })
+    }
+
+    /// Keeps `revisions` revisions of changes in the change log (at least one).
+    pub fn with_change_history(mut self, revisions: u64) -> Self {
+        self.history = revisions.max(1);
+        self
+    }
+
+    /// Tells watchers that every batch up to `epoch` is durable.
+    fn publish(&self, epoch: u64) {
+        self.durable.send_if_modified(|d| {
+            let newer = epoch > *d;
+            if newer {
+                *d = epoch;
+            }
+            newer
+        });
+    }
+
+    /// The change-log entries a batch at `epoch` with `changes` adds and removes: one entry
+    /// per head it changes, and the entries now older than the history kept.
+    fn log_changes(
+        &self,
+        w: &mut Writer,
+        epoch: u64,
+        changes: &[Change],
+    ) -> Result<Vec<Change>, StoreError> {
+        let mut out = Vec::new();
+        for ch in changes.iter().filter(|c| c.key.first() == Some(&HEAD)) {
+            let Some(new) = &ch.new else { continue };
+            if out.iter().any(|c: &Change| c.new.is_some()) {
+                // One head per batch is what every writer does; a second one in the same
+                // batch would share the revision, so it is refused rather than lost.
+                return Err(corrupt(&ch.key, "two heads changed in one batch"));
+            }
+            let text = std::str::from_utf8(&ch.key[1..]).map_err(|e| corrupt(&ch.key, e))?;
+            let name = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING)
+                .map_err(|e| corrupt(&ch.key, e))?;
+            let old = ch.old.as_ref().map(|v| decode_head(&name, v)).transpose()?;
+            let new = decode_head(&name, &IVec::from(new.as_slice()))?;
+            let kind = super::ChangeKind::of(old, new);
+            let mut value = Vec::with_capacity(17 + text.len());
+            value.extend_from_slice(&w.last_change.to_be_bytes());
+            value.push(kind.byte());
+            value.extend_from_slice(&new.latest.to_be_bytes());
+            value.extend_from_slice(text.as_bytes());
+            out.push(self.change(change_key(epoch), Some(value))?);
+            w.last_change = epoch;
+        }
+        if !out.is_empty() {
+            let keep_after = epoch.saturating_sub(self.history);
+            for kv in self.db.scan_prefix([CHANGES]).take(TRIM_STEP) {
+                let (k, old) = kv?;
+                if change_revision(&k)? > keep_after {
+                    break;
+                }
+                out.push(Change {
+                    key: k.to_vec(),
+                    old: Some(old),
+                    new: None,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Makes every applied batch durable: sled's flush (`sync_file_range`, which promises
@@ -177,8 +279,18 @@ impl SledStore {
 
     /// Applies `changes` in one atomic batch with the epoch bump and the updated commitment
     /// (the caller holds the write lock, `w`). Not yet durable.
-    fn apply(&self, w: &mut Writer, changes: Vec<Change>) -> Result<(), StoreError> {
+    fn apply(&self, w: &mut Writer, mut changes: Vec<Change>) -> Result<u64, StoreError> {
         let frame = self.read_frame()?;
+        let epoch = frame.epoch + 1;
+        let last_change = w.last_change;
+        let logged = self.log_changes(w, epoch, &changes);
+        match logged {
+            Ok(log) => changes.extend(log),
+            Err(e) => {
+                w.last_change = last_change;
+                return Err(e);
+            }
+        }
         let mut batch = Batch::default();
         let mut c = frame.commitment;
         let mut passed = Commitment::EMPTY;
@@ -190,6 +302,14 @@ impl SledStore {
                 ));
             }
             let mut delta = Commitment::EMPTY;
+            if ch.key.first() == Some(&CHANGES) {
+                // Outside the commitment (see the module documentation).
+                match ch.new {
+                    Some(v) => batch.insert(ch.key, v),
+                    None => batch.remove(ch.key),
+                }
+                continue;
+            }
             if let Some(old) = &ch.old {
                 delta = delta.sub(&self.element(&ch.key, old));
             }
@@ -205,7 +325,6 @@ impl SledStore {
                 None => batch.remove(ch.key),
             }
         }
-        let epoch = frame.epoch + 1;
         let tag = match frame.status {
             FrameStatus::Valid => self.key.frame_tag(&frame.store_id, epoch, &c),
             // Keep an unverifiable frame unverifiable: only officers re-base it.
@@ -213,11 +332,14 @@ impl SledStore {
         };
         batch.insert(aux_key(Aux::Meta, EPOCH), epoch.to_be_bytes().to_vec());
         batch.insert(aux_key(Aux::Meta, STATE), frame_value(&c, &tag));
-        self.db.apply_batch(batch)?;
+        if let Err(e) = self.db.apply_batch(batch) {
+            w.last_change = last_change;
+            return Err(e.into());
+        }
         if let Some(scan) = w.scan.as_mut() {
             scan.acc = scan.acc.add(&passed);
         }
-        Ok(())
+        Ok(epoch)
     }
 
     /// Recomputes the commitment over every committed record, a step at a time, and calls
@@ -238,7 +360,7 @@ impl SledStore {
             let mut last = None;
             for kv in self.db.range(scan.below.clone()..) {
                 let (k, v) = kv?;
-                if !is_frame_key(&k) {
+                if !is_frame_key(&k) && k.first() != Some(&CHANGES) {
                     scan.acc = scan.acc.add(&self.element(&k, &v));
                     scan.records += 1;
                 }
@@ -307,7 +429,7 @@ impl Store for SledStore {
                 reason: e.to_string(),
             },
         )?;
-        {
+        let epoch = {
             let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
             let current = self.read_head(&name)?;
             if current != expected {
@@ -326,11 +448,12 @@ impl Store for SledStore {
                     Some(record.encode_to_vec()),
                 )?,
             ];
-            self.apply(&mut w, changes)?;
-        }
+            self.apply(&mut w, changes)?
+        };
         // Acknowledge only once durable. Flushing outside the lock lets concurrent writers
         // share sled's write-out and one fsync (StoreSync).
         self.flush()?;
+        self.publish(epoch);
         Ok(Ok(()))
     }
 
@@ -446,11 +569,11 @@ impl Store for SledStore {
                 deleted: true,
             };
             changes.push(self.change(head_key(name), Some(tomb.encode_to_vec()))?);
-            self.apply(&mut w, changes)?;
-            destroyed
+            (destroyed, self.apply(&mut w, changes)?)
         };
         self.flush()?;
-        Ok(destroyed)
+        self.publish(destroyed.1);
+        Ok(destroyed.0)
     }
 
     fn count_wraps(&self, mk: u32, n: u64) -> Result<u64, StoreError> {
@@ -513,7 +636,8 @@ impl Store for SledStore {
         limit: usize,
     ) -> Result<super::migrate::ExportPage, StoreError> {
         use std::ops::Bound;
-        // sled keeps its keys in the common layout already.
+        // sled keeps its keys in the common layout already. The change log (outside the
+        // commitment: this process's history for watchers) does not move with the store.
         let from = match cursor {
             Some(c) => Bound::Excluded(c.to_vec()),
             None => Bound::Unbounded,
@@ -521,6 +645,9 @@ impl Store for SledStore {
         let mut pairs = Vec::with_capacity(limit.min(4096));
         for kv in self.db.range::<Vec<u8>, _>((from, Bound::Unbounded)) {
             let (k, v) = kv?;
+            if k.first() == Some(&CHANGES) {
+                continue;
+            }
             pairs.push((k.to_vec(), v.to_vec()));
             if pairs.len() >= limit.max(1) {
                 break;
@@ -543,6 +670,27 @@ impl Store for SledStore {
         }
         self.db.apply_batch(batch)?;
         self.flush()
+    }
+
+    fn watch(&self, after: u64) -> Result<ChangeFeed, FeedError> {
+        let current = *self.durable.borrow();
+        if after > current {
+            return Err(FeedError::Ahead { after, current });
+        }
+        let start = if after == 0 { current } else { after };
+        // Too far behind already? Found now rather than as the feed's first item.
+        read_changes(&self.db, start, current, 1)?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            StoreError::Unreachable("a change feed needs an async runtime to run on".into())
+        })?;
+        let (tx, feed) = ChangeFeed::channel();
+        runtime.spawn(feed_changes(
+            self.db.clone(),
+            self.durable.subscribe(),
+            start,
+            tx,
+        ));
+        Ok(feed)
     }
 
     fn epoch(&self) -> Result<(String, u64), StoreError> {
@@ -667,6 +815,112 @@ fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
+/// Sends the change-log entries after `last`, each once it is durable, until the feed's
+/// reader goes away or the store closes. Waits while the feed is full: the log is the
+/// buffer, so a slow reader costs no memory here (it may fall behind the history kept).
+async fn feed_changes(
+    db: sled::Db,
+    mut durable: tokio::sync::watch::Receiver<u64>,
+    mut last: u64,
+    tx: tokio::sync::mpsc::Sender<Result<ChangeEvent, FeedError>>,
+) {
+    loop {
+        let target = *durable.borrow_and_update();
+        if target > last {
+            match read_changes(&db, last, target, FEED_STEP) {
+                Ok(events) if !events.is_empty() => {
+                    for e in events {
+                        last = e.revision;
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                // Nothing logged up to the durable revision: `last` stays, so an entry
+                // trimmed meanwhile is still noticed through its successor.
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            changed = durable.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tx.closed() => return,
+        }
+    }
+}
+
+/// At most `max` change-log entries after `last` up to `target`, in order; `Compacted`
+/// when the first one names a predecessor after `last` (entries in between were trimmed).
+fn read_changes(
+    db: &sled::Db,
+    last: u64,
+    target: u64,
+    max: usize,
+) -> Result<Vec<ChangeEvent>, FeedError> {
+    let mut out = Vec::new();
+    let (Some(from), Some(to)) = (last.checked_add(1), target.checked_add(1)) else {
+        return Ok(out);
+    };
+    let mut expected_prev = None;
+    for kv in db.range(change_key(from)..change_key(to)).take(max) {
+        let (k, v) = kv.map_err(StoreError::from)?;
+        let revision = change_revision(&k)?;
+        let bad = |why: &str| FeedError::Store(corrupt(&k, why));
+        if v.len() < 17 {
+            return Err(bad("a change-log entry is too short"));
+        }
+        let (prev, rest) = v.split_at(8);
+        let prev = u64::from_be_bytes(prev.try_into().map_err(|_| bad("bad entry"))?);
+        match expected_prev {
+            None if prev > last => {
+                return Err(FeedError::Compacted {
+                    after: last,
+                    oldest: revision,
+                });
+            }
+            Some(p) if prev != p => {
+                return Err(bad("the change log skips an entry"));
+            }
+            _ => {}
+        }
+        expected_prev = Some(revision);
+        let kind = super::ChangeKind::from_byte(rest[0]).ok_or_else(|| bad("unknown kind"))?;
+        let version = u64::from_be_bytes(rest[1..9].try_into().map_err(|_| bad("bad entry"))?);
+        let text = std::str::from_utf8(&rest[9..]).map_err(|e| FeedError::Store(corrupt(&k, e)))?;
+        let name = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING)
+            .map_err(|e| FeedError::Store(corrupt(&k, e)))?;
+        out.push(ChangeEvent {
+            revision,
+            name,
+            version,
+            kind,
+        });
+    }
+    Ok(out)
+}
+
+fn change_key(revision: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(CHANGES);
+    k.extend_from_slice(&revision.to_be_bytes());
+    k
+}
+
+fn change_revision(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt(key, "a change-log key is not a revision"))
+}
+
 fn aux_tag(ns: Aux) -> u8 {
     match ns {
         Aux::Policy => POLICY,
@@ -725,6 +979,7 @@ fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
 mod tests {
     use super::*;
     use crate::secret::NamePrefix;
+    use crate::store::ChangeKind;
 
     fn name(s: &str) -> SecretName {
         SecretName::parse(s, 256).unwrap()
@@ -925,6 +1180,53 @@ mod tests {
         assert_eq!(page.next_after.as_deref(), Some("s/00"));
     }
 
+    #[tokio::test]
+    async fn the_change_log_keeps_its_history_and_says_when_a_reader_is_too_far_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), test_key())
+            .unwrap()
+            .with_change_history(3);
+        let mut feed = store.watch(0).unwrap();
+        store.commit(&record("a", 1), None).unwrap().unwrap();
+        let first = feed.next().await.unwrap().unwrap();
+        assert_eq!(
+            (first.name.as_str(), first.kind),
+            ("a", ChangeKind::Created)
+        );
+        // A reader that keeps up sees every change, however short the history.
+        for v in 2..=5 {
+            let h = store.head(&name("a")).unwrap();
+            store.commit(&record("a", v), h).unwrap().unwrap();
+            let e = feed.next().await.unwrap().unwrap();
+            assert_eq!((e.version, e.kind), (v, ChangeKind::Updated));
+        }
+        store.delete(&name("a")).unwrap();
+        let e = feed.next().await.unwrap().unwrap();
+        assert_eq!((e.version, e.kind), (5, ChangeKind::Deleted));
+        // One that lags past the history is told so rather than skipping events.
+        let mut slow = store.watch(e.revision).unwrap();
+        for v in 6..=10 {
+            let h = store.head(&name("a")).unwrap();
+            store.commit(&record("a", v), h).unwrap().unwrap();
+        }
+        assert!(matches!(
+            slow.next().await,
+            Some(Err(FeedError::Compacted { .. }))
+        ));
+        // Three revisions kept: a reader at the first event is too far behind.
+        match store.watch(first.revision) {
+            Err(FeedError::Compacted { oldest, .. }) => assert!(oldest > first.revision + 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            store.db.scan_prefix([CHANGES]).count(),
+            3,
+            "trimmed to the history"
+        );
+        assert!(matches!(store.watch(1 << 40), Err(FeedError::Ahead { .. })));
+        assert!(store.verify_state().unwrap().matches());
+    }
+
     #[test]
     fn the_commitment_follows_every_write_and_shows_a_record_put_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -953,7 +1255,7 @@ mod tests {
         let check = store.verify_state().unwrap();
         assert!(check.matches(), "{check:?}");
         // Each b/ name has a head and a version; then a's tombstone, the policy, the marker and
-        // the wrap count.
+        // the wrap count (the change log is outside the commitment).
         assert_eq!(check.records, 2 * (SCAN_STEP + 10) as u64 + 4);
         let st = store.state().unwrap();
         assert_eq!(st.frame, FrameStatus::Valid);

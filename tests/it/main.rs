@@ -30,4 +30,5 @@ mod refusals;
 mod restart;
 mod rollback;
 mod service;
+mod watch;
 mod wycheproof;
