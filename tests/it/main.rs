@@ -17,6 +17,7 @@ mod etcdstore;
 mod failover;
 mod faults;
 mod frontdoor;
+mod ha;
 mod invariants;
 mod limits;
 mod list;
