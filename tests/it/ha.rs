@@ -451,6 +451,10 @@ impl Ha {
         while self.load.acked_len() < target {
             if let Some(i) = self.tasks.iter().position(|t| t.is_finished()) {
                 let task = self.tasks.remove(i);
+                // The others would fail next, on files the failing test removes.
+                for t in &self.tasks {
+                    t.abort();
+                }
                 if let Err(e) = task.await {
                     std::panic::resume_unwind(e.into_panic());
                 }
@@ -499,6 +503,19 @@ impl Ha {
             .collect();
         let written: BTreeSet<String> = expected.iter().map(|(n, _)| n.clone()).collect();
         assert_eq!(listed, written, "the names listed are not those written");
+        // What the replicas complained of (shared token objects until replicas have ids).
+        for (i, r) in self.replicas.iter().enumerate() {
+            if let Some(server) = &r.server {
+                let warned: BTreeSet<String> = server
+                    .log_text()
+                    .lines()
+                    .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                    .filter_map(|l| l.split_once(" strongroom").map(|(_, m)| m.to_owned()))
+                    .map(|m| m.chars().take(160).collect())
+                    .collect();
+                println!("replica {i} warned: {warned:#?}");
+            }
+        }
         println!(
             "{acked} writes acknowledged, {} resolved by read-back, {} reads; retried: {:#?}",
             expected.len() - acked,
