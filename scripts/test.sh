@@ -18,8 +18,9 @@ echo "== fuzz (short run; FUZZ_SECONDS per target)"
 FUZZ_SECONDS="${FUZZ_SECONDS:-15}" scripts/fuzz.sh
 echo "== tests (sled store)"
 cargo nextest run --workspace --locked --lib --bins --tests --no-fail-fast "$@"
-# The same integration suite on etcd. etcdstore:: already ran above (it starts its own etcd
-# on either pass); tests that edit sled's files print why they skip.
+# The same integration suite on etcd. etcdstore:: and ha:: already ran above (they start
+# their own etcd, or etcd cluster, on either pass); tests that edit sled's files print why
+# they skip.
 echo "== integration tests (etcd store)"
 STRONGROOM_TEST_STORE=etcd cargo nextest run --locked --test it --no-fail-fast \
-    -E 'not test(/^etcdstore::/)' "$@"
+    -E 'not test(/^etcdstore::/) and not test(/^ha::/)' "$@"

@@ -595,9 +595,12 @@ impl Client {
             return false;
         }
         let target = endpoint.target.clone();
+        // Only a refusal of this client's certificate says the request was never read: a
+        // probe refused or unanswered says the server is gone now, not that it never acted
+        // on the request (a replica killed after its write, before its answer).
         matches!(
             tokio::task::spawn_blocking(move || explain::probe(&target)).await,
-            Ok(Some(c)) if handshake_cause(&c)
+            Ok(Some(c)) if client_certificate_refused(&c)
         )
     }
 }
@@ -626,6 +629,18 @@ fn handshake_cause(cause: &Cause) -> bool {
         // An established connection can time out or lose its route with a request on it.
         Cause::Unreachable | Cause::DeadlinePassed => false,
     }
+}
+
+/// Causes that say the server refused this client's certificate in the handshake.
+fn client_certificate_refused(cause: &Cause) -> bool {
+    matches!(
+        cause,
+        Cause::ClientCaUnknown
+            | Cause::CertificateRequired
+            | Cause::ClientCertificateRevoked
+            | Cause::ClientCertificateExpired
+            | Cause::ClientCertificateRefused(_)
+    )
 }
 
 /// Keeps the last failure per endpoint, in the order endpoints were first tried.

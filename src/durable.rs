@@ -73,7 +73,13 @@ pub fn sync_softhsm_tokens() -> io::Result<()> {
         for f in std::fs::read_dir(token.path())? {
             let f = f?;
             if f.file_type()?.is_file() {
-                fsync_path(&f.path())?;
+                match fsync_path(&f.path()) {
+                    // Another process sharing the token (a replica) deleted the object
+                    // since the listing: its removal is made durable by the directory's
+                    // fsync below.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    other => other?,
+                }
             }
         }
         fsync_path(&token.path())?;

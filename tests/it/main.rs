@@ -18,6 +18,7 @@ mod etcdstore;
 mod failover;
 mod faults;
 mod frontdoor;
+mod ha;
 mod invariants;
 mod limits;
 mod list;

@@ -25,6 +25,9 @@ use strongroom::tls::DevCa;
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
+mod cluster;
+pub use cluster::*;
+
 /// Points this process's SoftHSM2 at the test's own token directory (read at C_Initialize).
 #[allow(unsafe_code)]
 fn set_softhsm_conf(conf: &Path) {
