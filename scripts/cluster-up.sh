@@ -166,7 +166,7 @@ listen = "127.0.0.1:$((base + 10 + n))"
 cert = "pki/server.pem"
 key = "pki/server-key.pem"
 ca = "pki/admin-ca.pem"
-officers = ["officer@strongroom.dev"]
+officers = ["officer.strongroom.dev"]
 quorum = 1
 dangerous_single_officer = true
 

@@ -549,13 +549,13 @@ pub fn write_dev_pki(dir: &Path, clients: &[(&str, &str)]) -> Result<(), DevPkiE
     for (stem, identity) in clients {
         write_pair(dir, stem, &client_ca.issue_client(identity)?)?;
     }
-    write_pair(
-        dir,
-        "officer",
-        &admin_ca.issue_client("officer@strongroom.dev")?,
-    )?;
+    write_pair(dir, "officer", &admin_ca.issue_client(DEV_OFFICER)?)?;
     Ok(())
 }
+
+/// The identity of the development PKI's officer certificate: a plain host name, as the
+/// admin plane's identity rules require of a DNS SAN.
+pub const DEV_OFFICER: &str = "officer.strongroom.dev";
 
 /// Errors writing the development PKI.
 #[derive(Debug, thiserror::Error)]
@@ -605,5 +605,14 @@ mod tests {
         let d = ca.issue_client("svc.bank.internal").unwrap();
         let id = Identity::from_certificate(&der(&d.cert_pem)).unwrap();
         assert_eq!(id.as_str(), "svc.bank.internal");
+    }
+
+    #[test]
+    fn the_dev_pki_officer_certificate_passes_the_identity_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dev_pki(dir.path(), &[]).unwrap();
+        let pem = std::fs::read_to_string(dir.path().join("officer.pem")).unwrap();
+        let id = Identity::from_certificate(&der(&pem)).unwrap();
+        assert_eq!(id.as_str(), DEV_OFFICER);
     }
 }
