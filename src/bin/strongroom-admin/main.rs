@@ -100,7 +100,8 @@ pub(crate) enum Command {
     /// Secrets, as officers manage them (online; destroy needs approval).
     #[command(subcommand)]
     Secret(online::SecretCmd),
-    /// The audit log: verify its chain, read it.
+    /// The audit log: verify its history, read it, rotate it (online), declare a new log
+    /// for a lost file (offline).
     #[command(subcommand)]
     Audit(audit_cmd::AuditCmd),
     /// Write a development PKI (server, client and admin CAs and certificates).
@@ -223,7 +224,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         | Command::Reject { .. }
         | Command::Secret(_)
         | Command::Store(_)
-        | Command::Key(KeyCmd::Rotate) => online::run(&cli.online, cli.format, &cli.command),
+        | Command::Key(KeyCmd::Rotate)
+        | Command::Audit(audit_cmd::AuditCmd::Rotate { .. }) => {
+            online::run(&cli.online, cli.format, &cli.command)
+        }
         Command::Audit(cmd) => audit_cmd::run(&cli, cmd),
         Command::Token(TokenCmd::List) => {
             let pkcs11 = hsm::load_module(&cli.module)?;
