@@ -8,6 +8,7 @@ mod common;
 
 mod admin;
 mod audit;
+mod auditlog;
 mod auth;
 mod badinput;
 mod cli;
