@@ -128,7 +128,7 @@ limited! {
         // AdminService
         StatusRequest, GetPolicyRequest, ListPoliciesRequest, DeletePolicyRequest,
         CheckPolicyRequest, DestroySecretRequest, RotateMasterKeyRequest,
-        AcceptStoreStateRequest, ListApprovalsRequest, GetApprovalRequest, ApproveRequest,
+        RotateAuditLogRequest, AcceptStoreStateRequest, ListApprovalsRequest, GetApprovalRequest, ApproveRequest,
         RejectRequest;
     Unlimited:
         PutSecretResponse, GetSecretResponse, DescribeSecretResponse, ListSecretsResponse,

@@ -1,4 +1,5 @@
-//! The checkpoint: the chain head and entry count recorded in the token.
+//! The checkpoint: which log is current, its chain head and entry count, recorded in the
+//! token — the authority on which log is current.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -7,16 +8,64 @@ use serde::{Deserialize, Serialize};
 
 use super::writer::*;
 use super::*;
+use crate::hsm::Hsm;
 
-/// The checkpoint kept in the token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The checkpoint kept in the token (a private data object, see
+/// [`AuditOptions::checkpoint_label`]).
+///
+/// `count == 0` means a new log has been declared (a rotation, or `strongroom-admin audit
+/// new-log` for a lost file) but not started yet: the next start, or the rotating writer,
+/// starts the log `log_id` and names `previous` in its first entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// The log this checkpoint belongs to (from its first entry).
+    /// The current log (from its first entry).
     pub log_id: String,
     /// Entries in the log when the checkpoint was taken.
     pub count: u64,
-    /// MAC of the last of them, hex.
+    /// MAC of the last of them, hex (empty while `count == 0`).
     pub head: String,
+    /// The log before this one, as it ended, when this one was started by a rotation or an
+    /// officer (`None` for a token's first log and for checkpoints of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<LogEnd>,
+    /// Why the officer declared this log (`audit new-log --reason`), until its first entry
+    /// records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Where a log ended: its id, its number of entries and the MAC of its last one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEnd {
+    /// The log's id.
+    pub log_id: String,
+    /// Entries in it.
+    pub count: u64,
+    /// MAC of its last entry, hex.
+    pub head: String,
+}
+
+impl Checkpoint {
+    /// Whether this checkpoint declares a log that has not been started yet.
+    pub fn is_pending(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The checkpoint's bytes as the token keeps them.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serialising strings, integers and options to a Vec does not fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads the checkpoint under `label` from the token (`None` if it holds none).
+    pub async fn read(hsm: &Hsm, label: &str) -> Result<Option<Checkpoint>, AuditError> {
+        match hsm.read_data(label).await? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| AuditError::BadCheckpoint(e.to_string())),
+        }
+    }
 }
 
 impl Writer {
@@ -49,18 +98,24 @@ impl Writer {
             log_id: self.chain.log_id.clone(),
             count: self.next_seq,
             head: hex::encode(&self.prev),
+            previous: self.previous.clone(),
+            reason: None,
         };
-        let value = serde_json::to_vec(&cp).map_err(|e| AuditError::Io {
-            path: self.path.display().to_string(),
-            source: std::io::Error::other(e),
-        })?;
+        self.write_token_checkpoint(&cp)?;
+        self.since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Records `cp` in the token, within the token deadline.
+    pub(super) fn write_token_checkpoint(&self, cp: &Checkpoint) -> Result<(), AuditError> {
         // A token that hangs must not stop the log: the write gets the token deadline. (The
         // timer is made inside block_on: it needs the runtime's context.)
         let (hsm, deadline) = (&self.hsm, self.options.hsm_timeout);
+        let label = self.options.checkpoint_label.as_str();
+        let value = cp.to_bytes();
         self.rt
-            .block_on(async { tokio::time::timeout(deadline, hsm.write_checkpoint(value)).await })
+            .block_on(async { tokio::time::timeout(deadline, hsm.write_data(label, value)).await })
             .map_err(|_| AuditError::Hsm(crate::hsm::HsmError::Timeout))??;
-        self.since_checkpoint = 0;
         Ok(())
     }
 }

@@ -16,19 +16,29 @@
 //!
 //! The trail's parts, one file each: `writer` (the thread that owns the file and
 //! group-commits), `chain` (how entries are MAC'd; the log's header; the line format),
-//! `checkpoint` (the chain head recorded in the token), `recover` (where an existing log
-//! ends, at start) and `verify` (what `strongroom-admin audit verify` checks).
+//! `checkpoint` (which log is current, and its chain head, recorded in the token), `recover`
+//! (at start: whether the file is the token's current log and reaches its head), `rotate`
+//! (starting a new log: rotation, the archive, the states a crash can leave), `verify` (what
+//! `strongroom-admin audit verify` checks in one log) and `history` (a log and its archived
+//! predecessors, end to end).
 
 mod chain;
 mod checkpoint;
+mod history;
 mod recover;
+mod rotate;
 #[cfg(test)]
 mod tests;
 mod verify;
 mod writer;
 
 pub use chain::{Chain, ChainFormat, Header, SEGMENT_LEN, split_line};
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, LogEnd};
+pub use history::{HistoryReport, LogReport, verify_history};
+pub use rotate::{
+    MAX_REASON_BYTES, Rotated, archive_dir, archive_path, archived_in, check_reason,
+    parse_previous, parse_reason,
+};
 pub use verify::{Problem, ProblemKind, VerifyReport, read_entries, verify};
 pub use writer::{AuditLog, AuditOptions};
 
@@ -196,7 +206,7 @@ pub enum AuditError {
     Hsm(#[from] crate::hsm::HsmError),
     /// The log is behind the token's checkpoint: truncated or rolled back.
     #[error(
-        "the audit log {path} has {found} entries but the token's checkpoint records {expected}: it was truncated or rolled back; run `strongroom-admin audit verify {path}`, archive it, and start with a new audit.path"
+        "the audit log {path} has {found} entries but the token's checkpoint records {expected}: it was truncated or rolled back; run `strongroom-admin audit verify {path}` and put the whole log back, or keep this file as evidence (move it away) and declare the log lost with `strongroom-admin audit new-log --reason …` while strongroomd is stopped"
     )]
     BehindCheckpoint {
         /// The file.
@@ -219,6 +229,58 @@ pub enum AuditError {
     /// The writer has stopped.
     #[error("the audit writer has stopped")]
     Closed,
+    /// The token records entries of a log whose file is missing or empty.
+    #[error(
+        "the audit log {path} is missing or empty, but the token's checkpoint records log {log_id} with {count} entries: put that log back at {path}, or, if it is lost, declare a new log with `strongroom-admin audit new-log --reason …` while strongroomd is stopped"
+    )]
+    Missing {
+        /// The file.
+        path: String,
+        /// The log the token says is current.
+        log_id: String,
+        /// Its entries, as the token last recorded them.
+        count: u64,
+    },
+    /// The file holds a log other than the one the token says is current.
+    #[error(
+        "the audit log {path} is log {found}, but the token's current log is {expected}: the file was swapped or replaced; keep it as evidence (move it away), run `strongroom-admin audit verify` on the genuine log and put it back at {path}, or, if it is lost, declare a new log with `strongroom-admin audit new-log --reason …` while strongroomd is stopped"
+    )]
+    NotCurrent {
+        /// The file.
+        path: String,
+        /// The log it holds.
+        found: String,
+        /// The log the token says is current.
+        expected: String,
+    },
+    /// The file does not reach the token's checkpointed head through valid links.
+    #[error(
+        "the audit log {path} does not reach the token's checkpointed head through valid links: line {line}: {reason}; it was edited or replaced: run `strongroom-admin audit verify {path}`, keep it as evidence, and put back the genuine log (or declare it lost with `strongroom-admin audit new-log --reason …` while strongroomd is stopped)"
+    )]
+    Unverified {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An archived log of that id exists already and is not this file.
+    #[error(
+        "cannot archive the audit log {path}: {archive} exists and is another file; archived logs are never overwritten: move it away and restart"
+    )]
+    ArchiveExists {
+        /// The file.
+        path: String,
+        /// The archive name taken.
+        archive: String,
+    },
+    /// The token's checkpoint does not parse.
+    #[error("the token's audit checkpoint does not parse: {0}")]
+    BadCheckpoint(String),
+    /// An officer's reason for a new log is not acceptable.
+    #[error("{0}")]
+    BadReason(String),
 }
 
 /// Where the service's audit events go.

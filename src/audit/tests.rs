@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::*;
-use super::{chain::*, checkpoint::*, verify::*, writer::*};
+use super::{chain::*, checkpoint::*, recover::*, rotate::*, verify::*, writer::*};
 
 /// A queued entry whose detail is `n` bytes.
 fn queued(n: usize, id: u64) -> Box<Pending> {
@@ -357,6 +357,7 @@ fn a_chain_rewritten_with_a_segment_key_is_caught_by_the_token_checkpoint() {
         log_id: "00ff".into(),
         count: 4,
         head: hex::encode(&head),
+        ..Checkpoint::default()
     };
     let check = |lines: &[String]| {
         verify(
@@ -386,4 +387,154 @@ fn a_chain_rewritten_with_a_segment_key_is_caught_by_the_token_checkpoint() {
     assert_eq!(report.verified, 3);
     let p = report.problem.unwrap();
     assert_eq!((p.line, p.kind), (4, ProblemKind::Modified), "{}", p.detail);
+}
+
+/// A log of `n` entries whose first entry names `previous`, written with `log_id`.
+fn write_named_log(log_id: &str, n: u64, previous: Option<&LogEnd>) -> Vec<String> {
+    let header = Header {
+        log_id: log_id.into(),
+        format: ChainFormat::Segment { len: 4 },
+    };
+    let mut chain = Chain::new(header.log_id.clone(), header.format);
+    let mut token = fake_token(b"audit key");
+    let mut prev = vec![0u8; MAC_LEN];
+    (0..n)
+        .map(|seq| {
+            let detail = if seq == 0 {
+                start_detail(&header, previous, Some("size"))
+            } else {
+                format!("entry {seq}")
+            };
+            let mut e = internal_entry("Test", detail);
+            e.seq = seq;
+            let body = serde_json::to_vec(&e).unwrap();
+            let mac = chain.mac(seq, &prev, &body, &mut token).unwrap();
+            prev = mac.clone();
+            String::from_utf8(line_with_mac(&body, &mac)).unwrap()
+        })
+        .collect()
+}
+
+fn end_of(log_id: &str, lines: &[String]) -> LogEnd {
+    let (_, mac) = split_line(lines.last().unwrap().trim_end()).unwrap();
+    LogEnd {
+        log_id: log_id.into(),
+        count: lines.len() as u64,
+        head: hex::encode(mac),
+    }
+}
+
+#[test]
+fn a_first_entry_names_its_predecessor_and_reason_and_they_parse_back() {
+    let p = LogEnd {
+        log_id: "aa".into(),
+        count: 7,
+        head: "0b".repeat(32),
+    };
+    let header = Header {
+        log_id: "bb".into(),
+        format: ChainFormat::CURRENT,
+    };
+    let detail = start_detail(&header, Some(&p), Some("disk lost (host 3)"));
+    assert_eq!(Header::parse(&detail), Some(header));
+    assert_eq!(parse_previous(&detail), Some(p));
+    assert_eq!(parse_reason(&detail), Some("disk lost (host 3)"));
+    assert_eq!(parse_previous("log_id=bb; chain=x"), None);
+}
+
+#[test]
+fn reasons_that_could_forge_detail_fields_are_refused() {
+    assert!(check_reason("disk lost").is_ok());
+    for bad in ["", "x; log_id=evil", "a=b", "line\nbreak", &"x".repeat(201)] {
+        assert!(check_reason(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn the_tail_is_verified_from_the_checkpointed_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let lines = write_named_log("c0", 10, None);
+    std::fs::write(&path, lines.concat()).unwrap();
+    let header = Header::parse(&format!("log_id=c0; chain={SEGMENT_FORMAT}; segment=4")).unwrap();
+    let mut mac =
+        |d: &[u8]| -> Result<Vec<u8>, AuditError> { Ok(fake_token(b"audit key")(d).unwrap()) };
+    let at6 = end_of("c0", &lines[..6]);
+    let head = hex::decode(&at6.head).unwrap();
+    let end = verify_tail(&path, &header, 5, Some((6, &head)), &mut mac).unwrap();
+    assert_eq!(end, end_of("c0", &lines));
+    // Another head at 6 (the file is not the one the token checkpointed).
+    let other = vec![1u8; MAC_LEN];
+    let e = verify_tail(&path, &header, 5, Some((6, &other)), &mut mac).unwrap_err();
+    assert!(e.to_string().contains("line 6"), "{e}");
+    // An entry after the checkpoint edited.
+    let mut edited = lines.clone();
+    edited[8] = edited[8].replace("entry 8", "entry 9");
+    std::fs::write(&path, edited.concat()).unwrap();
+    let e = verify_tail(&path, &header, 5, Some((6, &head)), &mut mac).unwrap_err();
+    assert!(e.to_string().contains("line 9"), "{e}");
+    // Under another token's key nothing verifies.
+    std::fs::write(&path, lines.concat()).unwrap();
+    let mut other_token =
+        |d: &[u8]| -> Result<Vec<u8>, AuditError> { Ok(fake_token(b"other key")(d).unwrap()) };
+    assert!(verify_tail(&path, &header, 0, None, &mut other_token).is_err());
+}
+
+#[test]
+fn a_history_verifies_end_to_end_and_names_each_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_named_log("a1", 6, None);
+    let b = write_named_log("b2", 5, Some(&end_of("a1", &a)));
+    let c = write_named_log("c3", 4, Some(&end_of("b2", &b)));
+    let current = dir.path().join("audit.log");
+    std::fs::write(&current, c.concat()).unwrap();
+    std::fs::write(archived_in(dir.path(), "a1"), a.concat()).unwrap();
+    std::fs::write(archived_in(dir.path(), "b2"), b.concat()).unwrap();
+    let cp = Checkpoint {
+        log_id: "c3".into(),
+        count: 4,
+        head: end_of("c3", &c).head,
+        previous: Some(end_of("b2", &b)),
+        reason: None,
+    };
+    let run = |cp: &Checkpoint| {
+        verify_history(
+            &current,
+            dir.path(),
+            fake_token(b"audit key"),
+            Some(cp),
+            true,
+        )
+        .unwrap()
+    };
+    let r = run(&cp);
+    assert_eq!(r.problem, None, "{r:?}");
+    assert_eq!(r.logs.len(), 3);
+    assert_eq!(r.verified, 4);
+
+    // Not the token's current log.
+    let other = Checkpoint {
+        log_id: "d4".into(),
+        ..cp.clone()
+    };
+    assert_eq!(run(&other).problem.unwrap().kind, ProblemKind::NotCurrent);
+
+    // A predecessor cut short.
+    std::fs::write(archived_in(dir.path(), "b2"), b[..4].concat()).unwrap();
+    let p = run(&cp).problem.unwrap();
+    assert_eq!(p.kind, ProblemKind::Gap);
+    assert!(
+        p.detail.contains("audit-b2.log") && p.detail.contains("names 5 entries"),
+        "{p:?}"
+    );
+
+    // A predecessor missing.
+    std::fs::write(archived_in(dir.path(), "b2"), b.concat()).unwrap();
+    std::fs::remove_file(archived_in(dir.path(), "a1")).unwrap();
+    let p = run(&cp).problem.unwrap();
+    assert_eq!(p.kind, ProblemKind::Gap);
+    assert!(
+        p.detail.contains("audit-a1.log") && p.detail.contains("missing"),
+        "{p:?}"
+    );
 }

@@ -45,6 +45,11 @@ pub enum ProblemKind {
     Truncated,
     /// A line does not parse.
     Malformed,
+    /// The log is not the one the token says is current.
+    NotCurrent,
+    /// The history has a gap: a predecessor is missing, or does not end where its successor
+    /// says it did.
+    Gap,
 }
 
 /// Verifies a whole log. `token_mac(data)` is HMAC-SHA256 of `data` with the audit key, in

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tonic::Code;
 
 use super::*;
-use super::{chain::*, checkpoint::*, recover::*};
+use super::{chain::*, checkpoint::*, recover::*, rotate::*};
 use crate::hsm::Hsm;
 use crate::hsm::keys::MacKey;
 
@@ -33,6 +33,13 @@ pub struct AuditOptions {
     pub checkpoint_interval: Duration,
     /// Deadline for the token's MAC computation.
     pub hsm_timeout: Duration,
+    /// The label of the token data object holding this log's checkpoint (default
+    /// [`CHECKPOINT_LABEL`](crate::hsm::keys::CHECKPOINT_LABEL); one per audit chain).
+    pub checkpoint_label: String,
+    /// Rotate once the file holds this many bytes (0: never by size).
+    pub rotate_bytes: u64,
+    /// Rotate once the log is this old (zero: never by age).
+    pub rotate_age: Duration,
 }
 
 pub(super) struct Pending {
@@ -45,6 +52,7 @@ pub(super) struct Pending {
 pub(super) enum Msg {
     Append(Box<Pending>),
     Checkpoint(oneshot::Sender<Result<(), AuditError>>),
+    Rotate(Box<RotateRequest>),
 }
 
 pub(super) struct PendingEntry {
@@ -74,8 +82,10 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Opens (or starts) the log at `options.path`, checks it against the token's checkpoint
-    /// and starts the writer thread. Must be called on a tokio runtime, which the writer
-    /// uses for its token calls.
+    /// (which says which log is current, see [`Checkpoint`]) and starts the writer thread.
+    /// Refuses a file that is not the token's current log or does not reach its checkpointed
+    /// head; finishes a rotation a crash interrupted (see `rotate`). Must be called on a
+    /// tokio runtime, which the writer uses for its token calls.
     pub async fn open(hsm: Arc<Hsm>, options: AuditOptions) -> Result<Self, AuditError> {
         let path = options.path.clone();
         let io = |source| AuditError::Io {
@@ -85,6 +95,21 @@ impl AuditLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             crate::durable::create_dir_all(dir).map_err(io)?;
         }
+        let checkpoint = Checkpoint::read(&hsm, &options.checkpoint_label).await?;
+        let plan = {
+            let (p, cp, hsm) = (path.clone(), checkpoint.clone(), hsm.clone());
+            let (rt, timeout) = (tokio::runtime::Handle::current(), options.hsm_timeout);
+            tokio::task::spawn_blocking(move || {
+                let mut token_mac = |data: &[u8]| {
+                    let job =
+                        hsm.mac_chain(MacKey::Audit, Vec::new(), vec![data.to_vec()], timeout);
+                    rt.block_on(job)?.pop().ok_or(AuditError::Closed)
+                };
+                resolve(&p, cp.as_ref(), &mut token_mac)
+            })
+            .await
+            .map_err(|_| AuditError::Closed)??
+        };
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -94,16 +119,6 @@ impl AuditLog {
         // The log's name is durable only once its directory is synced (entries are
         // fdatasync'd, which does not cover the name of a new file).
         crate::durable::fsync_parent(&path).map_err(io)?;
-        let tail = {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || recover_tail(&p))
-                .await
-                .map_err(|_| AuditError::Closed)??
-        };
-        let checkpoint = hsm
-            .read_checkpoint()
-            .await?
-            .and_then(|v| serde_json::from_slice::<Checkpoint>(&v).ok());
 
         let mut writer = Writer {
             hsm,
@@ -117,48 +132,39 @@ impl AuditLog {
             since_checkpoint: 0,
             expected: Arc::new(AtomicUsize::new(0)),
             checkpoint_retry_at: None,
+            previous: None,
+            started_ms: now_ms(),
+            rotate_retry_at: None,
         };
         let expected = writer.expected.clone();
         let mut start = None;
-        match tail {
-            Some(tail) => {
-                if let Some(cp) = &checkpoint
-                    && cp.log_id == tail.header.log_id
-                    && cp.count > tail.count
-                {
-                    return Err(AuditError::BehindCheckpoint {
-                        path: path.display().to_string(),
-                        found: tail.count,
-                        expected: cp.count,
-                    });
-                }
+        match plan {
+            Plan::Continue(tail) => {
                 if tail.header.format == ChainFormat::Token {
                     tracing::warn!(
                         path = %path.display(),
-                        "this audit log uses the older chain format (every MAC computed in the token, one token operation per entry); start a new audit.path for the segment-keyed format"
+                        "this audit log uses the older chain format (every MAC computed in the token, one token operation per entry); rotate it (`strongroom-admin audit rotate`) for the segment-keyed format"
                     );
                 }
                 writer.next_seq = tail.count;
                 writer.prev = tail.last_mac;
+                writer.previous = parse_previous(tail.first.detail.as_deref().unwrap_or(""));
+                writer.started_ms = tail.first.ts_ms;
                 writer.chain = Chain::new(tail.header.log_id, tail.header.format);
-            }
-            None => {
-                // A new log. Its first entry names the chain format, and the previous log
-                // the token knew of, so a deleted log leaves a trace in its successor.
-                let header = Header {
-                    log_id: new_log_id()?,
-                    format: ChainFormat::CURRENT,
-                };
-                let mut detail = header.to_detail();
-                if let Some(cp) = &checkpoint {
-                    detail.push_str(&format!(
-                        "; previous log_id={} count={} head={}",
-                        cp.log_id, cp.count, cp.head
-                    ));
+                // A log continued after a crash before its first checkpoint (a rotation's
+                // step 4, or a first start): checkpoint it before any request.
+                if checkpoint
+                    .as_ref()
+                    .is_none_or(|cp| cp.is_pending() || cp.log_id != writer.chain.log_id)
+                {
+                    start = Some(None);
                 }
-                writer.chain = Chain::new(header.log_id, header.format);
-                start = Some(detail);
             }
+            Plan::Start {
+                log_id,
+                previous,
+                reason,
+            } => start = Some(Some((log_id, previous, reason))),
         }
 
         let healthy = Arc::new(AtomicBool::new(true));
@@ -170,9 +176,10 @@ impl AuditLog {
             .spawn(move || {
                 // Starting a new log: its first entry and a checkpoint, before any request.
                 let first = match start {
-                    Some(detail) => writer
-                        .write_batch(vec![internal_entry("AuditLogStarted", detail)])
+                    Some(Some((log_id, previous, reason))) => writer
+                        .start_log(log_id, previous, reason.as_deref())
                         .and_then(|()| writer.checkpoint()),
+                    Some(None) => writer.checkpoint(),
                     None => Ok(()),
                 };
                 let ok = first.is_ok();
@@ -234,6 +241,21 @@ impl AuditLog {
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
+    /// Rotates now (after everything sent before): seals the log, records the next one in
+    /// the token, archives the file and starts the new log. `reason` must pass
+    /// [`check_reason`].
+    pub async fn rotate(&self, reason: &str) -> Result<Rotated, AuditError> {
+        check_reason(reason).map_err(AuditError::BadReason)?;
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Rotate(Box::new(RotateRequest {
+                reason: reason.to_owned(),
+                done,
+            })))
+            .map_err(|_| AuditError::Closed)?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
     /// Records a checkpoint now (after everything sent before), e.g. at shutdown.
     pub async fn checkpoint(&self) -> Result<(), AuditError> {
         let (done, rx) = oneshot::channel();
@@ -270,6 +292,12 @@ pub(super) struct Writer {
     /// After a failed checkpoint (the token away), no new attempt before this time: each
     /// attempt appends a `Checkpoint` entry, and retrying on every batch would fill the log.
     pub(super) checkpoint_retry_at: Option<Instant>,
+    /// The log before this one, as its first entry names it.
+    pub(super) previous: Option<LogEnd>,
+    /// When this log started (its first entry), ms since the Unix epoch.
+    pub(super) started_ms: u64,
+    /// After a failed rotation, no automatic attempt before this time.
+    pub(super) rotate_retry_at: Option<Instant>,
 }
 
 /// Marks the audit log unhealthy if the writer thread ends for any reason (a panic included):
@@ -301,6 +329,8 @@ pub(super) struct BatchLimits {
 pub(super) struct Batch {
     pub(super) pending: Vec<Pending>,
     pub(super) checkpoint_after: Option<oneshot::Sender<Result<(), AuditError>>>,
+    /// A rotation request that came after them.
+    pub(super) rotate_after: Option<Box<RotateRequest>>,
 }
 
 /// Takes `first` and what is waiting after it, up to `max_entries` entries and `max_bytes`
@@ -320,6 +350,7 @@ pub(super) fn gather(
     let mut bytes = first.bytes;
     let mut pending = vec![*first];
     let mut checkpoint_after = None;
+    let mut rotate_after = None;
     let mut slept = limits.commit_window.is_zero();
     while pending.len() < limits.max_entries && bytes < limits.max_bytes {
         match rx.try_recv() {
@@ -335,6 +366,10 @@ pub(super) fn gather(
                 checkpoint_after = Some(done);
                 break;
             }
+            Ok(Msg::Rotate(r)) => {
+                rotate_after = Some(r);
+                break;
+            }
             Err(_) if !slept && expected.load(Ordering::Acquire) > 0 => {
                 slept = true;
                 std::thread::sleep(limits.commit_window);
@@ -345,6 +380,7 @@ pub(super) fn gather(
     Batch {
         pending,
         checkpoint_after,
+        rotate_after,
     }
 }
 
@@ -376,10 +412,19 @@ impl Writer {
                     let _ = done.send(r);
                     continue;
                 }
+                Ok(Msg::Rotate(r)) => {
+                    if !self.rotate_between_batches(Some(*r), &healthy) {
+                        break;
+                    }
+                    continue;
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     next_tick = later(interval);
                     if self.since_checkpoint > 0 && self.may_checkpoint() {
                         let _ = self.try_checkpoint(&healthy);
+                    }
+                    if !self.rotate_between_batches(None, &healthy) {
+                        break;
                     }
                     continue;
                 }
@@ -393,6 +438,7 @@ impl Writer {
             let Batch {
                 pending,
                 mut checkpoint_after,
+                rotate_after,
             } = gather(&rx, first, &mut carry, &limits, &self.expected);
             let (entries, acks): (Vec<_>, Vec<_>) =
                 pending.into_iter().map(|p| (p.entry, p.done)).unzip();
@@ -430,6 +476,10 @@ impl Writer {
                         }));
                     }
                 }
+            }
+            // Between batches: an officer's rotation, or one that size or age calls for.
+            if !self.rotate_between_batches(rotate_after.map(|r| *r), &healthy) {
+                break;
             }
         }
         // The log was dropped. No token call here: the runtime may be shutting down (and a

@@ -158,6 +158,11 @@ pub struct AuditConfig {
     pub checkpoint_every: u64,
     /// And at least this often (seconds) while entries arrive.
     pub checkpoint_interval_secs: u64,
+    /// Rotate the log once its file holds this many bytes (0: never by size). The old log
+    /// is archived as `audit-<log_id>.log` next to `path` and kept.
+    pub rotate_bytes: u64,
+    /// Rotate the log once it is this many seconds old (0: never by age).
+    pub rotate_age_secs: u64,
     /// BENCHMARKS ONLY: write audit events to the process log only, not the durable chain.
     pub dangerous_disable_audit: bool,
 }
@@ -171,6 +176,8 @@ impl Default for AuditConfig {
             commit_window_us: 200,
             checkpoint_every: 1000,
             checkpoint_interval_secs: 10,
+            rotate_bytes: DEFAULT_AUDIT_ROTATE_BYTES,
+            rotate_age_secs: DEFAULT_AUDIT_ROTATE_AGE_SECS,
             dangerous_disable_audit: false,
         }
     }
@@ -393,6 +400,10 @@ pub const DEFAULT_MAX_LIST_SCAN: u64 = 10_000;
 /// The hard ceiling on `max_list_scan`.
 pub const MAX_LIST_SCAN_CEILING: u64 = 10_000_000;
 
+/// The default of `audit.rotate_bytes`: 256 MiB (a start reads the current log whole).
+pub const DEFAULT_AUDIT_ROTATE_BYTES: u64 = 256 << 20;
+/// The default of `audit.rotate_age_secs`: 30 days.
+pub const DEFAULT_AUDIT_ROTATE_AGE_SECS: u64 = 30 * 86_400;
 /// The default of `audit.max_batch_bytes`: 1 MiB.
 pub const DEFAULT_AUDIT_MAX_BATCH_BYTES: usize = 1 << 20;
 /// The bounds of `audit.max_batch_bytes`: at least one largest entry of a client request

@@ -350,18 +350,20 @@ impl Hsm {
     }
 
     /// Reads a private strongroom data object from the token.
-    pub async fn read_data(&self, label: &'static str) -> Result<Option<Vec<u8>>, HsmError> {
+    pub async fn read_data(&self, label: &str) -> Result<Option<Vec<u8>>, HsmError> {
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || shared.with_anchor(|a| keys::read_data(a, label)))
+        let label = label.to_owned();
+        tokio::task::spawn_blocking(move || shared.with_anchor(|a| keys::read_data(a, &label)))
             .await
             .map_err(|_| HsmError::Closed)?
     }
 
     /// Writes a private strongroom data object into the token.
-    pub async fn write_data(&self, label: &'static str, value: Vec<u8>) -> Result<(), HsmError> {
+    pub async fn write_data(&self, label: &str, value: Vec<u8>) -> Result<(), HsmError> {
         let shared = self.shared.clone();
+        let label = label.to_owned();
         tokio::task::spawn_blocking(move || {
-            shared.with_anchor(|a| keys::write_data(a, label, &value))
+            shared.with_anchor(|a| keys::write_data(a, &label, &value))
         })
         .await
         .map_err(|_| HsmError::Closed)?

@@ -21,7 +21,7 @@ use crate::proto::{
     CheckPolicyRequest, CheckPolicyResponse, DeletePolicyRequest, DestroySecretRequest,
     GetApprovalRequest, GetPolicyRequest, ListApprovalsRequest, ListApprovalsResponse,
     ListPoliciesRequest, ListPoliciesResponse, OperationResponse, PolicyInfo, PutPolicyRequest,
-    RejectRequest, RotateMasterKeyRequest, StatusRequest, StatusResponse,
+    RejectRequest, RotateAuditLogRequest, RotateMasterKeyRequest, StatusRequest, StatusResponse,
 };
 use crate::secret::SecretName;
 use crate::store::Aux;
@@ -33,6 +33,7 @@ const DELETE_POLICY: &str = "DeletePolicy";
 const DESTROY_SECRET: &str = "DestroySecret";
 const ROTATE_MASTER_KEY: &str = "RotateMasterKey";
 const ACCEPT_STORE_STATE: &str = "AcceptStoreState";
+const ROTATE_AUDIT_LOG: &str = "RotateAuditLog";
 /// The audit operation of a guarded operation's execution (its entry precedes the change).
 const EXECUTE: &str = "ExecuteApproval";
 /// The largest policy document accepted (its request's decode limit follows it).
@@ -282,6 +283,30 @@ impl AdminService for AdminApi {
                 .await;
             let detail = approval_detail(&result);
             this.finish(&officer, ROTATE_MASTER_KEY, None, result, detail)
+                .await
+        })
+        .await
+    }
+
+    async fn rotate_audit_log(
+        &self,
+        request: Request<RotateAuditLogRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, ROTATE_AUDIT_LOG).await?;
+            let reason = request.into_inner().reason;
+            let result = match crate::audit::check_reason(&reason) {
+                Ok(()) => {
+                    let params = vec![("reason", reason)];
+                    this.request_guarded(&officer, ROTATE_AUDIT_LOG, params)
+                        .await
+                }
+                Err(e) => Err(Error::InvalidArgument(e)),
+            };
+            let detail = approval_detail(&result);
+            this.finish(&officer, ROTATE_AUDIT_LOG, None, result, detail)
                 .await
         })
         .await
@@ -688,6 +713,7 @@ impl AdminApiInner {
             ACCEPT_STORE_STATE => super::rollback::accept(&self.state).await.map(|epoch| {
                 format!("the store is accepted at epoch {epoch}; secrets are served again")
             }),
+            ROTATE_AUDIT_LOG => super::rotate_audit_log(&self.state, &param("reason")).await,
             other => Err(Error::Internal(format!("unknown operation {other}"))),
         };
         match outcome {

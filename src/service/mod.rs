@@ -204,6 +204,9 @@ impl Server {
                             config.audit.checkpoint_interval_secs.max(1),
                         ),
                         hsm_timeout,
+                        checkpoint_label: crate::hsm::keys::CHECKPOINT_LABEL.to_owned(),
+                        rotate_bytes: config.audit.rotate_bytes,
+                        rotate_age: Duration::from_secs(config.audit.rotate_age_secs),
                     },
                 )
                 .await?,
@@ -375,6 +378,32 @@ impl Server {
             tracing::error!(error = %e, "final audit checkpoint failed");
         }
         Ok(())
+    }
+}
+
+/// Rotates the audit log (an approved `RotateAuditLog`): the outcome in words.
+pub(crate) async fn rotate_audit_log(
+    state: &State,
+    reason: &str,
+) -> Result<String, crate::error::Error> {
+    use crate::error::Error;
+    match &state.audit {
+        Auditor::Chained(log) => log
+            .rotate(reason)
+            .await
+            .map(|r| {
+                format!(
+                    "audit log {} ({} entries) archived as {}; log {} started",
+                    r.previous.log_id,
+                    r.previous.count,
+                    r.archived.display(),
+                    r.log_id
+                )
+            })
+            .map_err(|e| Error::Audit(e.to_string())),
+        Auditor::DangerousLogOnly => Err(Error::FailedPrecondition(
+            "there is no audit log to rotate (audit.dangerous_disable_audit is on)".into(),
+        )),
     }
 }
 

@@ -946,9 +946,18 @@ async fn an_unwritable_audit_log_keeps_the_service_from_starting() {
     drop(c);
     terminate(server);
 
-    // The same store and token, the log on a device where every write fails: writing the
-    // log's first entry fails, so the service never listens and the secret stays unread.
+    // The same store and token, the log on a device where every write fails. The token
+    // tracks the log just written, which /dev/full is not: the service refuses at once.
     let config = env.config(&format!("{POLICY}\n[audit]\npath = \"/dev/full\"\n"));
+    let mut d = spawn_daemon(&env, &config);
+    assert_eq!(d.addr, None, "strongroomd listened without its log");
+    let (status, msg) = d.exit();
+    assert_eq!(status.code(), Some(1), "{msg}");
+    assert!(msg.contains("/dev/full is missing or empty"), "{msg}");
+    // An officer declares a new log (offline): now writing its first entry fails, so the
+    // service never listens and the secret stays unread.
+    env.admin(&["audit", "new-log", "--reason", "moved to a new device"])
+        .assert_ok();
     let mut d = spawn_daemon(&env, &config);
     assert_eq!(
         d.addr, None,

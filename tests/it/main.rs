@@ -9,6 +9,7 @@ mod common;
 mod admin;
 mod approvals;
 mod audit;
+mod auditlog;
 mod auth;
 mod badinput;
 mod cli;

@@ -40,7 +40,7 @@ const ADMIN_NAMED_RPCS: [&str; 8] = [
     "Reject",
 ];
 /// Every AdminService RPC.
-const ADMIN_RPCS: [&str; 13] = [
+const ADMIN_RPCS: [&str; 14] = [
     "Status",
     "PutPolicy",
     "GetPolicy",
@@ -49,6 +49,7 @@ const ADMIN_RPCS: [&str; 13] = [
     "CheckPolicy",
     "DestroySecret",
     "RotateMasterKey",
+    "RotateAuditLog",
     "AcceptStoreState",
     "ListApprovals",
     "GetApproval",

@@ -1,15 +1,18 @@
 //! Audit commands, offline on the officer's host: `verify` recomputes the HMAC chain with the
-//! segment keys the token derives (the audit key never leaves it) and compares the log's end
-//! with the token's checkpoint; `tail` and `search` read entries.
+//! segment keys the token derives (the audit key never leaves it), checks that the log is
+//! the one the token says is current and reaches its checkpoint, and follows the archived
+//! predecessors back, naming any gap; `new-log` declares a new log in the token when the
+//! current file is lost (the service stopped); `tail` and `search` read entries. `rotate`
+//! is online (the admin plane, under dual control).
 
 use std::fs::File;
 use std::io::BufReader;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use serde_json::json;
 
-use strongroom::audit::{self, Checkpoint, Entry};
+use strongroom::audit::{self, Checkpoint, Entry, HistoryReport};
 use strongroom::hsm::{self, HsmError, keys};
 
 use crate::{Cli, Failure, Format};
@@ -17,10 +20,40 @@ use crate::{Cli, Failure, Format};
 #[derive(Subcommand)]
 pub(crate) enum AuditCmd {
     /// Check the whole chain; name the first entry modified, removed, reordered or inserted,
-    /// and a tail cut off before the token's last checkpoint. Needs the token and user PIN.
+    /// and a tail cut off before the token's last checkpoint; fail if the log is not the one
+    /// the token says is current; then verify each archived predecessor its first entry
+    /// names (`audit-<log_id>.log`), end to end, naming any gap. Needs the token and PIN.
     Verify {
         /// The audit log.
         file: PathBuf,
+        /// Where the archived logs are (default: the log's directory).
+        #[arg(long)]
+        archive_dir: Option<PathBuf>,
+        /// The log is an archived one: do not require it to be the token's current log.
+        #[arg(long)]
+        archived: bool,
+        /// The token object holding the checkpoint of this audit chain.
+        #[arg(long, default_value = keys::CHECKPOINT_LABEL)]
+        checkpoint_label: String,
+    },
+    /// Declare a new audit log in the token, for a current log that is lost (offline, with
+    /// the PIN, while strongroomd is stopped; online use `audit rotate`). The token records
+    /// the new log's id and where the lost log ended as it last recorded it; strongroomd's
+    /// next start begins the new log, whose first entry names its predecessor.
+    NewLog {
+        /// Why (recorded in the token and in the new log's first entry).
+        #[arg(long)]
+        reason: String,
+        /// The token object holding the checkpoint of this audit chain.
+        #[arg(long, default_value = keys::CHECKPOINT_LABEL)]
+        checkpoint_label: String,
+    },
+    /// Rotate the audit log now (online, needs approval): the log is sealed and archived as
+    /// `audit-<log_id>.log`, and a new log naming it starts.
+    Rotate {
+        /// Why (recorded in both logs).
+        #[arg(long, default_value = "officer request")]
+        reason: String,
     },
     /// The last entries.
     Tail {
@@ -54,8 +87,13 @@ pub(crate) fn run(cli: &Cli, cmd: &AuditCmd) -> Result<(), Failure> {
             .map_err(|e| Failure::Local(format!("cannot open {}: {e}", f.display())))
     };
     match cmd {
-        AuditCmd::Verify { file } => {
-            let reader = open(file)?;
+        AuditCmd::Verify {
+            file,
+            archive_dir,
+            archived,
+            checkpoint_label,
+        } => {
+            drop(open(file)?);
             let pin = crate::user_pin(cli)?;
             let pkcs11 = hsm::load_module(&cli.module)?;
             let slot = hsm::find_token(&pkcs11, &crate::selector(cli)?)?;
@@ -67,31 +105,19 @@ pub(crate) fn run(cli: &Cli, cmd: &AuditCmd) -> Result<(), Failure> {
                     keys::MacKey::Audit.label()
                 ))
             })?;
-            let checkpoint = keys::read_checkpoint(&session)?
+            let checkpoint = keys::read_data(&session, checkpoint_label)?
                 .and_then(|v| serde_json::from_slice::<Checkpoint>(&v).ok());
-            let report = audit::verify(
-                reader,
+            let dir = archive_dir
+                .clone()
+                .unwrap_or_else(|| audit::archive_dir(file));
+            let report = audit::verify_history(
+                file,
+                &dir,
                 |data| keys::hmac(&session, key, data),
                 checkpoint.as_ref(),
+                !archived,
             )?;
-            if cli.format == Format::Json {
-                println!("{}", json!(report));
-            } else {
-                match &report.problem {
-                    None => println!(
-                        "ok: {} entries verified{}",
-                        report.verified,
-                        checkpoint.as_ref().map_or(String::new(), |c| format!(
-                            "; the token's checkpoint records {}",
-                            c.count
-                        ))
-                    ),
-                    Some(p) => println!(
-                        "FAILED at line {} ({:?}): {}; {} entries verified before it",
-                        p.line, p.kind, p.detail, report.verified
-                    ),
-                }
-            }
+            print_report(cli.format, &report, checkpoint.as_ref(), file);
             match report.problem {
                 None => Ok(()),
                 Some(p) => Err(Failure::Token(format!(
@@ -100,6 +126,53 @@ pub(crate) fn run(cli: &Cli, cmd: &AuditCmd) -> Result<(), Failure> {
                 ))),
             }
         }
+        AuditCmd::NewLog {
+            reason,
+            checkpoint_label,
+        } => {
+            audit::check_reason(reason).map_err(|e| Failure::Local(format!("--reason: {e}")))?;
+            let pin = crate::user_pin(cli)?;
+            let pkcs11 = hsm::load_module(&cli.module)?;
+            let slot = hsm::find_token(&pkcs11, &crate::selector(cli)?)?;
+            let session = pkcs11.open_rw_session(slot).map_err(HsmError::from)?;
+            hsm::login(&session, &pin)?;
+            let current = keys::read_data(&session, checkpoint_label)?
+                .map(|v| serde_json::from_slice::<Checkpoint>(&v))
+                .transpose()
+                .map_err(|e| Failure::Token(format!("the token's audit checkpoint does not parse: {e}")))?
+                .ok_or_else(|| {
+                    Failure::Token(
+                        "the token tracks no audit log yet: strongroomd starts the first one itself".into(),
+                    )
+                })?;
+            if current.is_pending() {
+                return Err(Failure::Token(format!(
+                    "the token already declares log {}, not started yet: start strongroomd to start it",
+                    current.log_id
+                )));
+            }
+            let next = current
+                .declare_next(reason)
+                .map_err(|e| Failure::Local(e.to_string()))?;
+            keys::write_data(&session, checkpoint_label, &next.to_bytes())?;
+            if cli.format == Format::Json {
+                println!(
+                    "{}",
+                    json!({"log_id": next.log_id, "previous": next.previous, "reason": reason})
+                );
+            } else {
+                println!(
+                    "declared audit log {} after log {} ({} entries as the token last recorded them)",
+                    next.log_id, current.log_id, current.count
+                );
+                println!(
+                    "strongroomd starts it at its next start; keep any copy of log {} as audit-{}.log next to the audit log, so that `audit verify` can follow the history",
+                    current.log_id, current.log_id
+                );
+            }
+            Ok(())
+        }
+        AuditCmd::Rotate { .. } => Err(Failure::Local("audit rotate is an online command".into())),
         AuditCmd::Tail { file, lines } => {
             let entries: Vec<Entry> = audit::read_entries(open(file)?).collect();
             let start = entries.len().saturating_sub(*lines);
@@ -125,6 +198,41 @@ pub(crate) fn run(cli: &Cli, cmd: &AuditCmd) -> Result<(), Failure> {
             print_entries(cli.format, &found);
             Ok(())
         }
+    }
+}
+
+fn print_report(format: Format, report: &HistoryReport, cp: Option<&Checkpoint>, file: &Path) {
+    if format == Format::Json {
+        println!("{}", json!(report));
+        return;
+    }
+    match &report.problem {
+        None => println!(
+            "ok: {} entries verified in {}{}",
+            report.verified,
+            file.display(),
+            cp.map_or(String::new(), |c| format!(
+                "; the token's checkpoint records {}",
+                c.count
+            ))
+        ),
+        Some(p) => println!(
+            "FAILED at line {} ({:?}): {}; {} entries verified before it",
+            p.line, p.kind, p.detail, report.verified
+        ),
+    }
+    for log in report.logs.iter().skip(1) {
+        println!(
+            "  predecessor {} ({}): {} entries verified{}",
+            log.log_id.as_deref().unwrap_or("?"),
+            log.file,
+            log.verified,
+            if log.problem.is_some() {
+                " (with a problem)"
+            } else {
+                ""
+            }
+        );
     }
 }
 

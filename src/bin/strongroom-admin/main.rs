@@ -101,7 +101,8 @@ pub(crate) enum Command {
     /// Secrets, as officers manage them (online; destroy needs approval).
     #[command(subcommand)]
     Secret(online::SecretCmd),
-    /// The audit log: verify its chain, read it.
+    /// The audit log: verify its history, read it, rotate it (online), declare a new log
+    /// for a lost file (offline).
     #[command(subcommand)]
     Audit(audit_cmd::AuditCmd),
     /// Write a development PKI (server, client and admin CAs and certificates).
@@ -224,7 +225,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         | Command::Reject { .. }
         | Command::Secret(_)
         | Command::Store(online::StoreCmd::Accept)
-        | Command::Key(KeyCmd::Rotate) => online::run(&cli.online, cli.format, &cli.command),
+        | Command::Key(KeyCmd::Rotate)
+        | Command::Audit(audit_cmd::AuditCmd::Rotate { .. }) => {
+            online::run(&cli.online, cli.format, &cli.command)
+        }
         Command::Store(online::StoreCmd::Migrate { config, from, to }) => {
             migrate_cmd::run(&cli, config, from, to)
         }

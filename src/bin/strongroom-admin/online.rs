@@ -13,9 +13,10 @@ use strongroom::proto::{
     AcceptStoreStateRequest, Approval, ApproveRequest, CheckPolicyRequest, DeletePolicyRequest,
     DestroySecretRequest, GetApprovalRequest, GetPolicyRequest, ListApprovalsRequest,
     ListPoliciesRequest, OperationResponse, PolicyInfo, PutPolicyRequest, RejectRequest,
-    RotateMasterKeyRequest, StatusRequest,
+    RotateAuditLogRequest, RotateMasterKeyRequest, StatusRequest,
 };
 
+use crate::audit_cmd::AuditCmd;
 use crate::{Command, Failure, Format, KeyCmd};
 
 /// How to reach the admin listener.
@@ -422,6 +423,16 @@ async fn run_async(target: &Target, format: Format, command: &Command) -> Result
         Command::Key(KeyCmd::Rotate) => {
             let r = c
                 .rotate_master_key(RotateMasterKeyRequest {})
+                .await
+                .map_err(server)?
+                .into_inner();
+            print_operation(format, &r)
+        }
+        Command::Audit(AuditCmd::Rotate { reason }) => {
+            let r = c
+                .rotate_audit_log(RotateAuditLogRequest {
+                    reason: reason.clone(),
+                })
                 .await
                 .map_err(server)?
                 .into_inner();

@@ -387,6 +387,45 @@ request_timeout_ms = 5000
         }
     }
 
+    /// Starts `strongroomd` with `config` where it must refuse to start: panics if it
+    /// listens; returns its exit code and everything it logged.
+    pub fn refused_start(&self, config: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+        let log = self.dir.path().join(format!(
+            "strongroomd-refused-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroomd"));
+        self.apply_env(&mut cmd);
+        cmd.arg("--config")
+            .arg(config)
+            .env("STRONGROOM_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn strongroomd");
+        let stdout = child.stdout.take().unwrap();
+        // The first line is "listening on …" if it started; end of file if it exited.
+        let first = BufReader::new(stdout).lines().next();
+        if let Some(Ok(line)) = first {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "strongroomd started ({line}) where it must refuse:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        let status = child.wait().unwrap();
+        (
+            status.code(),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+        )
+    }
+
     /// A `strongroom` CLI command for `server`, as the client `stem`.
     pub fn cli(&self, server: &Server, stem: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom"));
