@@ -250,7 +250,7 @@ mod tests {
     #[test]
     fn every_request_of_both_services_has_a_limit() {
         let requests = request_types();
-        assert_eq!(requests.len(), 6 + 13, "{requests:?}");
+        assert_eq!(requests.len(), 6 + 14, "{requests:?}");
         for r in &requests {
             let limit = LIMITS.iter().find(|(n, _)| n == r).map(|(_, l)| *l);
             assert!(
