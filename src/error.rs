@@ -49,6 +49,10 @@ pub enum Error {
     /// The audit entry could not be written; the request is refused.
     #[error("the audit log cannot be written: {0}")]
     Audit(String),
+    /// A once-only job's write was refused for its fence: another process holds the job's
+    /// lock now (or nobody: the lease lapsed). Nothing was written.
+    #[error("lost the job's lock: {0}")]
+    LostLock(String),
     /// A bug or an unexpected runtime failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -81,6 +85,8 @@ impl Error {
             Error::Store(_) => Code::Unavailable,
             Error::DataLoss(_) => Code::DataLoss,
             Error::Audit(_) => Code::Unavailable,
+            // Another replica runs the job now; retrying here would be refused again.
+            Error::LostLock(_) => Code::Aborted,
             Error::Internal(_) => Code::Internal,
         }
     }

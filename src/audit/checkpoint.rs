@@ -57,8 +57,9 @@ impl Writer {
         // A token that hangs must not stop the log: the write gets the token deadline. (The
         // timer is made inside block_on: it needs the runtime's context.)
         let (hsm, deadline) = (&self.hsm, self.options.hsm_timeout);
+        let label = self.options.checkpoint_label.clone();
         self.rt
-            .block_on(async { tokio::time::timeout(deadline, hsm.write_checkpoint(value)).await })
+            .block_on(async { tokio::time::timeout(deadline, hsm.write_data(label, value)).await })
             .map_err(|_| AuditError::Hsm(crate::hsm::HsmError::Timeout))??;
         self.since_checkpoint = 0;
         Ok(())

@@ -33,6 +33,10 @@ pub struct AuditOptions {
     pub checkpoint_interval: Duration,
     /// Deadline for the token's MAC computation.
     pub hsm_timeout: Duration,
+    /// The label of the token data object that holds this log's checkpoint:
+    /// [`CHECKPOINT_LABEL`](crate::hsm::keys::CHECKPOINT_LABEL) for a single node, one of its
+    /// own per replica ([`replica_label`](crate::hsm::keys::replica_label)).
+    pub checkpoint_label: String,
 }
 
 pub(super) struct Pending {
@@ -101,7 +105,7 @@ impl AuditLog {
                 .map_err(|_| AuditError::Closed)??
         };
         let checkpoint = hsm
-            .read_checkpoint()
+            .read_data(options.checkpoint_label.clone())
             .await?
             .and_then(|v| serde_json::from_slice::<Checkpoint>(&v).ok());
 

@@ -34,6 +34,70 @@ pub struct Config {
     /// Authorisation rules (deny by default).
     #[serde(default)]
     pub policy: Vec<RuleConfig>,
+    /// Once-only jobs and the leases of their locks.
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: jobs that must run on one replica at a time run under a lock with a lease
+/// (etcd's, shared by the replicas; this process's on sled) and a fencing token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Seconds a lock (a job's, and the replica id's) outlives its holder's last renewal:
+    /// how long a replica that died keeps its id and its jobs from the others.
+    pub lease_ttl_secs: u64,
+    /// How often (milliseconds) a holder renews its leases; well below the time to live.
+    pub renew_interval_ms: u64,
+    /// Seconds between the officer-visible state reports (`m/state-report` in the store),
+    /// written by whichever replica holds the `state-report` job lock. 0: no reports.
+    pub state_report_interval_secs: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl_secs: 10,
+            renew_interval_ms: 3000,
+            state_report_interval_secs: 60,
+        }
+    }
+}
+
+impl JobsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if !(2..=3600).contains(&self.lease_ttl_secs) {
+            return invalid(
+                "jobs.lease_ttl_secs must be 2..=3600 (etcd's shortest lease is about 2 s)",
+            );
+        }
+        if self.renew_interval_ms < 100 || self.renew_interval_ms * 2 > self.lease_ttl_secs * 1000 {
+            return invalid(
+                "jobs.renew_interval_ms must be at least 100 and at most half of jobs.lease_ttl_secs, so one lost renewal does not lose the lease",
+            );
+        }
+        if self.state_report_interval_secs > 86_400 {
+            return invalid("jobs.state_report_interval_secs must be 0..=86400 (0: off)");
+        }
+        Ok(())
+    }
+}
+
+/// Why a replica id is refused, if it is: 1..=32 bytes of `[a-z0-9-]`, not starting or
+/// ending with `-` (it names token objects and etcd keys).
+pub fn replica_id_problem(id: &str) -> Option<String> {
+    let ok = (1..=32).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-');
+    (!ok).then(|| {
+        format!(
+            "server.replica_id {id:?} must be 1..=32 characters of a-z, 0-9 and '-', not starting or ending with '-' (or absent for a single node)"
+        )
+    })
 }
 
 /// `[server]`.
@@ -68,6 +132,12 @@ pub struct ServerConfig {
     /// writable by group or others, with a warning instead of a refusal.
     #[serde(default)]
     pub dangerous_allow_loose_file_modes: bool,
+    /// This replica's name when several processes share one store and token
+    /// (`STRONGROOM_REPLICA_ID`): its token objects (audit and store checkpoints) are its
+    /// own, and only one live process may hold it. Empty (the default): a single node,
+    /// with the token labels of a single node.
+    #[serde(default)]
+    pub replica_id: String,
 }
 
 /// `[hsm]`.
@@ -462,6 +532,9 @@ impl Config {
         if let Some(v) = var("STRONGROOM_AUDIT_PATH") {
             self.audit.path = v.into();
         }
+        if let Some(v) = var("STRONGROOM_REPLICA_ID") {
+            self.server.replica_id = v;
+        }
         if let (Some(v), Some(admin)) = (var("STRONGROOM_ADMIN_LISTEN"), self.admin.as_mut()) {
             admin.listen = v
                 .parse()
@@ -573,6 +646,12 @@ impl Config {
             ));
         }
         self.store.validate()?;
+        self.jobs.validate()?;
+        if !self.server.replica_id.is_empty()
+            && let Some(p) = replica_id_problem(&self.server.replica_id)
+        {
+            return Err(ConfigError::Invalid(p));
+        }
         crate::policy::Policy::from_rules(&self.policy, l.max_name_bytes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())

@@ -6,6 +6,7 @@
 //! binds until `shutdown` completes, so tests bind `127.0.0.1:0`.
 
 mod admin;
+mod jobs;
 mod page_token;
 mod policies;
 mod rollback;
@@ -67,6 +68,9 @@ pub enum StartError {
     /// A listener could not be set up.
     #[error("listener: {0}")]
     Listener(String),
+    /// The replica id is live in another process.
+    #[error("{0}")]
+    Replica(String),
 }
 
 /// Everything a request needs, shared by all handlers.
@@ -94,9 +98,30 @@ pub(crate) struct State {
     pub(crate) rollback: RwLock<Option<String>>,
     /// How often the store's records are checked against its commitment (zero: at start only).
     pub(crate) store_verify: Duration,
+    /// This replica's id (`server.replica_id`; empty: a single node).
+    pub(crate) replica_id: String,
+    /// How this process names itself as a lock's holder (see [`jobs::holder`]).
+    pub(crate) holder: String,
+    /// The leases and intervals of once-only jobs.
+    pub(crate) jobs: JobTimes,
+}
+
+/// `[jobs]` as durations.
+pub(crate) struct JobTimes {
+    /// A lock's lease time to live.
+    pub(crate) ttl: Duration,
+    /// How often a holder renews.
+    pub(crate) renew: Duration,
+    /// Between state reports (zero: none).
+    pub(crate) report: Duration,
 }
 
 impl State {
+    /// The label of this replica's store checkpoint in the token.
+    pub(crate) fn store_checkpoint_label(&self) -> String {
+        hsm::keys::replica_label(hsm::keys::STORE_CHECKPOINT_LABEL, &self.replica_id)
+    }
+
     /// The policy in force.
     pub(crate) fn policy(&self) -> Arc<Policy> {
         self.policy
@@ -128,6 +153,8 @@ impl WriteStripes {
 /// A started service, ready to serve.
 pub struct Server {
     state: Arc<State>,
+    /// The replica id's lock, held from start to stop.
+    replica_lock: Option<crate::store::Lock>,
     tls: Arc<crate::tls::ServerTls>,
     admin_tls: Option<Arc<crate::tls::ServerTls>>,
     limits: FrontLimits,
@@ -175,6 +202,23 @@ impl Server {
         // The store commits its records under a key only the token can give (rollback.rs).
         let state_key = rollback::state_key(&hsm, hsm_timeout).await?;
         let store = crate::store::open(&config.store, config.limits.max_value_bytes, state_key)?;
+        let replica_id = config.server.replica_id.clone();
+        let holder = jobs::holder(&replica_id);
+        let jobs_times = JobTimes {
+            ttl: Duration::from_secs(config.jobs.lease_ttl_secs),
+            renew: Duration::from_millis(config.jobs.renew_interval_ms),
+            report: Duration::from_secs(config.jobs.state_report_interval_secs),
+        };
+        // Before any token object of the replica is read or written: one live process per id.
+        let replica_lock = if replica_id.is_empty() {
+            None
+        } else {
+            Some(
+                jobs::register_replica(&store, &replica_id, &holder, jobs_times.ttl)
+                    .await
+                    .map_err(|e| StartError::Replica(e.to_string()))?,
+            )
+        };
         let audit = if config.audit.dangerous_disable_audit {
             tracing::warn!(
                 "DANGEROUS: audit.dangerous_disable_audit is on: no durable audit trail"
@@ -197,6 +241,10 @@ impl Server {
                             config.audit.checkpoint_interval_secs.max(1),
                         ),
                         hsm_timeout,
+                        checkpoint_label: hsm::keys::replica_label(
+                            hsm::keys::CHECKPOINT_LABEL,
+                            &replica_id,
+                        ),
                     },
                 )
                 .await?,
@@ -231,12 +279,16 @@ impl Server {
             admin_lock: tokio::sync::Mutex::new(()),
             rollback: RwLock::new(None),
             store_verify: Duration::from_secs(config.store.verify_interval_secs),
+            replica_id,
+            holder,
+            jobs: jobs_times,
         });
         rollback::check(&state).await?;
         policies::seed(&state, &config.policy, seed.is_empty()).await?;
         policies::reload(&state).await?;
         Ok(Self {
             state,
+            replica_lock,
             tls,
             admin_tls,
             limits,
@@ -266,6 +318,23 @@ impl Server {
         update_health(&state).await;
         let watcher = tokio::spawn(health_watch(state.clone()));
         let epochs = tokio::spawn(rollback::watch(state.clone()));
+        let reports = tokio::spawn(jobs::state_reports(state.clone()));
+        // Losing the replica id to another process stops this one (see jobs::keep_replica).
+        let replica = self
+            .replica_lock
+            .clone()
+            .map(|lock| AbortOnDrop(tokio::spawn(jobs::keep_replica(state.clone(), lock))));
+        let shutdown = async move {
+            match replica {
+                Some(mut task) => {
+                    tokio::select! {
+                        () = shutdown => {}
+                        _ = &mut task.0 => {}
+                    }
+                }
+                None => shutdown.await,
+            }
+        };
 
         // The outer cap: beyond it tonic refuses a message (OUT_OF_RANGE) from its frame
         // header, without reading it into memory. Below it, each request type has its own
@@ -353,8 +422,15 @@ impl Server {
         reloader.abort();
         watcher.abort();
         epochs.abort();
+        reports.abort();
         if let Err(e) = rollback::record(&state).await {
             tracing::error!(error = %e, "cannot record the final store epoch in the token");
+        }
+        if let Some(lock) = self.replica_lock {
+            // Let the id go at once, so a successor need not wait for the lease to lapse.
+            if let Err(e) = blocking(&state, move |s| s.unlock(&lock)).await {
+                tracing::warn!(error = %e, "cannot give the replica id up; its lease will lapse");
+            }
         }
         // A final checkpoint, so the token records the whole log as it stands at shutdown.
         if let Auditor::Chained(log) = &state.audit
@@ -363,6 +439,15 @@ impl Server {
             tracing::error!(error = %e, "final audit checkpoint failed");
         }
         Ok(())
+    }
+}
+
+/// Aborts a task when dropped.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -19,6 +19,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prost::Message;
 use sled::{Batch, IVec};
@@ -26,8 +27,8 @@ use sled::{Batch, IVec};
 use super::commitment::{EPOCH, STATE, STORE_ID, frame_value, is_frame_key, parse_frame};
 use super::durable::StoreSync;
 use super::{
-    Aux, Commitment, FrameStatus, Head, NameRange, Page, StateCheck, StateKey, Store, StoreError,
-    StoreState, VersionConflict,
+    Aux, Commitment, Fenced, FrameStatus, Head, LocalLocks, Lock, LockHeld, NameRange, Page,
+    StateCheck, StateKey, Store, StoreError, StoreState, VersionConflict,
 };
 use crate::proto::HeadV1;
 use crate::secret::{SealedRecord, SecretName};
@@ -80,6 +81,8 @@ pub struct SledStore {
     sync: StoreSync,
     /// Keys `list` has examined, for the admin plane's status.
     examined: AtomicU64,
+    /// One process opens a sled store: its locks are this process's.
+    locks: LocalLocks,
 }
 
 impl SledStore {
@@ -130,6 +133,7 @@ impl SledStore {
             scan_lock: Mutex::new(()),
             sync,
             examined: AtomicU64::new(0),
+            locks: LocalLocks::default(),
         })
     }
 
@@ -488,6 +492,42 @@ impl Store for SledStore {
         }
         self.flush()?;
         Ok(())
+    }
+
+    fn try_lock(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Result<Lock, LockHeld>, StoreError> {
+        self.locks.try_lock(name, holder, ttl)
+    }
+
+    fn renew_lock(&self, lock: &Lock) -> Result<bool, StoreError> {
+        self.locks.renew(lock)
+    }
+
+    fn unlock(&self, lock: &Lock) -> Result<(), StoreError> {
+        self.locks.unlock(lock)
+    }
+
+    fn aux_put_fenced(
+        &self,
+        lock: &Lock,
+        ns: Aux,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Result<(), Fenced>, StoreError> {
+        self.locks.fenced(lock, || self.aux_put(ns, key, value))
+    }
+
+    fn aux_delete_fenced(
+        &self,
+        lock: &Lock,
+        ns: Aux,
+        key: &str,
+    ) -> Result<Result<bool, Fenced>, StoreError> {
+        self.locks.fenced(lock, || self.aux_delete(ns, key))
     }
 
     fn aux_delete(&self, ns: Aux, key: &str) -> Result<bool, StoreError> {
