@@ -820,6 +820,59 @@ mod tests {
     }
 
     #[test]
+    fn replica_ids_are_short_and_plain_and_absent_by_default() {
+        assert_eq!(parse("").unwrap().server.replica_id, "");
+        for ok in ["a", "r1", "eu-west-2", &"x".repeat(32)] {
+            assert_eq!(replica_id_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "R1",
+            "r_1",
+            "r/1",
+            "r@1",
+            "-r",
+            "r-",
+            "r 1",
+            &"x".repeat(33),
+        ] {
+            assert!(replica_id_problem(bad).is_some(), "{bad:?}");
+        }
+        // Through the file: an id in [server] is checked too.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = |id: &str| {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+                 replica_id = \"{id}\"\n[hsm]\nmodule = \"m.so\"\ntoken = \"t\"\n[store]\npath = \"s\"\n"
+            )
+        };
+        std::fs::write(&path, text("r1")).unwrap();
+        assert_eq!(Config::load(&path).unwrap().server.replica_id, "r1");
+        std::fs::write(&path, text("R1")).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("server.replica_id"), "{e}");
+    }
+
+    #[test]
+    fn job_leases_default_to_ten_seconds_and_renewals_fit_in_them() {
+        let j = parse("").unwrap().jobs;
+        assert_eq!((j.lease_ttl_secs, j.renew_interval_ms), (10, 3000));
+        assert_eq!(j.state_report_interval_secs, 60);
+        let jobs = |t: &str| parse(&format!("[jobs]\n{t}"));
+        assert!(jobs("lease_ttl_secs = 2\nrenew_interval_ms = 1000").is_ok());
+        for bad in [
+            "lease_ttl_secs = 1",
+            "lease_ttl_secs = 2\nrenew_interval_ms = 1001",
+            "renew_interval_ms = 99",
+            "state_report_interval_secs = 86401",
+        ] {
+            let e = jobs(bad).unwrap_err().to_string();
+            assert!(e.contains("jobs."), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn the_store_verify_interval_defaults_to_an_hour_and_must_be_sane() {
         assert_eq!(parse("").unwrap().store.verify_interval_secs, 3600);
         for ok in [0, 1, MAX_STORE_VERIFY_INTERVAL_SECS] {

@@ -338,3 +338,66 @@ pub(crate) async fn watch(state: Arc<State>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(epoch: u64, c: u8) -> StoreState {
+        StoreState {
+            store_id: "s".into(),
+            epoch,
+            commitment: Commitment([c; 32]),
+            frame: FrameStatus::Valid,
+        }
+    }
+
+    fn cp(label: &str, store: &str, epoch: u64, c: u8) -> (String, StoreCheckpoint) {
+        (
+            label.into(),
+            StoreCheckpoint {
+                store_id: store.into(),
+                epoch,
+                commitment: Some(Commitment([c; 32]).to_hex()),
+            },
+        )
+    }
+
+    const A: &str = "strongroom-store-checkpoint@a";
+    const B: &str = "strongroom-store-checkpoint@b";
+
+    #[test]
+    fn a_store_ahead_of_every_checkpoint_or_at_one_with_its_commitment_passes() {
+        // Other replicas wrote after these checkpoints were read: the store is ahead.
+        assert!(compare(&st(9, 1), &[cp(A, "s", 5, 7), cp(B, "s", 8, 8)]).is_empty());
+        // At the newest one's epoch with its commitment.
+        assert!(compare(&st(8, 8), &[cp(A, "s", 5, 7), cp(B, "s", 8, 8)]).is_empty());
+        assert!(compare(&st(0, 0), &[]).is_empty());
+    }
+
+    #[test]
+    fn a_store_behind_the_newest_checkpoint_of_any_replica_is_a_rollback() {
+        let p = compare(&st(7, 1), &[cp(A, "s", 5, 7), cp(B, "s", 8, 8)]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("replica b's checkpoint recorded epoch 8"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("rolled back"), "{p:?}");
+        // The single node's checkpoint counts as well.
+        let p = compare(&st(7, 1), &[cp("strongroom-store-checkpoint", "s", 9, 9)]);
+        assert!(p[0].contains("the token recorded epoch 9"), "{p:?}");
+    }
+
+    #[test]
+    fn another_commitment_at_a_recorded_epoch_or_another_store_is_flagged() {
+        let p = compare(&st(8, 1), &[cp(B, "s", 8, 8)]);
+        assert!(p[0].contains("put back or replaced"), "{p:?}");
+        let p = compare(&st(9, 1), &[cp(A, "s", 5, 7), cp(B, "other", 3, 3)]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("replica b's checkpoint last recorded store other"),
+            "{p:?}"
+        );
+    }
+}

@@ -13,6 +13,9 @@
 //! | `P m/epoch` | the write counter, 8 bytes big-endian |
 //! | `P m/state` | the state commitment and its tag (see [`StateKey`]) |
 //!
+//! Locks (replica ids, once-only jobs) live beside the prefix, outside the commitment:
+//! see [`lease`](super::lease).
+//!
 //! Names never contain `\0`, so a name's records are exactly the keys under `P r/` name `\0`,
 //! and heads sort by name as in sled. etcd sees names, ciphertext and wrapped keys, never a
 //! value.
