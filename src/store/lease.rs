@@ -44,7 +44,11 @@ pub fn lock_name(kind: LockKind, name: &str) -> String {
     }
 }
 
-/// A lock this process holds, until its lease lapses.
+/// A lock this process holds, until its lease lapses. On etcd it is a key (outside
+/// `store.prefix`, beside it: [`lock_namespace`]) created under a lease while absent, and its
+/// fence is that key's create revision; a write under it
+/// ([`Store::aux_put_fenced`](super::Store::aux_put_fenced)) compares that revision in the
+/// same transaction, so a holder that lost the lock writes nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lock {
     /// Its name (see [`lock_name`]).

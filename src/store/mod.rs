@@ -320,7 +320,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes the lock `name` ([`lock_name`]) for `holder` (a description for others'
     /// refusals) under a lease of `ttl`, unless a live holder has it: shared by every
-    /// process on the same etcd, this process's own on sled (see [`lease`](self::lease)).
+    /// process on the same etcd, this process's own on sled (see [`Lock`]).
     fn try_lock(
         &self,
         name: &str,
