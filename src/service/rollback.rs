@@ -37,8 +37,10 @@
 //! meanwhile only moves the store's epoch further ahead of the checkpoints that check read,
 //! and a checkpoint at the store's very epoch was taken with no write since, so its
 //! commitment is the store's. The other order (store, then token) would let a replica
-//! record a newer epoch between the two reads and look like a rollback; the test
-//! `replicas::two_replicas_write_at_once_without_a_false_rollback` writes through two
+//! record a newer epoch between the two reads and look like a rollback. [`read_in_order`]
+//! holds the order; its unit test lets another replica write and record before each read
+//! (and fails with the reads swapped), and the integration test
+//! `replicas::two_replicas_write_at_once_without_a_false_rollback` writes through two real
 //! replicas at once across both checks. A checkpoint only moves forward: a replica never
 //! records an epoch below the one it recorded for the same store.
 //!
@@ -47,6 +49,7 @@
 //! own; the others record theirs again as the store moves on. A replica that flagged the
 //! store keeps refusing until it is accepted there too or restarted.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,6 +98,22 @@ async fn recorded(state: &State) -> Result<Vec<(String, StoreCheckpoint)>, Error
         .collect())
 }
 
+/// Reads the token's checkpoints, *then* the store's state (futures do nothing until
+/// awaited, so this order is the order of the reads): what other replicas write meanwhile
+/// only moves the store ahead of the checkpoints read (see the module doc).
+async fn read_in_order<T, S>(
+    token: T,
+    store: S,
+) -> Result<(Vec<(String, StoreCheckpoint)>, StoreState), Error>
+where
+    T: Future<Output = Result<Vec<(String, StoreCheckpoint)>, Error>>,
+    S: Future<Output = Result<StoreState, Error>>,
+{
+    let checkpoints = token.await?;
+    let state = store.await?;
+    Ok((checkpoints, state))
+}
+
 /// What is wrong with the store's state `st` against the token's checkpoints (read before
 /// `st`, see the module doc): nothing when each names this store, none is ahead of it, and
 /// those at its epoch have its commitment.
@@ -138,9 +157,7 @@ fn compare(st: &StoreState, checkpoints: &[(String, StoreCheckpoint)]) -> Vec<St
 /// Compares the store with the token's checkpoints and its records with its commitment;
 /// flags a rollback, a replaced store or records changed outside the service.
 pub(crate) async fn check(state: &State) -> Result<(), Error> {
-    // The token first, then the store: see the module doc.
-    let checkpoints = recorded(state).await?;
-    let st = blocking(state, |s| s.state()).await?;
+    let (checkpoints, st) = read_in_order(recorded(state), blocking(state, |s| s.state())).await?;
     let token_commitment = checkpoints
         .iter()
         .find_map(|(_, cp)| cp.commitment.as_deref());
@@ -277,13 +294,9 @@ pub(crate) async fn verify(state: &State) {
     if ensure_trusted(state).is_err() {
         return;
     }
-    // The token first, then the store: see the module doc.
-    let compared = match recorded(state).await {
-        Ok(checkpoints) => blocking(state, |s| s.state())
-            .await
-            .map(|st| compare(&st, &checkpoints)),
-        Err(e) => Err(e),
-    };
+    let compared = read_in_order(recorded(state), blocking(state, |s| s.state()))
+        .await
+        .map(|(checkpoints, st)| compare(&st, &checkpoints));
     match compared {
         Ok(problems) if problems.is_empty() => {}
         Ok(problems) => {
@@ -361,6 +374,48 @@ mod tests {
                 commitment: Some(Commitment([c; 32]).to_hex()),
             },
         )
+    }
+
+    /// Another replica that writes once and records its checkpoint before each of our
+    /// reads lands: the worst interleaving for the check.
+    struct Busy {
+        epoch: u64,
+        token: Vec<(String, StoreCheckpoint)>,
+    }
+
+    impl Busy {
+        fn other_writes_and_records(&mut self) {
+            self.epoch += 1;
+            let c = u8::try_from(self.epoch % 256).unwrap_or(0);
+            self.token = vec![cp(B, "s", self.epoch, c)];
+        }
+    }
+
+    #[tokio::test]
+    async fn reading_the_token_before_the_store_sees_no_rollback_while_another_replica_writes() {
+        let busy = std::sync::Mutex::new(Busy {
+            epoch: 3,
+            token: Vec::new(),
+        });
+        let token = async {
+            let mut b = busy.lock().unwrap();
+            b.other_writes_and_records();
+            Ok(b.token.clone())
+        };
+        let store = async {
+            let mut b = busy.lock().unwrap();
+            b.other_writes_and_records();
+            let c = u8::try_from(b.epoch % 256).unwrap_or(0);
+            Ok(st(b.epoch, c))
+        };
+        let (checkpoints, now) = read_in_order(token, store).await.unwrap();
+        assert!(compare(&now, &checkpoints).is_empty());
+        // The other order, with the same interleaving, would have looked like a rollback.
+        let mut b = busy.lock().unwrap();
+        b.other_writes_and_records();
+        let early = st(b.epoch, 0);
+        b.other_writes_and_records();
+        assert!(!compare(&early, &b.token).is_empty());
     }
 
     const A: &str = "strongroom-store-checkpoint@a";
