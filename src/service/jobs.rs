@@ -11,11 +11,15 @@
 //! when its write is refused ([`Error::LostLock`]), and then stops.
 //!
 //! Jobs today: `state-report`, which writes the officer-visible record of the store's state
-//! (`m/state-report`: which replica, when, the store's epoch and secret count, whether that
-//! replica trusts the store) every `jobs.state_report_interval_secs`, from whichever replica
-//! holds its lock; the per-replica store verification stays per replica (it only reads).
-//! The approvals purge is meant to be wrapped the same way:
-//! `run_once(&state, "approval-purge", |lock| purge_approvals(&state, lock))`.
+//! (`m/state-report`: which replica, under which fence, when, the store's epoch and secret
+//! count) every `jobs.state_report_interval_secs`, from whichever replica holds its lock (not
+//! while that replica has flagged the store: officers review it as it is). The per-replica
+//! store verification stays per replica (it only reads). The approvals purge is meant to be
+//! wrapped the same way, in one line:
+//! `jobs::run_once(&state, "approval-purge", |_held| purge_approvals(&state))` runs it on one
+//! replica at a time; passing `held.lock` on to its deletes
+//! ([`Store::aux_delete_fenced`](crate::store::Store::aux_delete_fenced), errors through
+//! [`lost_lock`]) fences them too.
 //!
 //! [`register_replica`] holds `replica/<id>` for the life of the process, so a replica id
 //! is live in at most one process: a second process with the same id is refused at start.
@@ -165,9 +169,6 @@ pub(crate) struct StateReport {
     pub(crate) epoch: u64,
     /// Live secrets.
     pub(crate) secrets: u64,
-    /// The rollback problem this replica flagged, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) rollback: Option<String>,
 }
 
 /// Runs the state-report job on whichever replica holds its lock: every
@@ -192,16 +193,21 @@ pub(crate) async fn state_reports(state: Arc<State>) {
     }
 }
 
-/// Writes a report now and then every `every`, until a write is refused (the lock is
-/// lost: [`Error::LostLock`]) or fails. Writes first and asks nothing else: the fence
-/// decides whether this replica still holds the lock.
+/// Writes a report every `every` (the first one interval after taking the lock, so a
+/// start changes nothing in the store), until a write is refused (the lock is lost:
+/// [`Error::LostLock`]) or fails. Asks nothing else before writing: the fence decides
+/// whether this replica still holds the lock. Writes nothing while this replica has
+/// flagged the store (officers review it as it is).
 async fn report_while_held(
     state: Arc<State>,
     held: Arc<Held>,
     every: Duration,
 ) -> Result<(), Error> {
     loop {
-        let started = Instant::now();
+        tokio::time::sleep(every).await;
+        if super::rollback::ensure_trusted(&state).is_err() {
+            continue;
+        }
         let (epoch, secrets) = blocking(&state, |s: &dyn Store| {
             Ok((s.epoch()?.1, s.secret_count()?))
         })
@@ -214,7 +220,6 @@ async fn report_while_held(
                 .map_or(0, |d| d.as_secs()),
             epoch,
             secrets,
-            rollback: state.rollback.read().ok().and_then(|r| r.clone()),
         };
         let value = serde_json::to_vec(&report).map_err(|e| Error::Internal(e.to_string()))?;
         let lock = held.lock.clone();
@@ -224,14 +229,12 @@ async fn report_while_held(
         .await?
         .map_err(lost_lock)?;
         tracing::info!(fence = held.lock.fence, epoch, "wrote the state report");
-        tokio::time::sleep(every.saturating_sub(started.elapsed())).await;
     }
 }
 
 /// Holds this process's replica id (`replica/<id>`) for its whole life. At start, a holder
 /// that died has its lease lapse within the time to live, so a taken id is retried for that
-/// long before the start is refused. Returns a task that renews the lease and, should
-/// another process hold the id after a lapse, reports it on `lost`.
+/// long before the start is refused. Returns the lock; [`keep_replica`] keeps it.
 pub(crate) async fn register_replica(
     store: &Arc<dyn Store>,
     replica_id: &str,
