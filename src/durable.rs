@@ -73,7 +73,13 @@ pub fn sync_softhsm_tokens() -> io::Result<()> {
         for f in std::fs::read_dir(token.path())? {
             let f = f?;
             if f.file_type()?.is_file() {
-                fsync_path(&f.path())?;
+                match fsync_path(&f.path()) {
+                    // Another process that shares the token (a replica) destroyed that
+                    // object since the listing: nothing left to make durable, and the
+                    // directory's fsync below covers the removal.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    r => r?,
+                }
             }
         }
         fsync_path(&token.path())?;
