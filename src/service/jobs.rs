@@ -246,9 +246,7 @@ pub(crate) async fn register_replica(
     let mut logged = false;
     loop {
         let (s, n, h) = (store.clone(), name.clone(), holder.to_owned());
-        let taken = tokio::task::spawn_blocking(move || s.try_lock(&n, &h, ttl))
-            .await
-            .map_err(|e| Error::Internal(format!("store task failed: {e}")))??;
+        let taken = off_runtime(&s, move |s| s.try_lock(&n, &h, ttl)).await?;
         match taken {
             Ok(lock) => {
                 tracing::info!(
@@ -279,17 +277,25 @@ pub(crate) async fn register_replica(
     }
 }
 
-/// Keeps the replica id's lease alive; if it lapsed (this process was paused or cut off)
-/// takes the id again, and if another process holds it by then, completes: the caller
-/// stops serving, since two live processes must not share an id.
-pub(crate) async fn keep_replica(state: Arc<State>, mut lock: Lock) {
-    let every = state.jobs.renew;
+/// Keeps the replica id's lease alive from registration on (`current` is the lock in
+/// force); if it lapsed (this process was paused or cut off past the time to live) takes
+/// the id again, and if another process holds it by then, completes: the caller stops
+/// serving, since two live processes must not share an id.
+pub(crate) async fn keep_replica(
+    store: Arc<dyn Store>,
+    replica_id: String,
+    holder: String,
+    (ttl, every): (Duration, Duration),
+    current: Arc<std::sync::Mutex<Lock>>,
+) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let l = lock.clone();
-        match blocking(&state, move |s| s.renew_lock(&l)).await {
+        let Ok(lock) = current.lock().map(|l| l.clone()) else {
+            return;
+        };
+        match off_runtime(&store, move |s| s.renew_lock(&lock)).await {
             Ok(true) => continue,
             Ok(false) => {}
             Err(e) => {
@@ -297,25 +303,38 @@ pub(crate) async fn keep_replica(state: Arc<State>, mut lock: Lock) {
                 continue;
             }
         }
-        let (n, h, ttl) = (lock.name.clone(), state.holder.clone(), state.jobs.ttl);
-        match blocking(&state, move |s| s.try_lock(&n, &h, ttl)).await {
+        let (n, h) = (lock_name(LockKind::Replica, &replica_id), holder.clone());
+        match off_runtime(&store, move |s| s.try_lock(&n, &h, ttl)).await {
             Ok(Ok(again)) => {
                 tracing::warn!(
                     fence = again.fence,
                     "the replica id's lease had lapsed; registered it again"
                 );
-                lock = again;
+                if let Ok(mut l) = current.lock() {
+                    *l = again;
+                }
             }
             Ok(Err(held)) => {
                 tracing::error!(
-                    replica_id = %state.replica_id,
+                    %replica_id,
                     holder = %held.holder,
-                    "lost replica id {} to another process while this one was paused or cut off; stopping",
-                    state.replica_id
+                    "lost replica id {replica_id} to another process while this one was paused or cut off; stopping"
                 );
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "cannot register the replica id again now"),
         }
     }
+}
+
+/// Runs a store call off the async runtime (before there is a [`State`]).
+async fn off_runtime<R: Send + 'static>(
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<R, crate::store::StoreError> + Send + 'static,
+) -> Result<R, Error> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| Error::Internal(format!("store task failed: {e}")))?
+        .map_err(Error::from)
 }

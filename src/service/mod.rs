@@ -153,8 +153,9 @@ impl WriteStripes {
 /// A started service, ready to serve.
 pub struct Server {
     state: Arc<State>,
-    /// The replica id's lock, held from start to stop.
-    replica_lock: Option<crate::store::Lock>,
+    /// The replica id's lock in force, held from start to stop, and the task that renews
+    /// it (which completes if another process took the id).
+    replica_lock: Option<(Arc<std::sync::Mutex<crate::store::Lock>>, AbortOnDrop)>,
     tls: Arc<crate::tls::ServerTls>,
     admin_tls: Option<Arc<crate::tls::ServerTls>>,
     limits: FrontLimits,
@@ -213,11 +214,20 @@ impl Server {
         let replica_lock = if replica_id.is_empty() {
             None
         } else {
-            Some(
-                jobs::register_replica(&store, &replica_id, &holder, jobs_times.ttl)
-                    .await
-                    .map_err(|e| StartError::Replica(e.to_string()))?,
-            )
+            let lock = jobs::register_replica(&store, &replica_id, &holder, jobs_times.ttl)
+                .await
+                .map_err(|e| StartError::Replica(e.to_string()))?;
+            // Renewed from now on: the rest of the start (a scan of a large store) may
+            // outlast the lease.
+            let current = Arc::new(std::sync::Mutex::new(lock));
+            let keeper = AbortOnDrop(tokio::spawn(jobs::keep_replica(
+                store.clone(),
+                replica_id.clone(),
+                holder.clone(),
+                (jobs_times.ttl, jobs_times.renew),
+                current.clone(),
+            )));
+            Some((current, keeper))
         };
         let audit = if config.audit.dangerous_disable_audit {
             tracing::warn!(
@@ -320,16 +330,16 @@ impl Server {
         let epochs = tokio::spawn(rollback::watch(state.clone()));
         let reports = tokio::spawn(jobs::state_reports(state.clone()));
         // Losing the replica id to another process stops this one (see jobs::keep_replica).
-        let replica = self
-            .replica_lock
-            .clone()
-            .map(|lock| AbortOnDrop(tokio::spawn(jobs::keep_replica(state.clone(), lock))));
+        let (replica_lock, keeper) = match self.replica_lock {
+            Some((lock, keeper)) => (Some(lock), Some(keeper)),
+            None => (None, None),
+        };
         let shutdown = async move {
-            match replica {
-                Some(mut task) => {
+            match keeper {
+                Some(mut keeper) => {
                     tokio::select! {
                         () = shutdown => {}
-                        _ = &mut task.0 => {}
+                        _ = &mut keeper.0 => {}
                     }
                 }
                 None => shutdown.await,
@@ -426,7 +436,7 @@ impl Server {
         if let Err(e) = rollback::record(&state).await {
             tracing::error!(error = %e, "cannot record the final store epoch in the token");
         }
-        if let Some(lock) = self.replica_lock {
+        if let Some(lock) = replica_lock.and_then(|l| l.lock().ok().map(|l| l.clone())) {
             // Let the id go at once, so a successor need not wait for the lease to lapse.
             if let Err(e) = blocking(&state, move |s| s.unlock(&lock)).await {
                 tracing::warn!(error = %e, "cannot give the replica id up; its lease will lapse");
