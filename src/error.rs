@@ -56,6 +56,10 @@ pub enum Error {
     /// A per-caller or total cap is reached (open watches); the caller may retry later.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A once-only job's write was refused for its fence: another process holds the job's
+    /// lock now (or nobody: the lease lapsed). Nothing was written.
+    #[error("lost the job's lock: {0}")]
+    LostLock(String),
     /// A bug or an unexpected runtime failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -90,6 +94,8 @@ impl Error {
             Error::Audit(_) => Code::Unavailable,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            // Another replica runs the job now; retrying here would be refused again.
+            Error::LostLock(_) => Code::Aborted,
             Error::Internal(_) => Code::Internal,
         }
     }

@@ -17,16 +17,17 @@
 //! - [`secret`]: [`secret::SecretName`] (parsed), [`secret::SecretValue`] (zeroizing, no
 //!   `Debug`), the sealed record.
 //! - [`policy`]: pure authorisation decisions.
-//! - [`store`]: the [`store::Store`] trait, its sled and etcd backends, and the change feed
-//!   watchers read ([`store::ChangeFeed`]: sled's change log inside the state commitment,
-//!   etcd's watch API).
+//! - [`store`]: the [`store::Store`] trait, its sled and etcd backends, the change feed
+//!   watchers read ([`store::ChangeFeed`]: sled's change log, etcd's watch API), locks under a
+//!   lease with a fencing token (shared by replicas on etcd), and [`store::migrate`].
 //! - [`hsm`]: the PKCS#11 token, master keys, the worker pool, fault classes.
 //! - [`envelope`]: sealing and opening values under data keys, with AAD.
 //! - [`audit`]: the HMAC-chained, group-committed audit log every decision passes through,
 //!   and its verifier.
 //! - [`service`]: the tonic services — SecretService for clients (WatchSecrets streams with
 //!   per-event policy and caps in `service/watch.rs`), AdminService for officers (policies in
-//!   the store, dual control, rollback acceptance); [`error`]: one error enum and
+//!   the store, dual control, rollback acceptance, rollback checks against every replica's
+//!   checkpoint, once-only jobs under a fenced lock); [`error`]: one error enum and
 //!   its gRPC mapping; [`codec`]: the protobuf codec (malformed input is INVALID_ARGUMENT).
 //! - [`config`]: typed configuration; [`files`]: private files (PIN file, keys) closed to
 //!   group and others.

@@ -33,8 +33,9 @@ pub struct AuditOptions {
     pub checkpoint_interval: Duration,
     /// Deadline for the token's MAC computation.
     pub hsm_timeout: Duration,
-    /// The label of the token data object holding this log's checkpoint (default
-    /// [`CHECKPOINT_LABEL`](crate::hsm::keys::CHECKPOINT_LABEL); one per audit chain).
+    /// The label of the token data object that holds this log's checkpoint:
+    /// [`CHECKPOINT_LABEL`](crate::hsm::keys::CHECKPOINT_LABEL) for a single node, one of its
+    /// own per replica ([`replica_label`](crate::hsm::keys::replica_label)).
     pub checkpoint_label: String,
     /// Rotate once the file holds this many bytes (0: never by size).
     pub rotate_bytes: u64,

@@ -34,6 +34,70 @@ pub struct Config {
     /// Authorisation rules (deny by default).
     #[serde(default)]
     pub policy: Vec<RuleConfig>,
+    /// Once-only jobs and the leases of their locks.
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: jobs that must run on one replica at a time run under a lock with a lease
+/// (etcd's, shared by the replicas; this process's on sled) and a fencing token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Seconds a lock (a job's, and the replica id's) outlives its holder's last renewal:
+    /// how long a replica that died keeps its id and its jobs from the others.
+    pub lease_ttl_secs: u64,
+    /// How often (milliseconds) a holder renews its leases; well below the time to live.
+    pub renew_interval_ms: u64,
+    /// Seconds between the officer-visible state reports (`m/state-report` in the store),
+    /// written by whichever replica holds the `state-report` job lock. 0: no reports.
+    pub state_report_interval_secs: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl_secs: 10,
+            renew_interval_ms: 3000,
+            state_report_interval_secs: 60,
+        }
+    }
+}
+
+impl JobsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if !(2..=3600).contains(&self.lease_ttl_secs) {
+            return invalid(
+                "jobs.lease_ttl_secs must be 2..=3600 (etcd's shortest lease is about 2 s)",
+            );
+        }
+        if self.renew_interval_ms < 100 || self.renew_interval_ms * 2 > self.lease_ttl_secs * 1000 {
+            return invalid(
+                "jobs.renew_interval_ms must be at least 100 and at most half of jobs.lease_ttl_secs, so one lost renewal does not lose the lease",
+            );
+        }
+        if self.state_report_interval_secs > 86_400 {
+            return invalid("jobs.state_report_interval_secs must be 0..=86400 (0: off)");
+        }
+        Ok(())
+    }
+}
+
+/// Why a replica id is refused, if it is: 1..=32 bytes of `[a-z0-9-]`, not starting or
+/// ending with `-` (it names token objects and etcd keys).
+pub fn replica_id_problem(id: &str) -> Option<String> {
+    let ok = (1..=32).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-');
+    (!ok).then(|| {
+        format!(
+            "server.replica_id {id:?} must be 1..=32 characters of a-z, 0-9 and '-', not starting or ending with '-' (or absent for a single node)"
+        )
+    })
 }
 
 /// `[server]`.
@@ -68,6 +132,12 @@ pub struct ServerConfig {
     /// writable by group or others, with a warning instead of a refusal.
     #[serde(default)]
     pub dangerous_allow_loose_file_modes: bool,
+    /// This replica's name when several processes share one store and token
+    /// (`STRONGROOM_REPLICA_ID`): its token objects (audit and store checkpoints) are its
+    /// own, and only one live process may hold it. Empty (the default): a single node,
+    /// with the token labels of a single node.
+    #[serde(default)]
+    pub replica_id: String,
 }
 
 /// `[hsm]`.
@@ -511,6 +581,9 @@ impl Config {
         if let Some(v) = var("STRONGROOM_AUDIT_PATH") {
             self.audit.path = v.into();
         }
+        if let Some(v) = var("STRONGROOM_REPLICA_ID") {
+            self.server.replica_id = v;
+        }
         if let (Some(v), Some(admin)) = (var("STRONGROOM_ADMIN_LISTEN"), self.admin.as_mut()) {
             admin.listen = v
                 .parse()
@@ -637,6 +710,12 @@ impl Config {
             ));
         }
         self.store.validate()?;
+        self.jobs.validate()?;
+        if !self.server.replica_id.is_empty()
+            && let Some(p) = replica_id_problem(&self.server.replica_id)
+        {
+            return Err(ConfigError::Invalid(p));
+        }
         crate::policy::Policy::from_rules(&self.policy, l.max_name_bytes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
@@ -807,6 +886,59 @@ mod tests {
         ] {
             let e = parse_etcd(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn replica_ids_are_short_and_plain_and_absent_by_default() {
+        assert_eq!(parse("").unwrap().server.replica_id, "");
+        for ok in ["a", "r1", "eu-west-2", &"x".repeat(32)] {
+            assert_eq!(replica_id_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "R1",
+            "r_1",
+            "r/1",
+            "r@1",
+            "-r",
+            "r-",
+            "r 1",
+            &"x".repeat(33),
+        ] {
+            assert!(replica_id_problem(bad).is_some(), "{bad:?}");
+        }
+        // Through the file: an id in [server] is checked too.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = |id: &str| {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+                 replica_id = \"{id}\"\n[hsm]\nmodule = \"m.so\"\ntoken = \"t\"\n[store]\npath = \"s\"\n"
+            )
+        };
+        std::fs::write(&path, text("r1")).unwrap();
+        assert_eq!(Config::load(&path).unwrap().server.replica_id, "r1");
+        std::fs::write(&path, text("R1")).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("server.replica_id"), "{e}");
+    }
+
+    #[test]
+    fn job_leases_default_to_ten_seconds_and_renewals_fit_in_them() {
+        let j = parse("").unwrap().jobs;
+        assert_eq!((j.lease_ttl_secs, j.renew_interval_ms), (10, 3000));
+        assert_eq!(j.state_report_interval_secs, 60);
+        let jobs = |t: &str| parse(&format!("[jobs]\n{t}"));
+        assert!(jobs("lease_ttl_secs = 2\nrenew_interval_ms = 1000").is_ok());
+        for bad in [
+            "lease_ttl_secs = 1",
+            "lease_ttl_secs = 2\nrenew_interval_ms = 1001",
+            "renew_interval_ms = 99",
+            "state_report_interval_secs = 86401",
+        ] {
+            let e = jobs(bad).unwrap_err().to_string();
+            assert!(e.contains("jobs."), "{bad}: {e}");
         }
     }
 

@@ -347,6 +347,67 @@ pub const CHECKPOINT_LABEL: &str = "strongroom-audit-checkpoint";
 /// The label of the store epoch checkpoint data object.
 pub const STORE_CHECKPOINT_LABEL: &str = "strongroom-store-checkpoint";
 
+/// The label of a replica's own copy of the data object `base`: `base@<replica id>`, or
+/// `base` itself for a single node (no replica id), so a token written before replicas
+/// keeps working. Replica ids are `[a-z0-9-]`, so `@` cannot occur in one.
+pub fn replica_label(base: &str, replica_id: &str) -> String {
+    if replica_id.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}@{replica_id}")
+    }
+}
+
+/// Every replica's copy of the data object `base` ([`replica_label`], the single node's
+/// `base` among them): the private strongroom data objects (CKO_DATA, CKA_APPLICATION
+/// `strongroom`) whose label is `base` or starts with `base@`, as (label, newest value).
+pub fn list_data(session: &Session, base: &str) -> Result<Vec<(String, Vec<u8>)>, HsmError> {
+    let handles = session.find_objects(&[
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Application(b"strongroom".to_vec()),
+    ])?;
+    let replica_prefix = format!("{base}@");
+    let mut newest: std::collections::BTreeMap<String, (u64, Vec<u8>)> = Default::default();
+    for h in handles {
+        let mut label = None;
+        let mut value = None;
+        for a in session.get_attributes(h, &[AttributeType::Label, AttributeType::Value])? {
+            match a {
+                Attribute::Label(l) => label = String::from_utf8(l).ok(),
+                Attribute::Value(v) => value = Some(v),
+                _ => {}
+            }
+        }
+        let (Some(label), Some(value)) = (label, value) else {
+            continue;
+        };
+        if (label != base && !label.starts_with(&replica_prefix)) || value.len() < 8 {
+            continue;
+        }
+        let (seq, rest) = value.split_at(8);
+        let seq = <[u8; 8]>::try_from(seq).map_or(0, u64::from_be_bytes);
+        if newest.get(&label).is_none_or(|(s, _)| seq > *s) {
+            newest.insert(label, (seq, rest.to_vec()));
+        }
+    }
+    Ok(newest.into_iter().map(|(l, (_, v))| (l, v)).collect())
+}
+
+/// Destroys every copy of the private data object `label`; whether there was one.
+pub fn delete_data(session: &Session, label: &str) -> Result<bool, HsmError> {
+    let existing = find_data(session, label)?;
+    let any = !existing.is_empty();
+    for (_, h, _) in existing {
+        session.destroy_object(h)?;
+    }
+    if any {
+        sync_token()?;
+    }
+    Ok(any)
+}
+
 /// Reads the audit checkpoint kept in the token (a private data object), if any.
 pub fn read_checkpoint(session: &Session) -> Result<Option<Vec<u8>>, HsmError> {
     read_data(session, CHECKPOINT_LABEL)

@@ -350,23 +350,49 @@ impl Hsm {
     }
 
     /// Reads a private strongroom data object from the token.
-    pub async fn read_data(&self, label: &str) -> Result<Option<Vec<u8>>, HsmError> {
+    pub async fn read_data(&self, label: impl Into<String>) -> Result<Option<Vec<u8>>, HsmError> {
         let shared = self.shared.clone();
-        let label = label.to_owned();
+        let label = label.into();
         tokio::task::spawn_blocking(move || shared.with_anchor(|a| keys::read_data(a, &label)))
             .await
             .map_err(|_| HsmError::Closed)?
     }
 
     /// Writes a private strongroom data object into the token.
-    pub async fn write_data(&self, label: &str, value: Vec<u8>) -> Result<(), HsmError> {
+    pub async fn write_data(
+        &self,
+        label: impl Into<String>,
+        value: Vec<u8>,
+    ) -> Result<(), HsmError> {
         let shared = self.shared.clone();
-        let label = label.to_owned();
+        let label = label.into();
         tokio::task::spawn_blocking(move || {
             shared.with_anchor(|a| keys::write_data(a, &label, &value))
         })
         .await
         .map_err(|_| HsmError::Closed)?
+    }
+
+    /// Every replica's copy of the data object `base`, as (label, value) (see
+    /// [`keys::list_data`]).
+    pub async fn list_data(
+        &self,
+        base: impl Into<String>,
+    ) -> Result<Vec<(String, Vec<u8>)>, HsmError> {
+        let shared = self.shared.clone();
+        let base = base.into();
+        tokio::task::spawn_blocking(move || shared.with_anchor(|a| keys::list_data(a, &base)))
+            .await
+            .map_err(|_| HsmError::Closed)?
+    }
+
+    /// Destroys the private data object `label`; whether it existed.
+    pub async fn delete_data(&self, label: impl Into<String>) -> Result<bool, HsmError> {
+        let shared = self.shared.clone();
+        let label = label.into();
+        tokio::task::spawn_blocking(move || shared.with_anchor(|a| keys::delete_data(a, &label)))
+            .await
+            .map_err(|_| HsmError::Closed)?
     }
 
     /// Reads the audit checkpoint object from the token.

@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod approvals;
+mod jobs;
 mod page_token;
 mod policies;
 mod rollback;
@@ -70,6 +71,9 @@ pub enum StartError {
     /// A listener could not be set up.
     #[error("listener: {0}")]
     Listener(String),
+    /// The replica id is live in another process.
+    #[error("{0}")]
+    Replica(String),
 }
 
 /// Everything a request needs, shared by all handlers.
@@ -99,9 +103,30 @@ pub(crate) struct State {
     pub(crate) store_verify: Duration,
     /// Open WatchSecrets streams, against their caps.
     pub(crate) watches: Arc<watch::Slots>,
+    /// This replica's id (`server.replica_id`; empty: a single node).
+    pub(crate) replica_id: String,
+    /// How this process names itself as a lock's holder (see [`jobs::holder`]).
+    pub(crate) holder: String,
+    /// The leases and intervals of once-only jobs.
+    pub(crate) jobs: JobTimes,
+}
+
+/// `[jobs]` as durations.
+pub(crate) struct JobTimes {
+    /// A lock's lease time to live.
+    pub(crate) ttl: Duration,
+    /// How often a holder renews.
+    pub(crate) renew: Duration,
+    /// Between state reports (zero: none).
+    pub(crate) report: Duration,
 }
 
 impl State {
+    /// The label of this replica's store checkpoint in the token.
+    pub(crate) fn store_checkpoint_label(&self) -> String {
+        hsm::keys::replica_label(hsm::keys::STORE_CHECKPOINT_LABEL, &self.replica_id)
+    }
+
     /// The policy in force.
     pub(crate) fn policy(&self) -> Arc<Policy> {
         self.policy
@@ -133,6 +158,9 @@ impl WriteStripes {
 /// A started service, ready to serve.
 pub struct Server {
     state: Arc<State>,
+    /// The replica id's lock in force, held from start to stop, and the task that renews
+    /// it (which completes if another process took the id).
+    replica_lock: Option<(Arc<std::sync::Mutex<crate::store::Lock>>, AbortOnDrop)>,
     tls: Arc<crate::tls::ServerTls>,
     admin_tls: Option<Arc<crate::tls::ServerTls>>,
     limits: FrontLimits,
@@ -182,6 +210,32 @@ impl Server {
         let store = crate::store::open(&config.store, config.limits.max_value_bytes, state_key)?;
         // A store a migration is still copying into (or stopped half way) is not this one.
         crate::store::migrate::refuse_half_migrated(store.as_ref())?;
+        let replica_id = config.server.replica_id.clone();
+        let holder = jobs::holder(&replica_id);
+        let jobs_times = JobTimes {
+            ttl: Duration::from_secs(config.jobs.lease_ttl_secs),
+            renew: Duration::from_millis(config.jobs.renew_interval_ms),
+            report: Duration::from_secs(config.jobs.state_report_interval_secs),
+        };
+        // Before any token object of the replica is read or written: one live process per id.
+        let replica_lock = if replica_id.is_empty() {
+            None
+        } else {
+            let lock = jobs::register_replica(&store, &replica_id, &holder, jobs_times.ttl)
+                .await
+                .map_err(|e| StartError::Replica(e.to_string()))?;
+            // Renewed from now on: the rest of the start (a scan of a large store) may
+            // outlast the lease.
+            let current = Arc::new(std::sync::Mutex::new(lock));
+            let keeper = AbortOnDrop(tokio::spawn(jobs::keep_replica(
+                store.clone(),
+                replica_id.clone(),
+                holder.clone(),
+                (jobs_times.ttl, jobs_times.renew),
+                current.clone(),
+            )));
+            Some((current, keeper))
+        };
         let audit = if config.audit.dangerous_disable_audit {
             tracing::warn!(
                 "DANGEROUS: audit.dangerous_disable_audit is on: no durable audit trail"
@@ -204,7 +258,10 @@ impl Server {
                             config.audit.checkpoint_interval_secs.max(1),
                         ),
                         hsm_timeout,
-                        checkpoint_label: crate::hsm::keys::CHECKPOINT_LABEL.to_owned(),
+                        checkpoint_label: hsm::keys::replica_label(
+                            hsm::keys::CHECKPOINT_LABEL,
+                            &replica_id,
+                        ),
                         rotate_bytes: config.audit.rotate_bytes,
                         rotate_age: Duration::from_secs(config.audit.rotate_age_secs),
                     },
@@ -242,12 +299,16 @@ impl Server {
             rollback: RwLock::new(None),
             store_verify: Duration::from_secs(config.store.verify_interval_secs),
             watches: watch::Slots::new(&config.limits),
+            replica_id,
+            holder,
+            jobs: jobs_times,
         });
         rollback::check(&state).await?;
         policies::seed(&state, &config.policy, seed.is_empty()).await?;
         policies::reload(&state).await?;
         Ok(Self {
             state,
+            replica_lock,
             tls,
             admin_tls,
             limits,
@@ -280,6 +341,23 @@ impl Server {
         // The approval purge (expired and retained approvals), every
         // admin.approval_purge_interval_secs; nothing to do without an admin plane.
         let purge = tokio::spawn(approvals::purge_task(state.clone()));
+        let reports = tokio::spawn(jobs::state_reports(state.clone()));
+        // Losing the replica id to another process stops this one (see jobs::keep_replica).
+        let (replica_lock, keeper) = match self.replica_lock {
+            Some((lock, keeper)) => (Some(lock), Some(keeper)),
+            None => (None, None),
+        };
+        let shutdown = async move {
+            match keeper {
+                Some(mut keeper) => {
+                    tokio::select! {
+                        () = shutdown => {}
+                        _ = &mut keeper.0 => {}
+                    }
+                }
+                None => shutdown.await,
+            }
+        };
 
         // The outer cap: beyond it tonic refuses a message (OUT_OF_RANGE) from its frame
         // header, without reading it into memory. Below it, each request type has its own
@@ -368,8 +446,15 @@ impl Server {
         watcher.abort();
         epochs.abort();
         purge.abort();
+        reports.abort();
         if let Err(e) = rollback::record(&state).await {
             tracing::error!(error = %e, "cannot record the final store epoch in the token");
+        }
+        if let Some(lock) = replica_lock.and_then(|l| l.lock().ok().map(|l| l.clone())) {
+            // Let the id go at once, so a successor need not wait for the lease to lapse.
+            if let Err(e) = blocking(&state, move |s| s.unlock(&lock)).await {
+                tracing::warn!(error = %e, "cannot give the replica id up; its lease will lapse");
+            }
         }
         // A final checkpoint, so the token records the whole log as it stands at shutdown.
         if let Auditor::Chained(log) = &state.audit
@@ -404,6 +489,15 @@ pub(crate) async fn rotate_audit_log(
         Auditor::DangerousLogOnly => Err(Error::FailedPrecondition(
             "there is no audit log to rotate (audit.dangerous_disable_audit is on)".into(),
         )),
+    }
+}
+
+/// Aborts a task when dropped.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

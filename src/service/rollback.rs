@@ -8,13 +8,48 @@
 //! token's (an older copy); its epoch equals the token's but its commitment does not; its
 //! epoch and commitment do not authenticate (edited); or a scan of every record does not
 //! add up to the commitment it keeps (one record put back, lost or added outside the
-//! service). The scan is repeated every `store.verify_interval_secs`. On a failure the
-//! service serves no secret and tells officers, who must accept the store's state under
-//! dual control, which re-bases the commitment on the records as they are.
+//! service). The scan and the comparison with the token are repeated every
+//! `store.verify_interval_secs`. On a failure the service serves no secret and tells
+//! officers, who must accept the store's state under dual control, which re-bases the
+//! commitment on the records as they are.
 //!
 //! Writes in the last second before a copy was taken can be rolled back undetected; that
 //! window is the price of not writing the token on every request.
+//!
+//! # Several replicas
+//!
+//! Replicas that share one etcd store and one token each record their own checkpoint, in
+//! a data object labelled `strongroom-store-checkpoint@<replica id>`
+//! ([`replica_label`](crate::hsm::keys::replica_label); a single node keeps the bare label,
+//! so its token keeps working), and never write another's. The checks read *every*
+//! replica's checkpoint: the private strongroom data objects (CKA_APPLICATION `strongroom`)
+//! whose label is the base label or starts with `base@` ([`crate::hsm::keys::list_data`]),
+//! so a replica that stopped long ago still counts. The store must be the store each
+//! names, at an epoch at least the newest one's, and with the commitment of any checkpoint
+//! taken at its very epoch.
+//!
+//! Why several writers raise no false alarm. etcd orders every write: each one moves the
+//! epoch by one in a transaction that compares the frame's revisions, so the epoch is one
+//! counter for the whole cluster, it only grows, and one epoch names one state. A replica
+//! records a checkpoint only after reading that state from the store (a linearizable read),
+//! so every checkpoint describes a state the store has already been in. A check reads the
+//! token's checkpoints *first* and the store's state *after*: whatever other replicas wrote
+//! meanwhile only moves the store's epoch further ahead of the checkpoints that check read,
+//! and a checkpoint at the store's very epoch was taken with no write since, so its
+//! commitment is the store's. The other order (store, then token) would let a replica
+//! record a newer epoch between the two reads and look like a rollback. [`read_in_order`]
+//! holds the order; its unit test lets another replica write and record before each read
+//! (and fails with the reads swapped), and the integration test
+//! `replicas::two_replicas_write_at_once_without_a_false_rollback` writes through two real
+//! replicas at once across both checks. A checkpoint only moves forward: a replica never
+//! records an epoch below the one it recorded for the same store.
+//!
+//! When officers accept a store's state, the replica that runs the acceptance removes every
+//! replica's checkpoint (they describe a state the officers have set aside) and records its
+//! own; the others record theirs again as the store moves on. A replica that flagged the
+//! store keeps refusing until it is accepted there too or restarted.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +59,7 @@ use super::{State, blocking};
 use crate::error::Error;
 use crate::hsm::keys::{MacKey, STORE_CHECKPOINT_LABEL};
 use crate::hsm::{Hsm, HsmError};
-use crate::store::{Commitment, FrameStatus, STATE_KEY_DOMAIN, StateKey};
+use crate::store::{Commitment, FrameStatus, STATE_KEY_DOMAIN, StateKey, StoreState};
 
 /// The problem a failed scan reports.
 pub(crate) const MISMATCH: &str = "the store's state does not match its commitment: records were added, removed or replaced outside the service";
@@ -45,38 +80,85 @@ pub(crate) async fn state_key(hsm: &Hsm, timeout: Duration) -> Result<StateKey, 
     Ok(StateKey::new(&key))
 }
 
-/// Compares the store with the token's checkpoint and its records with its commitment;
+/// Every replica's store checkpoint in the token, by label.
+async fn recorded(state: &State) -> Result<Vec<(String, StoreCheckpoint)>, Error> {
+    Ok(state
+        .hsm
+        .list_data(STORE_CHECKPOINT_LABEL)
+        .await?
+        .into_iter()
+        .filter_map(|(label, v)| {
+            serde_json::from_slice::<StoreCheckpoint>(&v)
+                .ok()
+                .map(|cp| (label, cp))
+        })
+        .collect())
+}
+
+/// Reads the token's checkpoints, *then* the store's state (futures do nothing until
+/// awaited, so this order is the order of the reads): what other replicas write meanwhile
+/// only moves the store ahead of the checkpoints read (see the module doc).
+async fn read_in_order<T, S>(
+    token: T,
+    store: S,
+) -> Result<(Vec<(String, StoreCheckpoint)>, StoreState), Error>
+where
+    T: Future<Output = Result<Vec<(String, StoreCheckpoint)>, Error>>,
+    S: Future<Output = Result<StoreState, Error>>,
+{
+    let checkpoints = token.await?;
+    let state = store.await?;
+    Ok((checkpoints, state))
+}
+
+/// What is wrong with the store's state `st` against the token's checkpoints (read before
+/// `st`, see the module doc): nothing when each names this store, none is ahead of it, and
+/// those at its epoch have its commitment.
+fn compare(st: &StoreState, checkpoints: &[(String, StoreCheckpoint)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let whose = |label: &str| match label.split_once('@') {
+        Some((_, replica)) => format!("replica {replica}'s checkpoint"),
+        None => "the token".to_owned(),
+    };
+    for (label, cp) in checkpoints {
+        let token_commitment = cp
+            .commitment
+            .as_deref()
+            .map(|c| Commitment::from_hex(c).unwrap_or(Commitment([0xff; 32])));
+        if cp.store_id != st.store_id {
+            problems.push(format!(
+                "{} last recorded store {} at epoch {}, but this is store {}: the store was replaced",
+                whose(label),
+                cp.store_id,
+                cp.epoch,
+                st.store_id
+            ));
+        } else if cp.epoch > st.epoch {
+            problems.push(format!(
+                "the store is at epoch {} but {} recorded epoch {}: the store's files were rolled back to an older copy",
+                st.epoch,
+                whose(label),
+                cp.epoch
+            ));
+        } else if cp.epoch == st.epoch && token_commitment.is_some_and(|c| c != st.commitment) {
+            problems.push(format!(
+                "the store is at the epoch {} recorded ({}) but its commitment is not the one recorded: records were put back or replaced outside the service",
+                whose(label),
+                st.epoch
+            ));
+        }
+    }
+    problems
+}
+
+/// Compares the store with the token's checkpoints and its records with its commitment;
 /// flags a rollback, a replaced store or records changed outside the service.
 pub(crate) async fn check(state: &State) -> Result<(), Error> {
-    let st = blocking(state, |s| s.state()).await?;
-    let recorded = state
-        .hsm
-        .read_data(STORE_CHECKPOINT_LABEL)
-        .await?
-        .and_then(|v| serde_json::from_slice::<StoreCheckpoint>(&v).ok());
-    let token_commitment = recorded
-        .as_ref()
-        .and_then(|cp| cp.commitment.as_deref())
-        .map(|c| Commitment::from_hex(c).unwrap_or(Commitment([0xff; 32])));
-    let mut problems = Vec::new();
-    match &recorded {
-        None => {}
-        Some(cp) if cp.store_id != st.store_id => problems.push(format!(
-            "the token last recorded store {} at epoch {}, but this is store {}: the store was replaced",
-            cp.store_id, cp.epoch, st.store_id
-        )),
-        Some(cp) if cp.epoch > st.epoch => problems.push(format!(
-            "the store is at epoch {} but the token recorded epoch {}: the store's files were rolled back to an older copy",
-            st.epoch, cp.epoch
-        )),
-        Some(cp) if cp.epoch == st.epoch && token_commitment.is_some_and(|c| c != st.commitment) => {
-            problems.push(format!(
-                "the store is at the epoch the token recorded ({}) but its commitment is not the token's: records were put back or replaced outside the service",
-                st.epoch
-            ))
-        }
-        Some(_) => {}
-    }
+    let (checkpoints, st) = read_in_order(recorded(state), blocking(state, |s| s.state())).await?;
+    let token_commitment = checkpoints
+        .iter()
+        .find_map(|(_, cp)| cp.commitment.as_deref());
+    let mut problems = compare(&st, &checkpoints);
     match st.frame {
         FrameStatus::Valid => {}
         // A store from before state commitments, on a token that never recorded one: commit
@@ -127,9 +209,10 @@ fn flag(state: &State, problem: &str) {
     }
 }
 
-/// Whether the token holds a checkpoint of a store (any start but the first).
+/// Whether the token holds a checkpoint of a store, any replica's (any start but the
+/// first).
 pub(crate) async fn token_recorded(state: &State) -> Result<bool, Error> {
-    Ok(state.hsm.read_data(STORE_CHECKPOINT_LABEL).await?.is_some())
+    Ok(!recorded(state).await?.is_empty())
 }
 
 /// The refusal while a rollback is flagged.
@@ -162,13 +245,25 @@ pub(crate) async fn record(state: &State) -> Result<u64, Error> {
             "the store's state commitment does not authenticate; not recording it".into(),
         ));
     }
+    let label = state.store_checkpoint_label();
+    // Only forward: never below what this replica recorded for the same store.
+    if let Some(mine) = state
+        .hsm
+        .read_data(label.clone())
+        .await?
+        .and_then(|v| serde_json::from_slice::<StoreCheckpoint>(&v).ok())
+        && mine.store_id == st.store_id
+        && mine.epoch >= st.epoch
+    {
+        return Ok(mine.epoch);
+    }
     let value = serde_json::to_vec(&StoreCheckpoint {
         store_id: st.store_id,
         epoch: st.epoch,
         commitment: Some(st.commitment.to_hex()),
     })
     .map_err(|e| Error::Internal(e.to_string()))?;
-    state.hsm.write_data(STORE_CHECKPOINT_LABEL, value).await?;
+    state.hsm.write_data(label, value).await?;
     Ok(st.epoch)
 }
 
@@ -180,16 +275,35 @@ pub(crate) async fn accept(state: &State) -> Result<u64, Error> {
         epoch = st.epoch,
         "officers accepted the store's state: its commitment is re-based on the records as they are"
     );
+    // Every checkpoint describes a state the officers have set aside (see the module doc).
+    for (label, _) in recorded(state).await? {
+        state.hsm.delete_data(label).await?;
+    }
     if let Ok(mut r) = state.rollback.write() {
         *r = None;
     }
     record(state).await
 }
 
-/// Scans the store once and flags it if its records do not match its commitment.
+/// Compares the store with every replica's checkpoint in the token, then scans it once;
+/// flags it if it is behind a checkpoint or its records do not match its commitment.
 pub(crate) async fn verify(state: &State) {
     if ensure_trusted(state).is_err() {
         return;
+    }
+    let compared = read_in_order(recorded(state), blocking(state, |s| s.state()))
+        .await
+        .map(|(checkpoints, st)| compare(&st, &checkpoints));
+    match compared {
+        Ok(problems) if problems.is_empty() => {}
+        Ok(problems) => {
+            flag(state, &problems.join("; "));
+            super::update_health(state).await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot compare the store with the token's checkpoints now; will try again");
+        }
     }
     match blocking(state, |s| s.verify_state()).await {
         Ok(c) if c.matches() => {
@@ -206,21 +320,12 @@ pub(crate) async fn verify(state: &State) {
     }
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Records the epoch at most every second while it changes, and verifies the store's
 /// records every `state.store_verify` (never when zero).
 pub(crate) async fn watch(state: Arc<State>) {
     let _verifier = (!state.store_verify.is_zero()).then(|| {
         let state = state.clone();
-        AbortOnDrop(tokio::spawn(async move {
+        super::AbortOnDrop(tokio::spawn(async move {
             let every = state.store_verify;
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -241,5 +346,110 @@ pub(crate) async fn watch(state: Arc<State>) {
                 Err(e) => tracing::warn!(error = %e, "cannot record the store epoch in the token"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(epoch: u64, c: u8) -> StoreState {
+        StoreState {
+            store_id: "s".into(),
+            epoch,
+            commitment: Commitment([c; 32]),
+            frame: FrameStatus::Valid,
+        }
+    }
+
+    fn cp(label: &str, store: &str, epoch: u64, c: u8) -> (String, StoreCheckpoint) {
+        (
+            label.into(),
+            StoreCheckpoint {
+                store_id: store.into(),
+                epoch,
+                commitment: Some(Commitment([c; 32]).to_hex()),
+            },
+        )
+    }
+
+    /// Another replica that writes once and records its checkpoint before each of our
+    /// reads lands: the worst interleaving for the check.
+    struct Busy {
+        epoch: u64,
+        token: Vec<(String, StoreCheckpoint)>,
+    }
+
+    impl Busy {
+        fn other_writes_and_records(&mut self) {
+            self.epoch += 1;
+            let c = u8::try_from(self.epoch % 256).unwrap_or(0);
+            self.token = vec![cp(B, "s", self.epoch, c)];
+        }
+    }
+
+    #[tokio::test]
+    async fn reading_the_token_before_the_store_sees_no_rollback_while_another_replica_writes() {
+        let busy = std::sync::Mutex::new(Busy {
+            epoch: 3,
+            token: Vec::new(),
+        });
+        let token = async {
+            let mut b = busy.lock().unwrap();
+            b.other_writes_and_records();
+            Ok(b.token.clone())
+        };
+        let store = async {
+            let mut b = busy.lock().unwrap();
+            b.other_writes_and_records();
+            let c = u8::try_from(b.epoch % 256).unwrap_or(0);
+            Ok(st(b.epoch, c))
+        };
+        let (checkpoints, now) = read_in_order(token, store).await.unwrap();
+        assert!(compare(&now, &checkpoints).is_empty());
+        // The other order, with the same interleaving, would have looked like a rollback.
+        let mut b = busy.lock().unwrap();
+        b.other_writes_and_records();
+        let early = st(b.epoch, 0);
+        b.other_writes_and_records();
+        assert!(!compare(&early, &b.token).is_empty());
+    }
+
+    const A: &str = "strongroom-store-checkpoint@a";
+    const B: &str = "strongroom-store-checkpoint@b";
+
+    #[test]
+    fn a_store_ahead_of_every_checkpoint_or_at_one_with_its_commitment_passes() {
+        // Other replicas wrote after these checkpoints were read: the store is ahead.
+        assert!(compare(&st(9, 1), &[cp(A, "s", 5, 7), cp(B, "s", 8, 8)]).is_empty());
+        // At the newest one's epoch with its commitment.
+        assert!(compare(&st(8, 8), &[cp(A, "s", 5, 7), cp(B, "s", 8, 8)]).is_empty());
+        assert!(compare(&st(0, 0), &[]).is_empty());
+    }
+
+    #[test]
+    fn a_store_behind_the_newest_checkpoint_of_any_replica_is_a_rollback() {
+        let p = compare(&st(7, 1), &[cp(A, "s", 5, 7), cp(B, "s", 8, 8)]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("replica b's checkpoint recorded epoch 8"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("rolled back"), "{p:?}");
+        // The single node's checkpoint counts as well.
+        let p = compare(&st(7, 1), &[cp("strongroom-store-checkpoint", "s", 9, 9)]);
+        assert!(p[0].contains("the token recorded epoch 9"), "{p:?}");
+    }
+
+    #[test]
+    fn another_commitment_at_a_recorded_epoch_or_another_store_is_flagged() {
+        let p = compare(&st(8, 1), &[cp(B, "s", 8, 8)]);
+        assert!(p[0].contains("put back or replaced"), "{p:?}");
+        let p = compare(&st(9, 1), &[cp(A, "s", 5, 7), cp(B, "other", 3, 3)]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("replica b's checkpoint last recorded store other"),
+            "{p:?}"
+        );
     }
 }

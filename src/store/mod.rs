@@ -11,6 +11,7 @@ mod commitment;
 mod durable;
 mod etcd_store;
 mod feed;
+mod lease;
 pub mod migrate;
 mod sled_store;
 
@@ -21,6 +22,7 @@ use std::time::Duration;
 pub use commitment::{Commitment, STATE_KEY_DOMAIN, StateKey};
 pub use etcd_store::{EtcdOptions, EtcdStore};
 pub use feed::{ChangeEvent, ChangeFeed, ChangeKind, FEED_CAPACITY, FeedError};
+pub use lease::{Fenced, LocalLocks, Lock, LockHeld, LockKind, lock_name, lock_namespace};
 pub use sled_store::SledStore;
 
 use crate::config::{StoreBackend, StoreConfig};
@@ -342,6 +344,42 @@ pub trait Store: Send + Sync + 'static {
     /// after `after` are no longer kept, `Ahead` when `after` is not yet a revision of the
     /// store. Only durable (sled) or committed (etcd) changes are sent.
     fn watch(&self, after: u64) -> Result<ChangeFeed, FeedError>;
+    /// Takes the lock `name` ([`lock_name`]) for `holder` (a description for others'
+    /// refusals) under a lease of `ttl`, unless a live holder has it: shared by every
+    /// process on the same etcd, this process's own on sled (see [`Lock`]).
+    fn try_lock(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Result<Lock, LockHeld>, StoreError>;
+
+    /// Extends `lock`'s lease by its time to live; `false` when the lease is gone (expired
+    /// or revoked): the lock is lost.
+    fn renew_lock(&self, lock: &Lock) -> Result<bool, StoreError>;
+
+    /// Gives `lock` up (revokes its lease), so another process may take it at once.
+    fn unlock(&self, lock: &Lock) -> Result<(), StoreError>;
+
+    /// [`aux_put`](Self::aux_put) only while `lock` is still the caller's: on etcd the
+    /// same transaction compares the lock key's create revision with the lock's fence, so a
+    /// holder that lost the lock (its lease lapsed while it was paused) writes nothing.
+    fn aux_put_fenced(
+        &self,
+        lock: &Lock,
+        ns: Aux,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Result<(), Fenced>, StoreError>;
+
+    /// [`aux_delete`](Self::aux_delete) under `lock`, fenced as
+    /// [`aux_put_fenced`](Self::aux_put_fenced).
+    fn aux_delete_fenced(
+        &self,
+        lock: &Lock,
+        ns: Aux,
+        key: &str,
+    ) -> Result<Result<bool, Fenced>, StoreError>;
 
     /// Whether a point read is served from this process's memory or disk (sled), so it may
     /// run on an async runtime thread; `false` when it crosses the network (etcd).

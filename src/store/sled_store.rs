@@ -33,6 +33,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prost::Message;
 use sled::{Batch, IVec};
@@ -40,8 +41,9 @@ use sled::{Batch, IVec};
 use super::commitment::{EPOCH, STATE, STORE_ID, frame_value, is_frame_key, parse_frame};
 use super::durable::StoreSync;
 use super::{
-    Aux, ChangeEvent, ChangeFeed, Commitment, FeedError, FrameStatus, Head, NameRange, Page,
-    StateCheck, StateKey, Store, StoreError, StoreState, VersionConflict,
+    Aux, ChangeEvent, ChangeFeed, Commitment, FeedError, Fenced, FrameStatus, Head, LocalLocks,
+    Lock, LockHeld, NameRange, Page, StateCheck, StateKey, Store, StoreError, StoreState,
+    VersionConflict,
 };
 use crate::proto::HeadV1;
 use crate::secret::{SealedRecord, SecretName};
@@ -105,6 +107,8 @@ pub struct SledStore {
     history: u64,
     /// The highest epoch known durable: watchers read the change log up to it.
     durable: tokio::sync::watch::Sender<u64>,
+    /// One process opens a sled store: its locks are this process's.
+    locks: LocalLocks,
 }
 
 impl SledStore {
@@ -168,6 +172,7 @@ impl SledStore {
             examined: AtomicU64::new(0),
             history: super::DEFAULT_WATCH_HISTORY,
             durable: tokio::sync::watch::Sender::new(epoch),
+            locks: LocalLocks::default(),
         })
     }
 
@@ -611,6 +616,42 @@ impl Store for SledStore {
         }
         self.flush()?;
         Ok(())
+    }
+
+    fn try_lock(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Result<Lock, LockHeld>, StoreError> {
+        self.locks.try_lock(name, holder, ttl)
+    }
+
+    fn renew_lock(&self, lock: &Lock) -> Result<bool, StoreError> {
+        self.locks.renew(lock)
+    }
+
+    fn unlock(&self, lock: &Lock) -> Result<(), StoreError> {
+        self.locks.unlock(lock)
+    }
+
+    fn aux_put_fenced(
+        &self,
+        lock: &Lock,
+        ns: Aux,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Result<(), Fenced>, StoreError> {
+        self.locks.fenced(lock, || self.aux_put(ns, key, value))
+    }
+
+    fn aux_delete_fenced(
+        &self,
+        lock: &Lock,
+        ns: Aux,
+        key: &str,
+    ) -> Result<Result<bool, Fenced>, StoreError> {
+        self.locks.fenced(lock, || self.aux_delete(ns, key))
     }
 
     fn aux_delete(&self, ns: Aux, key: &str) -> Result<bool, StoreError> {

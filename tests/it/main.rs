@@ -29,6 +29,7 @@ mod overload;
 mod oversize;
 mod powercut;
 mod refusals;
+mod replicas;
 mod restart;
 mod rollback;
 mod service;

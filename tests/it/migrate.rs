@@ -61,13 +61,9 @@ async fn a_sled_store_moves_to_etcd_whole_and_a_half_migrated_target_is_refused(
     // A migration that stops half way (as a crash would) leaves a target the service refuses.
     let stopped = migrate(&[("STRONGROOM_TEST_MIGRATE_STOP_AFTER", "256")]);
     assert_eq!(stopped.code, 3, "{}", stopped.stderr);
-    let refused = env.run_until_exit(env.config(POLICY).as_path());
-    assert_ne!(refused.code, 0);
-    assert!(
-        refused.stderr.contains("half-migrated"),
-        "{}",
-        refused.stderr
-    );
+    let (code, log) = env.refused_start(&env.config(POLICY), &[]);
+    assert_ne!(code, Some(0));
+    assert!(log.contains("half-migrated"), "{log}");
 
     // Run again: the target is emptied and copied whole, then verified.
     let done = migrate(&[]);

@@ -227,13 +227,6 @@ impl TestEnv {
             .stdin(Stdio::null());
     }
 
-    /// Runs `strongroomd` with `config` until it exits (for starts that must be refused).
-    pub fn run_until_exit(&self, config: &Path) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroomd"));
-        self.apply_env(&mut cmd);
-        Output::of(cmd.arg("--config").arg(config))
-    }
-
     /// Runs `strongroom-admin` with `args`.
     pub fn admin(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom-admin"));
@@ -243,7 +236,24 @@ impl TestEnv {
 
     /// Writes a service configuration with `extra` appended (policy, limits).
     pub fn config(&self, extra: &str) -> PathBuf {
-        let path = self.dir.path().join("strongroomd.toml");
+        self.config_file("strongroomd.toml", "", extra)
+    }
+
+    /// The configuration of replica `id` (`server.replica_id`), with its own audit log
+    /// (`audit-<id>.log`) and `extra` appended after `[store]` (store keys first, then
+    /// sections); written to `strongroomd-<id>.toml`.
+    pub fn replica_config(&self, id: &str, extra: &str) -> PathBuf {
+        self.config_file(
+            &format!("strongroomd-{id}.toml"),
+            &format!("replica_id = \"{id}\"\n"),
+            &format!("{extra}\n[audit]\npath = \"audit-{id}.log\"\n"),
+        )
+    }
+
+    /// Writes `file` (in the test's directory): `[server]` with `server_extra` keys, the
+    /// token, the store, then `extra`.
+    pub fn config_file(&self, file: &str, server_extra: &str, extra: &str) -> PathBuf {
+        let path = self.dir.path().join(file);
         let text = format!(
             r#"
 [server]
@@ -252,6 +262,7 @@ cert = "pki/server.pem"
 key = "pki/server-key.pem"
 client_ca = "pki/client-ca.pem"
 shutdown_grace_ms = 1000
+{server_extra}
 
 [hsm]
 module = "{module}"
@@ -317,6 +328,41 @@ request_timeout_ms = 5000
         .env("STRONGROOM_ADMIN_SERVER_NAME", "localhost")
         .env_remove("STRONGROOM_FORMAT");
         cmd
+    }
+
+    /// Runs `strongroomd` with `config` expecting it to refuse to start: its exit code and
+    /// output (within `limit`, else a panic: a hang is a failure here).
+    pub fn refused_start_within(&self, config: &Path, limit: Duration) -> Output {
+        let mut child = {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroomd"));
+            self.apply_env(&mut cmd);
+            cmd.arg("--config")
+                .arg(config)
+                .env("STRONGROOM_LOG", "info")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn strongroomd")
+        };
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "strongroomd still running after {limit:?}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 
     /// Starts `strongroomd` with a configuration and extra environment.
@@ -524,6 +570,44 @@ impl Server {
     /// The service's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` at least `times` times; panics with the log after
+    /// `limit`.
+    pub fn wait_for_log(&self, needle: &str, times: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.log_text().matches(needle).count() < times {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} ×{times} in the log within {limit:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Freezes the process (SIGSTOP): its connections stay open and nothing runs.
+    pub fn pause(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-STOP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Thaws a paused process (SIGCONT).
+    pub fn resume(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-CONT", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     /// Stops the service with SIGTERM and waits for it.
