@@ -144,7 +144,7 @@ listen = "127.0.0.1:$((base + n))"
 cert = "pki/server.pem"
 key = "pki/server-key.pem"
 client_ca = "pki/client-ca.pem"
-# replica_id = "r$n"  (per-replica token objects; uncommented when [server] replica_id lands)
+replica_id = "r$n"
 
 [hsm]
 module = "$module"

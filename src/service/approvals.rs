@@ -206,8 +206,13 @@ impl PurgeSummary {
 /// anything, so no removal goes unaudited), then removes each one only if its record is
 /// still the one it read. Two runs at once (two replicas) remove each record at most once
 /// and each write their own entry; a record changed meanwhile is left for the next run.
-/// Nothing is removed while the store fails its rollback check.
-pub(crate) async fn purge_approvals(state: &State) -> Result<PurgeSummary, Error> {
+/// Nothing is removed while the store fails its rollback check. Under `lock` (the job's
+/// lock, see [`jobs::run_once`](super::jobs::run_once)) every removal is fenced: a run whose
+/// lock another replica took meanwhile removes nothing more ([`Error::LostLock`]).
+pub(crate) async fn purge_approvals(
+    state: &State,
+    lock: Option<crate::store::Lock>,
+) -> Result<PurgeSummary, Error> {
     let mut summary = PurgeSummary::default();
     if let Err(e) = super::rollback::ensure_trusted(state) {
         summary.skipped = Some(e.to_string());
@@ -280,14 +285,19 @@ pub(crate) async fn purge_approvals(state: &State) -> Result<PurgeSummary, Error
         return Err(Error::Audit(e.to_string()));
     }
     for (key, bytes, is_expired) in doomed {
+        let lock = lock.clone();
         let removed = blocking(state, move |s| {
             // Only the record as it was read: one changed since is left for the next run.
             match s.aux_get(Aux::Approval, &key)? {
-                Some(now) if now == bytes => s.aux_delete(Aux::Approval, &key),
-                _ => Ok(false),
+                Some(now) if now == bytes => match &lock {
+                    Some(lock) => Ok(s.aux_delete_fenced(lock, Aux::Approval, &key)?),
+                    None => s.aux_delete(Aux::Approval, &key).map(Ok),
+                },
+                _ => Ok(Ok(false)),
             }
         })
-        .await?;
+        .await?
+        .map_err(super::jobs::lost_lock)?;
         if removed && is_expired {
             summary.expired += 1;
         } else if removed {
@@ -299,6 +309,9 @@ pub(crate) async fn purge_approvals(state: &State) -> Result<PurgeSummary, Error
 
 /// The periodic purge: every `admin.approval_purge_interval_secs`, from the start. Spawned
 /// by [`super::Server::run`] beside the service's other periodic tasks.
+/// The purge's once-only job (its lock: `…locks/job/approval-purge`).
+const PURGE_JOB: &str = "approval-purge";
+
 pub(crate) async fn purge_task(state: Arc<State>) {
     let Some(admin) = &state.admin else {
         return;
@@ -309,14 +322,20 @@ pub(crate) async fn purge_task(state: Arc<State>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match purge_approvals(&state).await {
-            Ok(s) if s.removed() > 0 => tracing::info!(
+        // Once at a time across replicas: under the job's lock, every removal fenced.
+        let run = super::jobs::run_once(&state, PURGE_JOB, |held| {
+            purge_approvals(&state, Some(held.lock.clone()))
+        })
+        .await;
+        match run {
+            Ok(None) => tracing::debug!("the approval purge runs on another replica"),
+            Ok(Some(s)) if s.removed() > 0 => tracing::info!(
                 expired = s.expired,
                 finished = s.finished,
                 examined = s.examined,
                 "approvals purged"
             ),
-            Ok(s) => {
+            Ok(Some(s)) => {
                 if let Some(why) = s.skipped {
                     tracing::debug!(reason = %why, "approval purge skipped");
                 }

@@ -14,12 +14,10 @@
 //! (`m/state-report`: which replica, under which fence, when, the store's epoch and secret
 //! count) every `jobs.state_report_interval_secs`, from whichever replica holds its lock (not
 //! while that replica has flagged the store: officers review it as it is). The per-replica
-//! store verification stays per replica (it only reads). The approvals purge is meant to be
-//! wrapped the same way, in one line:
-//! `jobs::run_once(&state, "approval-purge", |_held| purge_approvals(&state))` runs it on one
-//! replica at a time; passing `held.lock` on to its deletes
-//! ([`Store::aux_delete_fenced`](crate::store::Store::aux_delete_fenced), errors through
-//! [`lost_lock`]) fences them too.
+//! store verification stays per replica (it only reads). The approvals purge
+//! (`approvals::purge_task`) runs the same way, as job `approval-purge`: one replica at a time,
+//! every removal fenced ([`Store::aux_delete_fenced`](crate::store::Store::aux_delete_fenced),
+//! errors through [`lost_lock`]).
 //!
 //! [`register_replica`] holds `replica/<id>` for the life of the process, so a replica id
 //! is live in at most one process: a second process with the same id is refused at start.

@@ -24,8 +24,8 @@
 //! These tests start their own etcd cluster whatever `STRONGROOM_TEST_STORE` says, so
 //! scripts/test.sh runs them once, in the sled pass.
 //!
-//! Until replicas have their own ids (`[server] replica_id`), replicas sharing one token also
-//! share its checkpoint objects; [`replica_config`] is where each replica's id goes.
+//! Each replica has its own id (`[server] replica_id = "rN"`), so its own token checkpoint
+//! objects and audit chain on the shared token.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -66,8 +66,7 @@ fn free_port() -> u16 {
 
 /// The configuration of replica `n`: its own listener (a fixed port, so that it restarts
 /// on the address the clients know) and its own audit log; the etcd cluster, the token and
-/// the PKI are shared. Every replica's configuration comes from here: this is where
-/// `replica_id = "r{n}"` goes in `[server]` once replicas have ids.
+/// the PKI are shared; its id `rN` gives it its own token checkpoint objects.
 fn replica_config(env: &TestEnv, etcd: &EtcdCluster, n: usize, port: u16) -> PathBuf {
     let path = env.dir.path().join(format!("replica-r{n}.toml"));
     let endpoints = etcd
@@ -84,6 +83,7 @@ cert = "pki/server.pem"
 key = "pki/server-key.pem"
 client_ca = "pki/client-ca.pem"
 shutdown_grace_ms = 1000
+replica_id = "r{n}"
 
 [hsm]
 module = "{module}"
