@@ -775,6 +775,10 @@ async fn an_inserted_entry_is_found_at_its_line() {
         status: "Ok".into(),
         request_id: 4242,
         detail: None,
+        phase: None,
+        change: None,
+        outcome: None,
+        fingerprint: None,
     };
     let mut mac = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut mac).unwrap();
