@@ -588,6 +588,7 @@ impl AdminApiInner {
                 return;
             }
         };
+        crate::audit::reconcile::halt_point("officer-after-intent").await;
         let outcome: Result<String, Error> = match a.operation.as_str() {
             PUT_POLICY => {
                 policies::put(&self.state, &param("name"), &param("document"), &by, &a.id)
@@ -628,6 +629,7 @@ impl AdminApiInner {
             }),
             other => Err(Error::Internal(format!("unknown operation {other}"))),
         };
+        crate::audit::reconcile::halt_point("officer-after-commit").await;
         if let Some((id, event)) = change {
             // Refused before the store was touched: failed; any other error may have come
             // after it was (the next start reconciles an unknown outcome).

@@ -24,10 +24,7 @@ use super::{State, blocking};
 use crate::error::Error;
 use crate::hsm::keys::{MacKey, STORE_CHECKPOINT_LABEL};
 use crate::hsm::{Hsm, HsmError};
-use crate::store::{Commitment, FrameStatus, StateKey};
-
-/// What the token's store MAC key signs to give the state key.
-const STATE_KEY_DOMAIN: &[u8] = b"strongroom/state-commitment-key/v1\0";
+use crate::store::{Commitment, FrameStatus, STATE_KEY_DOMAIN, StateKey};
 
 /// The problem a failed scan reports.
 pub(crate) const MISMATCH: &str = "the store's state does not match its commitment: records were added, removed or replaced outside the service";

@@ -55,6 +55,10 @@ pub(crate) fn frame_value(c: &Commitment, tag: &[u8; 32]) -> Vec<u8> {
     v
 }
 
+/// What the token's store MAC key signs to give the [`StateKey`] (the service at start, and
+/// the officers' offline tools that open the store).
+pub const STATE_KEY_DOMAIN: &[u8] = b"strongroom/state-commitment-key/v1\0";
+
 /// The key the store hashes its records under. No `Debug`, no `Clone`; the bytes it was made
 /// from are zeroized when the caller drops them (ring keeps its own copy).
 pub struct StateKey(hmac::Key);

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use commitment::{Commitment, StateKey};
+pub use commitment::{Commitment, STATE_KEY_DOMAIN, StateKey};
 pub use etcd_store::{EtcdOptions, EtcdStore};
 pub use sled_store::SledStore;
 

@@ -147,7 +147,8 @@ pub(crate) fn audited_puts(audit: &str) -> HashSet<(String, u64)> {
     for line in audit.lines() {
         let (body, _) = strongroom::audit::split_line(line).expect("audit line has a mac");
         let e: strongroom::audit::Entry = serde_json::from_str(&body).expect("audit entry");
-        if e.operation == "PutSecret" && e.status == "Ok" {
+        // The request's own entry (an intent, written before the commit, is not).
+        if e.operation == "PutSecret" && e.status == "Ok" && e.phase.as_deref() != Some("intent") {
             audited.insert((e.name.unwrap_or_default(), e.version.unwrap_or(0)));
         }
     }

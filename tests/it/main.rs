@@ -28,4 +28,5 @@ mod refusals;
 mod restart;
 mod rollback;
 mod service;
+mod writeahead;
 mod wycheproof;
