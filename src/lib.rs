@@ -21,7 +21,9 @@
 //! - [`hsm`]: the PKCS#11 token, master keys, the worker pool, fault classes.
 //! - [`envelope`]: sealing and opening values under data keys, with AAD.
 //! - [`audit`]: the HMAC-chained, group-committed audit log every decision passes through,
-//!   and its verifier.
+//!   its verifier, and the reconciliation of write-ahead intents (every change to the store
+//!   is announced by an intent entry, durable before the commit, and followed by its
+//!   outcome).
 //! - [`service`]: the tonic services — SecretService for clients, AdminService for officers
 //!   (policies in the store, dual control, rollback acceptance); [`error`]: one error enum and
 //!   its gRPC mapping; [`codec`]: the protobuf codec (malformed input is INVALID_ARGUMENT).
