@@ -23,7 +23,9 @@
 //! - [`hsm`]: the PKCS#11 token, master keys, the worker pool, fault classes.
 //! - [`envelope`]: sealing and opening values under data keys, with AAD.
 //! - [`audit`]: the HMAC-chained, group-committed audit log every decision passes through,
-//!   and its verifier.
+//!   and its verifier, and the reconciliation of write-ahead intents (every change to the store
+//!   is announced by an intent entry, durable before the commit, and followed by its
+//!   outcome).
 //! - [`service`]: the tonic services — SecretService for clients (WatchSecrets streams with
 //!   per-event policy and caps in `service/watch.rs`), AdminService for officers (policies in
 //!   the store, dual control, rollback acceptance, rollback checks against every replica's

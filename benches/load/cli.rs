@@ -25,6 +25,7 @@ pub(crate) enum Part {
     Big,
     Diag,
     Frontdoor,
+    Wal,
     Custom,
     All,
 }
@@ -41,7 +42,8 @@ pub(crate) enum CustomTarget {
 
 #[derive(Args, Clone, Debug)]
 pub(crate) struct Opts {
-    /// Parts to run, comma-separated: audit, floor, hsm, put, big, diag, frontdoor, custom, all.
+    /// Parts to run, comma-separated: audit, floor, hsm, put, big, diag, frontdoor, wal, custom,
+    /// all.
     #[arg(
         long,
         env = "STRONGROOM_BENCH_PARTS",

@@ -213,6 +213,19 @@ impl Lab {
         log_level: &str,
         checkpoint_every: Option<u64>,
     ) -> Res<Target> {
+        self.strongroomd_with(name, audit, log_level, checkpoint_every, "")
+    }
+
+    /// Like [`Lab::strongroomd`], with `audit_lines` added to its `[audit]` section (it runs
+    /// with `STRONGROOM_BENCHMARK=1`, which the benchmark-only settings require).
+    pub(crate) fn strongroomd_with(
+        &mut self,
+        name: &str,
+        audit: bool,
+        log_level: &str,
+        checkpoint_every: Option<u64>,
+        audit_lines: &str,
+    ) -> Res<Target> {
         if let Some(p) = self.procs.get(name) {
             return Ok(Target {
                 addr: p.addr.clone(),
@@ -246,6 +259,7 @@ path = "store"
 path = "audit.log"
 dangerous_disable_audit = {disable}
 {checkpoint}
+{audit_lines}
 {audit_extra}
 
 [[policy]]
@@ -274,7 +288,8 @@ capabilities = ["read", "write", "list", "delete"]
         self.token_env(&mut cmd, &token);
         cmd.arg("--config")
             .arg(&config)
-            .env("STRONGROOM_LOG", log_level);
+            .env("STRONGROOM_LOG", log_level)
+            .env("STRONGROOM_BENCHMARK", "1");
         let started = Instant::now();
         let proc = Proc::spawn(cmd, dir.join("strongroomd.log"))?;
         eprintln!(

@@ -32,6 +32,10 @@
 //!   open and a certificate with no rights floods GetSecret/ListSecrets with 64 KiB and 1 MiB
 //!   names, versus the same load without them; also each attack alone, and what one junk call
 //!   adds to the audit and process logs;
+//! - `wal` (not in the default parts: about a minute): PutSecret with the write-ahead audit
+//!   (an intent entry durable before the store commit, the outcome after it) versus
+//!   `audit.dangerous_no_write_ahead` (one entry after the commit), at the `put`
+//!   concurrencies;
 //! - `custom`: the load generator alone with `--concurrency`, `--connections`,
 //!   `--value-size`, `--read-pct`, `--secs`, `--requests` against a `strongroomd` or the floor.
 //!
@@ -58,6 +62,7 @@ mod p11;
 mod parts;
 mod report;
 mod util;
+mod wal;
 
 use crate::big::{part_big, populate};
 use crate::cli::{Cli, Opts, Part, Role};
@@ -69,6 +74,7 @@ use crate::lab::Lab;
 use crate::parts::{part_custom, part_diag, part_put, part_reads};
 use crate::report::{machine, table};
 use crate::util::runtime;
+use crate::wal::part_wal;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, Error>;
@@ -122,6 +128,7 @@ fn driver(opts: Opts) -> Res<()> {
             Part::Big,
             Part::Diag,
             Part::Frontdoor,
+            Part::Wal,
         ];
     }
     let plan = Plan {
@@ -172,13 +179,16 @@ fn driver(opts: Opts) -> Res<()> {
         if parts.contains(&Part::Frontdoor) {
             part_frontdoor(&mut lab, &plan, &mut rows).await?;
         }
+        if parts.contains(&Part::Wal) {
+            part_wal(&mut lab, &plan, &mut rows).await?;
+        }
         if parts.contains(&Part::Custom) {
             part_custom(&mut lab, &plan, &mut rows).await?;
         }
         Res::Ok(())
     });
     if let Err(e) = &result {
-        for name in ["on", "off", "put", "big"] {
+        for name in ["on", "off", "put", "big", "wal-on", "wal-off"] {
             if let Some(log) = lab.log_of(name) {
                 eprintln!("(log of strongroomd '{name}': {})", log.display());
             }

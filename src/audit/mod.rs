@@ -19,12 +19,20 @@
 //! `checkpoint` (which log is current, and its chain head, recorded in the token), `recover`
 //! (at start: whether the file is the token's current log and reaches its head), `rotate`
 //! (starting a new log: rotation, the archive, the states a crash can leave), `verify` (what
-//! `strongroom-admin audit verify` checks in one log) and `history` (a log and its archived
-//! predecessors, end to end).
+//! `strongroom-admin audit verify` checks in one log), `history` (a log and its archived
+//! predecessors, end to end) and `reconcile` (pairing the intents of changes with their
+//! outcomes).
+//!
+//! A change to the store is written ahead: its **intent** entry (`"phase":"intent"`, naming
+//! what it will write) is durable before the store commit, and its **outcome** entry
+//! (`"phase":"outcome"`, `committed`, `failed` or `unknown`) follows it; both carry the same
+//! `change` id. A crash between the two leaves an intent without an outcome, which the next
+//! start reconciles against the store (see [`reconcile`]).
 
 mod chain;
 mod checkpoint;
 mod history;
+pub mod reconcile;
 mod recover;
 mod rotate;
 #[cfg(test)]
@@ -43,7 +51,7 @@ pub use verify::{Problem, ProblemKind, VerifyReport, read_entries, verify};
 pub use writer::{AuditLog, AuditOptions};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tonic::Code;
@@ -73,6 +81,93 @@ pub struct AuditEvent<'a> {
     pub request_id: u64,
     /// Extra context (e.g. the approval an operation created).
     pub detail: Option<String>,
+    /// For a change to the store: its intent or its outcome (see [`reconcile`]).
+    pub change: Option<ChangeMark>,
+}
+
+/// What an entry says about a change to the store (written ahead: intent, then outcome).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeMark {
+    /// Pairs the intent with its outcome; unique across restarts (see [`new_change_id`]).
+    pub id: String,
+    /// Intent or outcome.
+    pub phase: Phase,
+    /// What identifies the change once in the store (a record's digest, an approval id).
+    pub fingerprint: Option<String>,
+}
+
+/// Whether an entry announces a change or reports what became of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Durable before the store commit.
+    Intent,
+    /// After it.
+    Outcome(Outcome),
+}
+
+/// What became of an intended change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The change is in the store.
+    Committed,
+    /// The change is not in the store.
+    Failed,
+    /// The store answered with an error: whether the change applied is not known (the next
+    /// start reconciles it).
+    Unknown,
+}
+
+impl Outcome {
+    /// As recorded in an entry's `outcome` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Committed => "committed",
+            Outcome::Failed => "failed",
+            Outcome::Unknown => "unknown",
+        }
+    }
+}
+
+impl ChangeMark {
+    /// The intent of change `id`.
+    pub fn intent(id: &str, fingerprint: Option<String>) -> Self {
+        Self {
+            id: id.to_owned(),
+            phase: Phase::Intent,
+            fingerprint,
+        }
+    }
+
+    /// The outcome of change `id`.
+    pub fn outcome(id: &str, outcome: Outcome) -> Self {
+        Self {
+            id: id.to_owned(),
+            phase: Phase::Outcome(outcome),
+            fingerprint: None,
+        }
+    }
+}
+
+/// A change id unique across restarts: this process's random boot id and a counter.
+pub fn new_change_id() -> String {
+    use std::sync::OnceLock;
+    static BOOT: OnceLock<String> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let boot = BOOT.get_or_init(|| {
+        use ring::rand::SecureRandom;
+        let mut id = [0u8; 8];
+        match ring::rand::SystemRandom::new().fill(&mut id) {
+            Ok(()) => hex::encode(id),
+            // No randomness: the clock in nanoseconds, which a restart does not repeat.
+            Err(_) => format!(
+                "{:016x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            ),
+        }
+    });
+    format!("{boot}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A requested name as the audit log and the process log record it: whole when it is plain
@@ -187,6 +282,19 @@ pub struct Entry {
     /// Extra context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A change to the store: `intent` (durable before the commit) or `outcome`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// A change to the store: the id its intent and outcome share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<String>,
+    /// An outcome: `committed`, `failed` or `unknown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// An intent: what identifies the change once in the store (a digest of the record
+    /// written, the approval that wrote a policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// A sink could not record an event.

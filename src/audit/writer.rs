@@ -66,6 +66,7 @@ pub(super) struct PendingEntry {
     status: Code,
     request_id: u64,
     detail: Option<String>,
+    change: Option<ChangeMark>,
 }
 
 /// The HMAC-chained audit log.
@@ -227,6 +228,7 @@ impl AuditLog {
             status: event.status,
             request_id: event.request_id,
             detail: event.detail.clone(),
+            change: event.change.clone(),
         });
         // Measured here, in the caller's task, so the writer can bound its batches in bytes.
         let bytes = line_len_bound(&entry);
@@ -535,6 +537,13 @@ pub(super) fn to_entry(p: PendingEntry) -> Entry {
         | Code::FailedPrecondition => "deny",
         _ => "error",
     };
+    let (phase, change, outcome, fingerprint) = match p.change {
+        None => (None, None, None, None),
+        Some(c) => match c.phase {
+            Phase::Intent => (Some("intent"), Some(c.id), None, c.fingerprint),
+            Phase::Outcome(o) => (Some("outcome"), Some(c.id), Some(o.as_str()), c.fingerprint),
+        },
+    };
     Entry {
         seq: 0,
         ts_ms: now_ms(),
@@ -553,6 +562,10 @@ pub(super) fn to_entry(p: PendingEntry) -> Entry {
         status: format!("{:?}", p.status),
         request_id: p.request_id,
         detail: p.detail,
+        phase: phase.map(str::to_owned),
+        change,
+        outcome: outcome.map(str::to_owned),
+        fingerprint,
     }
 }
 
@@ -572,6 +585,10 @@ pub(super) fn internal_entry(operation: &str, detail: String) -> Entry {
         status: "Ok".into(),
         request_id: 0,
         detail: Some(detail),
+        phase: None,
+        change: None,
+        outcome: None,
+        fingerprint: None,
     }
 }
 

@@ -235,6 +235,10 @@ pub struct AuditConfig {
     pub rotate_age_secs: u64,
     /// BENCHMARKS ONLY: write audit events to the process log only, not the durable chain.
     pub dangerous_disable_audit: bool,
+    /// BENCHMARKS ONLY: changes to the store get no intent entry before their commit (only
+    /// the entry after it), so a crash between the two leaves an unaudited change. Refused
+    /// unless the environment says `STRONGROOM_BENCHMARK=1`.
+    pub dangerous_no_write_ahead: bool,
 }
 
 impl Default for AuditConfig {
@@ -249,6 +253,7 @@ impl Default for AuditConfig {
             rotate_bytes: DEFAULT_AUDIT_ROTATE_BYTES,
             rotate_age_secs: DEFAULT_AUDIT_ROTATE_AGE_SECS,
             dangerous_disable_audit: false,
+            dangerous_no_write_ahead: false,
         }
     }
 }
@@ -691,6 +696,13 @@ impl Config {
         }
         if let Some(admin) = &self.admin {
             admin.validate(self)?;
+        }
+        if self.audit.dangerous_no_write_ahead
+            && std::env::var("STRONGROOM_BENCHMARK").as_deref() != Ok("1")
+        {
+            return Err(ConfigError::Invalid(
+                "audit.dangerous_no_write_ahead is for benchmarks only (it lets a crash leave a change no audit entry records): remove it, or set STRONGROOM_BENCHMARK=1 in a benchmark".into(),
+            ));
         }
         if self.audit.max_batch == 0 || self.audit.checkpoint_every == 0 {
             return Err(ConfigError::Invalid(

@@ -11,7 +11,7 @@ use super::approvals::{self, Count};
 use super::policies;
 use super::secrets::unix_now;
 use super::{State, blocking};
-use crate::audit::{AuditEvent, RecordedName};
+use crate::audit::{AuditEvent, ChangeMark, Outcome, RecordedName};
 use crate::error::Error;
 use crate::hsm::keys::MacKey;
 use crate::policy::{Capability, Decision};
@@ -535,6 +535,7 @@ impl AdminApiInner {
             status,
             request_id,
             detail,
+            change: None,
         };
         if let Err(e) = self.state.audit.record(&event, None).await {
             super::update_health(&self.state).await;
@@ -643,7 +644,9 @@ impl AdminApiInner {
 
     /// Runs an approved operation and records the outcome in the approval. Its audit entry
     /// (the operation, its parameter digest and the approvals that counted) is written
-    /// first; if it cannot be, the operation does not run.
+    /// first; if it cannot be, the operation does not run. Then it is written ahead: its
+    /// intent is durable before it touches the store or the token (if it cannot be written,
+    /// the operation fails untried), and its outcome follows.
     async fn execute(&self, officer: &Officer, a: &mut ApprovalV1) -> Result<(), Error> {
         let counted: Vec<String> = approvals::count(&self.state, a)
             .standing
@@ -675,6 +678,19 @@ impl AdminApiInner {
                 .unwrap_or_default()
         };
         let by = counted.join(", ");
+        let target = param("name");
+        let change = match self.write_ahead(officer, a, &target).await {
+            Ok(change) => change,
+            Err(e) => {
+                tracing::warn!(approval = %a.id, operation = %a.operation, error = %e, "guarded operation not run: its intent could not be audited");
+                a.state = "failed".into();
+                a.result = format!("not run: {e}");
+                a.finished_at_unix = unix_now();
+                super::update_health(&self.state).await;
+                return Ok(());
+            }
+        };
+        crate::audit::reconcile::halt_point("officer-after-intent").await;
         let outcome: Result<String, Error> = match a.operation.as_str() {
             PUT_POLICY => {
                 policies::put(&self.state, &param("name"), &param("document"), &by, &a.id)
@@ -716,6 +732,30 @@ impl AdminApiInner {
             ROTATE_AUDIT_LOG => super::rotate_audit_log(&self.state, &param("reason")).await,
             other => Err(Error::Internal(format!("unknown operation {other}"))),
         };
+        crate::audit::reconcile::halt_point("officer-after-commit").await;
+        if let Some((id, event)) = change {
+            // Refused before the store was touched: failed; any other error may have come
+            // after it was (the next start reconciles an unknown outcome).
+            let ended = match &outcome {
+                Ok(_) => Outcome::Committed,
+                Err(Error::InvalidArgument(_) | Error::FailedPrecondition(_) | Error::NotFound) => {
+                    Outcome::Failed
+                }
+                Err(_) => Outcome::Unknown,
+            };
+            let detail = format!("approval={} {}", a.id, ended.as_str());
+            let event = AuditEvent {
+                detail: Some(detail),
+                change: Some(ChangeMark::outcome(&id, ended)),
+                status: outcome.as_ref().map_or_else(|e| e.code(), |_| Code::Ok),
+                version: None,
+                ..event
+            };
+            if let Err(e) = self.state.audit.record(&event, None).await {
+                // The change stands; the next start reconciles its intent.
+                tracing::error!(approval = %a.id, error = %e, "cannot audit a guarded operation's outcome");
+            }
+        }
         match outcome {
             Ok(result) => {
                 tracing::info!(approval = %a.id, operation = %a.operation, %result, "guarded operation executed");
@@ -731,6 +771,69 @@ impl AdminApiInner {
         a.finished_at_unix = unix_now();
         super::update_health(&self.state).await;
         Ok(())
+    }
+
+    /// Writes the intent of an approved operation and waits until it is durable; returns its
+    /// change id and the event its outcome reuses (none with the benchmark-only
+    /// `audit.dangerous_no_write_ahead`).
+    async fn write_ahead<'a>(
+        &'a self,
+        officer: &'a Officer,
+        a: &ApprovalV1,
+        name: &'a str,
+    ) -> Result<Option<(String, AuditEvent<'a>)>, Error> {
+        if !self.state.write_ahead {
+            return Ok(None);
+        }
+        let (operation, version, fingerprint): (&'static str, _, _) = match a.operation.as_str() {
+            PUT_POLICY => (PUT_POLICY, None, Some(a.id.clone())),
+            DELETE_POLICY => (DELETE_POLICY, None, None),
+            DESTROY_SECRET => (DESTROY_SECRET, None, None),
+            ROTATE_MASTER_KEY => {
+                let next = self.state.hsm.master_key_versions().into_iter().max();
+                (
+                    ROTATE_MASTER_KEY,
+                    Some(u64::from(next.unwrap_or(0)) + 1),
+                    None,
+                )
+            }
+            ACCEPT_STORE_STATE => {
+                let (_, epoch) = blocking(&self.state, |s| s.epoch()).await?;
+                (ACCEPT_STORE_STATE, Some(epoch), None)
+            }
+            // Not a change to the store: the log records its own rotation (the old log's
+            // last entry seals it, the new log's first names it).
+            ROTATE_AUDIT_LOG => return Ok(None),
+            other => {
+                return Err(Error::Internal(format!("unknown operation {other}")));
+            }
+        };
+        let limit = self
+            .state
+            .limits
+            .max_name_bytes
+            .max(policies::MAX_POLICY_NAME);
+        let id = crate::audit::new_change_id();
+        let event = AuditEvent {
+            plane: "admin",
+            identity: Some(&officer.identity),
+            operation,
+            name: (!name.is_empty()).then(|| RecordedName::new(name, limit)),
+            version,
+            status: Code::Ok,
+            request_id: officer.request_id,
+            detail: Some(format!(
+                "approval={} approvers={}",
+                a.id,
+                a.approvers.join(",")
+            )),
+            change: Some(ChangeMark::intent(&id, fingerprint)),
+        };
+        if let Err(e) = self.state.audit.record(&event, None).await {
+            super::update_health(&self.state).await;
+            return Err(Error::Audit(e.to_string()));
+        }
+        Ok(Some((id, event)))
     }
 
     async fn status_inner(&self) -> Result<StatusResponse, Error> {
@@ -751,6 +854,9 @@ impl AdminApiInner {
             .is_some_and(|a| a.dangerous_single_officer)
         {
             dangerous.push("admin.dangerous_single_officer".to_owned());
+        }
+        if !state.write_ahead {
+            dangerous.push("audit.dangerous_no_write_ahead".to_owned());
         }
         if matches!(state.audit, crate::audit::Auditor::DangerousLogOnly) {
             dangerous.push("audit.dangerous_disable_audit".to_owned());

@@ -279,6 +279,7 @@ pub(crate) async fn purge_approvals(
         status: Code::Ok,
         request_id: 0,
         detail: Some(detail),
+        change: None,
     };
     if let Err(e) = state.audit.record(&event, None).await {
         super::update_health(state).await;

@@ -109,6 +109,9 @@ pub(crate) struct State {
     pub(crate) holder: String,
     /// The leases and intervals of once-only jobs.
     pub(crate) jobs: JobTimes,
+    /// Changes to the store are preceded by a durable intent entry (off only with the
+    /// benchmark-only `audit.dangerous_no_write_ahead`).
+    pub(crate) write_ahead: bool,
 }
 
 /// `[jobs]` as durations.
@@ -302,10 +305,29 @@ impl Server {
             replica_id,
             holder,
             jobs: jobs_times,
+            write_ahead: !config.audit.dangerous_no_write_ahead,
         });
         rollback::check(&state).await?;
         policies::seed(&state, &config.policy, seed.is_empty()).await?;
         policies::reload(&state).await?;
+        // Intents a crash left without an outcome: settled before anything is served.
+        if config.audit.dangerous_no_write_ahead {
+            tracing::warn!(
+                "DANGEROUS: audit.dangerous_no_write_ahead is on: a crash can leave a change no audit entry records"
+            );
+        }
+        let settled = crate::audit::reconcile::settle_at_start(
+            &state.audit,
+            state.store.clone(),
+            state.hsm.master_key_versions(),
+        )
+        .await?;
+        if settled > 0 {
+            tracing::warn!(
+                intents = settled,
+                "reconciled intents that a crash left without an outcome (see the audit log's Reconcile entries)"
+            );
+        }
         Ok(Self {
             state,
             replica_lock,

@@ -323,6 +323,7 @@ async fn record_seeding(state: &State, detail: String) -> Result<(), Error> {
         status: tonic::Code::Ok,
         request_id: 0,
         detail: Some(detail),
+        change: None,
     };
     state
         .audit

@@ -12,7 +12,8 @@ use zeroize::Zeroizing;
 
 use super::page_token::PageTokenKey;
 use super::{State, blocking, read_inline};
-use crate::audit::{AuditEvent, Expected, RecordedName};
+use crate::audit::reconcile::{halt_point, record_fingerprint};
+use crate::audit::{AuditEvent, ChangeMark, Expected, Outcome, RecordedName};
 use crate::envelope::{self, record_aad};
 use crate::error::Error;
 use crate::hsm::HsmError;
@@ -71,6 +72,9 @@ struct Ctx {
     identity: Identity,
     deadline: Duration,
     request_id: u64,
+    /// The change this request intended (its intent is durable) and what became of it: the
+    /// request's own entry is its outcome.
+    change: std::sync::Mutex<Option<(String, Outcome)>>,
 }
 
 /// A handler's own work: what it does between authentication and the audited answer.
@@ -227,6 +231,7 @@ impl SecretsServiceInner {
                     None,
                     status.code(),
                     request_id,
+                    None,
                 )
                 .await?;
                 return Err(status);
@@ -245,6 +250,7 @@ impl SecretsServiceInner {
                 None,
                 status.code(),
                 request_id,
+                None,
             )
             .await?;
             return Err(status);
@@ -259,6 +265,7 @@ impl SecretsServiceInner {
             identity,
             deadline,
             request_id,
+            change: std::sync::Mutex::new(None),
         })
     }
 
@@ -281,6 +288,13 @@ impl SecretsServiceInner {
             // not at the watcher's next tick.
             super::update_health(&self.state).await;
         }
+        // A change's outcome: its id and what became of it ride on the request's entry.
+        let change = ctx
+            .change
+            .lock()
+            .ok()
+            .and_then(|mut c| c.take())
+            .map(|(id, outcome)| ChangeMark::outcome(&id, outcome));
         self.audit(
             &ctx.expected,
             Some(&ctx.identity),
@@ -289,6 +303,7 @@ impl SecretsServiceInner {
             v,
             code,
             ctx.request_id,
+            change,
         )
         .await?;
         result.map(Response::new).map_err(Status::from)
@@ -304,6 +319,7 @@ impl SecretsServiceInner {
         version: Option<u64>,
         status: Code,
         request_id: u64,
+        change: Option<ChangeMark>,
     ) -> Result<(), Status> {
         let event = AuditEvent {
             plane: "client",
@@ -316,6 +332,7 @@ impl SecretsServiceInner {
             status,
             request_id,
             detail: None,
+            change,
         };
         let recorded = self.state.audit.record(&event, Some(expected)).await;
         if let Err(e) = recorded {
@@ -402,8 +419,28 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
             created_by: ctx.identity.as_str().to_owned(),
             expires_at_unix: req.expires_at_unix,
         };
-        let committed = blocking(state, move |s| s.commit(&record, head)).await?;
-        match committed {
+        let fingerprint = record_fingerprint(&record);
+        write_ahead(
+            state,
+            ctx,
+            "PutSecret",
+            &name,
+            Some(version),
+            Some(fingerprint),
+        )
+        .await?;
+        halt_point("put-after-intent").await;
+        let committed = blocking(state, move |s| s.commit(&record, head)).await;
+        settle(
+            ctx,
+            match &committed {
+                Ok(Ok(())) => Outcome::Committed,
+                Ok(Err(_)) => Outcome::Failed,
+                Err(_) => Outcome::Unknown,
+            },
+        );
+        halt_point("put-after-commit").await;
+        match committed? {
             Ok(()) => {
                 return Ok(PutSecretResponse {
                     version,
@@ -618,13 +655,86 @@ async fn delete(
     {
         return Err(Error::PermissionDenied);
     }
-    let destroyed = blocking(state, move |s| s.delete(&name)).await?;
+    write_ahead(state, ctx, "DeleteSecret", &name, None, None).await?;
+    let destroyed = blocking(state, move |s| s.delete(&name)).await;
+    settle(
+        ctx,
+        match &destroyed {
+            Ok(0) => Outcome::Failed,
+            Ok(_) => Outcome::Committed,
+            Err(_) => Outcome::Unknown,
+        },
+    );
+    let destroyed = destroyed?;
     if destroyed == 0 {
         return Err(Error::NotFound);
     }
     Ok(DeleteSecretResponse {
         versions_destroyed: destroyed,
     })
+}
+
+/// Writes the intent of a change to `name` and waits until it is durable: only then may the
+/// store be touched (if it cannot be written, the request fails and the store is not
+/// touched). The request's own entry, at its end, is the outcome. An earlier intent of the
+/// same request (a write that lost a race and tries again) gets its outcome first.
+async fn write_ahead(
+    state: &State,
+    ctx: &Ctx,
+    operation: &'static str,
+    name: &SecretName,
+    version: Option<u64>,
+    fingerprint: Option<String>,
+) -> Result<(), Error> {
+    if !state.write_ahead {
+        return Ok(());
+    }
+    let earlier = ctx.change.lock().ok().and_then(|mut c| c.take());
+    let event = |change: ChangeMark, version: Option<u64>, status: Code| AuditEvent {
+        plane: "client",
+        identity: Some(&ctx.identity),
+        operation,
+        name: Some(RecordedName::new(
+            name.as_str(),
+            state.limits.max_name_bytes,
+        )),
+        version,
+        status,
+        request_id: ctx.request_id,
+        detail: None,
+        change: Some(change),
+    };
+    let audit_failed = |e: crate::audit::AuditError| Error::Audit(e.to_string());
+    if let Some((id, outcome)) = earlier {
+        let ended = event(ChangeMark::outcome(&id, outcome), None, Code::Aborted);
+        state
+            .audit
+            .record(&ended, None)
+            .await
+            .map_err(audit_failed)?;
+    }
+    let id = crate::audit::new_change_id();
+    // The request's announcement ends here: its outcome follows a store commit, which takes
+    // longer than any group commit should wait.
+    let intent = event(ChangeMark::intent(&id, fingerprint), version, Code::Ok);
+    if let Err(e) = state.audit.record(&intent, Some(&ctx.expected)).await {
+        super::update_health(state).await;
+        return Err(audit_failed(e));
+    }
+    if let Ok(mut c) = ctx.change.lock() {
+        // Until the commit says otherwise, the change did not happen.
+        *c = Some((id, Outcome::Failed));
+    }
+    Ok(())
+}
+
+/// Records what became of the request's intended change (its entry reports it).
+fn settle(ctx: &Ctx, outcome: Outcome) {
+    if let Ok(mut c) = ctx.change.lock()
+        && let Some((_, o)) = c.as_mut()
+    {
+        *o = outcome;
+    }
 }
 
 fn parse_name(state: &State, name: &str) -> Result<SecretName, Error> {

@@ -28,9 +28,6 @@ use crate::secret::SealedRecord;
 const FRAME_DOMAIN: &[u8] = b"strongroom/store-state/v1\0";
 
 /// The first byte of a version record's key in the common layout.
-/// What the token's store MAC key signs to give the [`StateKey`].
-pub const STATE_KEY_DOMAIN: &[u8] = b"strongroom/state-commitment-key/v1\0";
-
 pub(crate) const RECORD_KIND: u8 = b'r';
 /// The first byte of bookkeeping keys (the frame's among them) in the common layout.
 pub(crate) const META_KIND: u8 = b'm';
@@ -57,6 +54,10 @@ pub(crate) fn frame_value(c: &Commitment, tag: &[u8; 32]) -> Vec<u8> {
     v.extend_from_slice(tag);
     v
 }
+
+/// What the token's store MAC key signs to give the [`StateKey`] (the service at start, and
+/// the officers' offline tools that open the store).
+pub const STATE_KEY_DOMAIN: &[u8] = b"strongroom/state-commitment-key/v1\0";
 
 /// The key the store hashes its records under. No `Debug`, no `Clone`; the bytes it was made
 /// from are zeroized when the caller drops them (ring keeps its own copy).

@@ -87,12 +87,26 @@ fn want(
 }
 
 /// Records `w` as expected and checks it is already in the file, as the newest client
-/// entry and one more than before: the entry is written before the response leaves.
+/// entry and one more than before: the entry is written before the response leaves. (A
+/// write's intent, written before its commit, is not the request's entry; a write's entry
+/// must follow its intent.)
 fn logged(log: &Path, expected: &mut Vec<Seen>, w: Seen) {
-    let client: Vec<Entry> = entries(log)
-        .into_iter()
-        .filter(|e| e.plane == "client")
+    let all = entries(log);
+    let client: Vec<Entry> = all
+        .iter()
+        .filter(|e| e.plane == "client" && e.phase.as_deref() != Some("intent"))
+        .cloned()
         .collect();
+    if let Some(last) = client.last()
+        && last.phase.as_deref() == Some("outcome")
+    {
+        assert!(
+            all.iter().any(|e| e.phase.as_deref() == Some("intent")
+                && e.change == last.change
+                && e.seq < last.seq),
+            "a write's entry without an intent before it: {last:?}"
+        );
+    }
     assert_eq!(
         client.len(),
         expected.len() + 1,
@@ -575,8 +589,12 @@ async fn a_clean_log_records_every_request_before_answering_and_verifies() {
     );
     let (_, last_mac) = split_line(lines.last().unwrap()).unwrap();
     assert_eq!(cp.head, hex::encode(last_mac));
-    // Exactly one client entry per request, in order, with a distinct request id.
-    let client: Vec<&Entry> = all.iter().filter(|e| e.plane == "client").collect();
+    // Exactly one client entry per request (a write's intent aside), in order, with a
+    // distinct request id.
+    let client: Vec<&Entry> = all
+        .iter()
+        .filter(|e| e.plane == "client" && e.phase.as_deref() != Some("intent"))
+        .collect();
     assert_eq!(client.iter().map(|e| seen(e)).collect::<Vec<_>>(), expected);
     let mut ids: Vec<u64> = client.iter().map(|e| e.request_id).collect();
     assert!(ids.iter().all(|&id| id > 0), "{ids:?}");
@@ -777,6 +795,10 @@ async fn an_inserted_entry_is_found_at_its_line() {
         status: "Ok".into(),
         request_id: 4242,
         detail: None,
+        phase: None,
+        change: None,
+        outcome: None,
+        fingerprint: None,
     };
     let mut mac = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut mac).unwrap();
@@ -1087,9 +1109,10 @@ async fn audit_write_failures_refuse_requests_and_turn_health_not_serving() {
     let status = terminate_child(&mut d.child);
     assert!(status.success(), "{status}\n{}", d.log_text());
     assert_clean(&env, &log);
+    // The requests' entries (a write's intent is not one).
     let client: Vec<Seen> = entries(&log)
         .iter()
-        .filter(|e| e.plane == "client")
+        .filter(|e| e.plane == "client" && e.phase.as_deref() != Some("intent"))
         .map(seen)
         .collect();
     assert_eq!(
@@ -1218,7 +1241,11 @@ async fn the_chain_continues_across_sigterm_and_sigkill_restarts() {
     server.child.wait().unwrap();
     drop(server);
     let after_run2 = assert_clean(&env, &log);
-    assert_eq!(after_run2, after_run1 + 2, "two entries, no checkpoint");
+    assert_eq!(
+        after_run2,
+        after_run1 + 3,
+        "three entries (the write's intent and outcome, the read's), no checkpoint"
+    );
     let cp = token_checkpoint(&env).unwrap();
     assert_eq!(
         cp.count, after_run1 as u64,
@@ -1258,7 +1285,7 @@ async fn the_chain_continues_across_sigterm_and_sigkill_restarts() {
     }
     let names: Vec<&str> = all
         .iter()
-        .filter(|e| e.plane == "client")
+        .filter(|e| e.plane == "client" && e.phase.as_deref() != Some("intent"))
         .map(|e| e.name.as_deref().unwrap())
         .collect();
     assert_eq!(
@@ -1371,7 +1398,11 @@ async fn tail_and_search_show_the_entries_asked_for() {
         "json",
     ]);
     let found = json_entries(&out);
-    assert_eq!(found.len(), 4, "put, get, and two denied reads: {found:?}");
+    assert_eq!(
+        found.len(),
+        5,
+        "put (its intent and its outcome), get, and two denied reads: {found:?}"
+    );
     assert!(
         found
             .iter()

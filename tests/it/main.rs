@@ -34,4 +34,5 @@ mod restart;
 mod rollback;
 mod service;
 mod watch;
+mod writeahead;
 mod wycheproof;

@@ -1,9 +1,11 @@
 //! Audit commands, offline on the officer's host: `verify` recomputes the HMAC chain with the
 //! segment keys the token derives (the audit key never leaves it), checks that the log is
 //! the one the token says is current and reaches its checkpoint, and follows the archived
-//! predecessors back, naming any gap; `new-log` declares a new log in the token when the
-//! current file is lost (the service stopped); `tail` and `search` read entries. `rotate`
-//! is online (the admin plane, under dual control).
+//! predecessors back, naming any gap; `reconcile` pairs the intents of changes with their
+//! outcomes and, given strongroomd's configuration, looks in its store for the change of
+//! every intent left without one; `new-log` declares a new log in the token when the current
+//! file is lost (the service stopped); `tail` and `search` read entries. `rotate` is online
+//! (the admin plane, under dual control).
 
 use std::fs::File;
 use std::io::BufReader;
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use serde_json::json;
 
-use strongroom::audit::{self, Checkpoint, Entry, HistoryReport};
+use strongroom::audit::{self, Checkpoint, Entry, HistoryReport, reconcile};
 use strongroom::hsm::{self, HsmError, keys};
 
 use crate::{Cli, Failure, Format};
@@ -54,6 +56,20 @@ pub(crate) enum AuditCmd {
         /// Why (recorded in both logs).
         #[arg(long, default_value = "officer request")]
         reason: String,
+    },
+    /// Pair every intent (the entry written before a change to the store) with its outcome,
+    /// and report each intent left without one (a crash between the two) — with `--config`,
+    /// saying whether its change is in the store. Exit 2 when one is left: strongroomd
+    /// settles them at its next start. With `--config` it needs the token and user PIN and
+    /// must run while strongroomd is stopped (it opens the store as strongroomd does).
+    Reconcile {
+        /// The audit logs, oldest first (an intent's outcome may be in the next one).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// strongroomd's configuration file: its `[store]` is opened to tell whether each
+        /// unsettled intent's change is in the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// The last entries.
     Tail {
@@ -173,6 +189,93 @@ pub(crate) fn run(cli: &Cli, cmd: &AuditCmd) -> Result<(), Failure> {
             Ok(())
         }
         AuditCmd::Rotate { .. } => Err(Failure::Local("audit rotate is an online command".into())),
+        AuditCmd::Reconcile { files, config } => {
+            let mut entries = Vec::new();
+            for f in files {
+                entries.extend(audit::read_entries(open(f)?));
+            }
+            let pairing = reconcile::pair(entries);
+            let opened = match config {
+                Some(c) => Some(open_store(cli, c)?),
+                None => None,
+            };
+            let mut findings = Vec::new();
+            for intent in &pairing.unsettled {
+                let found = match &opened {
+                    Some((store, keys)) => {
+                        let probe = reconcile::Probe {
+                            store: store.as_ref(),
+                            master_keys: Some(keys),
+                        };
+                        let (p, why) = reconcile::presence(intent, &probe)
+                            .map_err(|e| Failure::Token(format!("cannot read the store: {e}")))?;
+                        Some((p, why))
+                    }
+                    None => None,
+                };
+                findings.push((intent, found));
+            }
+            if cli.format == Format::Json {
+                let unsettled: Vec<_> = findings
+                    .iter()
+                    .map(|(e, f)| {
+                        json!({
+                            "change": e.change,
+                            "seq": e.seq,
+                            "operation": e.operation,
+                            "name": e.name,
+                            "version": e.version,
+                            "identity": e.identity,
+                            "in_store": f.as_ref().map(|(p, _)| p),
+                            "why": f.as_ref().map(|(_, w)| w),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({
+                        "intents": pairing.intents,
+                        "outcomes": pairing.outcomes,
+                        "settled": pairing.settled,
+                        "unsettled": unsettled,
+                    })
+                );
+            } else {
+                println!(
+                    "{} intents, {} settled by an outcome, {} without one",
+                    pairing.intents,
+                    pairing.settled,
+                    findings.len()
+                );
+                for (e, f) in &findings {
+                    let verdict = match f {
+                        Some((reconcile::Presence::InStore, why)) => format!("IN the store: {why}"),
+                        Some((reconcile::Presence::NotInStore, why)) => {
+                            format!("NOT in the store: {why}")
+                        }
+                        Some((reconcile::Presence::Unknown, why)) => format!("unknown: {why}"),
+                        None => "not checked (give --config to look in the store)".into(),
+                    };
+                    println!(
+                        "UNSETTLED change {} (seq {}): {} {}{} by {}: {verdict}",
+                        e.change.as_deref().unwrap_or("-"),
+                        e.seq,
+                        e.operation,
+                        e.name.as_deref().unwrap_or("-"),
+                        e.version.map_or(String::new(), |v| format!(" v{v}")),
+                        e.identity.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+            if findings.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure::Token(format!(
+                    "{} intent(s) without an outcome; strongroomd settles them at its next start",
+                    findings.len()
+                )))
+            }
+        }
         AuditCmd::Tail { file, lines } => {
             let entries: Vec<Entry> = audit::read_entries(open(file)?).collect();
             let start = entries.len().saturating_sub(*lines);
@@ -234,6 +337,41 @@ fn print_report(format: Format, report: &HistoryReport, cp: Option<&Checkpoint>,
             }
         );
     }
+}
+
+/// Opens the store strongroomd's configuration names, under the state key the token derives
+/// (as strongroomd does), and reads the token's master key versions.
+fn open_store(
+    cli: &Cli,
+    config: &Path,
+) -> Result<(std::sync::Arc<dyn strongroom::store::Store>, Vec<u32>), Failure> {
+    let config = strongroom::config::Config::load(config)
+        .map_err(|e| Failure::Local(format!("{}: {e}", config.display())))?;
+    if config.store.backend == strongroom::config::StoreBackend::Sled && !config.store.path.exists()
+    {
+        return Err(Failure::Local(format!(
+            "there is no store at {}: check [store] path in the configuration",
+            config.store.path.display()
+        )));
+    }
+    let pin = crate::user_pin(cli)?;
+    let pkcs11 = hsm::load_module(&cli.module)?;
+    let slot = hsm::find_token(&pkcs11, &crate::selector(cli)?)?;
+    let session = pkcs11.open_ro_session(slot).map_err(HsmError::from)?;
+    hsm::login(&session, &pin)?;
+    let bytes = crate::store_state_key(&session)?;
+    let versions = keys::find(&session)?.into_iter().map(|(v, _)| v).collect();
+    let store = strongroom::store::open(
+        &config.store,
+        config.limits.max_value_bytes,
+        strongroom::store::StateKey::new(&bytes),
+    )
+    .map_err(|e| {
+        Failure::Token(format!(
+            "cannot open the store (is strongroomd still running on it?): {e}"
+        ))
+    })?;
+    Ok((store, versions))
 }
 
 fn print_entries(format: Format, entries: &[Entry]) {

@@ -216,6 +216,32 @@ pub(crate) fn selector(cli: &Cli) -> Result<TokenSelector, Failure> {
         .map_err(|e| Failure::Local(format!("--token: {e}")))
 }
 
+/// The key the store commits its records under, derived in the token (logged in on
+/// `session`) as strongroomd derives it: for the offline commands that open the store.
+pub(crate) fn store_state_key(
+    session: &cryptoki::session::Session,
+) -> Result<zeroize::Zeroizing<[u8; 32]>, Failure> {
+    let mac = keys::find_mac(session, keys::MacKey::Store)?.ok_or_else(|| {
+        Failure::Token(format!(
+            "the token holds no {}: this is not the token of this store",
+            keys::MacKey::Store.label()
+        ))
+    })?;
+    let tag = zeroize::Zeroizing::new(keys::hmac(
+        session,
+        mac,
+        strongroom::store::STATE_KEY_DOMAIN,
+    )?);
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    if tag.len() != bytes.len() {
+        return Err(Failure::Token(
+            "the token's HMAC-SHA256 tag is not 32 bytes".into(),
+        ));
+    }
+    bytes.copy_from_slice(&tag);
+    Ok(bytes)
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Status

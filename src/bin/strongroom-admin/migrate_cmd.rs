@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use strongroom::config::{Config, StoreBackend, StoreConfig};
-use strongroom::hsm::{self, HsmError, keys};
+use strongroom::hsm::{self, HsmError};
 use strongroom::store::{self, StateKey, Store};
 
 use crate::{Cli, Failure, Format};
@@ -68,18 +68,7 @@ fn state_key(cli: &Cli) -> Result<zeroize::Zeroizing<[u8; 32]>, Failure> {
     let slot = hsm::find_token(&pkcs11, &crate::selector(cli)?)?;
     let session = pkcs11.open_ro_session(slot).map_err(HsmError::from)?;
     hsm::login(&session, &pin)?;
-    let key = keys::find_mac(&session, keys::MacKey::Store)?.ok_or_else(|| {
-        Failure::Token(format!(
-            "the token holds no {}: this is not the token of this store",
-            keys::MacKey::Store.label()
-        ))
-    })?;
-    let tag = zeroize::Zeroizing::new(keys::hmac(&session, key, store::STATE_KEY_DOMAIN)?);
-    let bytes: [u8; 32] = tag
-        .as_slice()
-        .try_into()
-        .map_err(|_| Failure::Token("the token's HMAC is not 32 bytes".into()))?;
-    Ok(zeroize::Zeroizing::new(bytes))
+    crate::store_state_key(&session)
 }
 
 fn open(
