@@ -743,7 +743,13 @@ impl AdminApiInner {
                 }
                 Err(_) => Outcome::Unknown,
             };
-            let detail = format!("approval={} {}", a.id, ended.as_str());
+            let detail = format!(
+                "approval={} op={} params_sha256={} {}",
+                a.id,
+                a.operation,
+                approvals::digest_of(a),
+                ended.as_str()
+            );
             let event = AuditEvent {
                 detail: Some(detail),
                 change: Some(ChangeMark::outcome(&id, ended)),
@@ -823,8 +829,10 @@ impl AdminApiInner {
             status: Code::Ok,
             request_id: officer.request_id,
             detail: Some(format!(
-                "approval={} approvers={}",
+                "approval={} op={} params_sha256={} approvers={}",
                 a.id,
+                a.operation,
+                approvals::digest_of(a),
                 a.approvers.join(",")
             )),
             change: Some(ChangeMark::intent(&id, fingerprint)),

@@ -452,9 +452,17 @@ async fn audit_entries_and_approval_show_carry_the_operation_and_its_parameter_d
     let log = env.audit_log();
     let entries = audit_details(&log, &format!("approval={}", a.id));
     let ops: Vec<&str> = entries.iter().map(|(op, _)| op.as_str()).collect();
+    // The request, the execution's decision, its write-ahead intent and outcome, then the
+    // approval that completed the quorum: every one names the operation and its digest.
     assert_eq!(
         ops,
-        ["PutPolicy", "ExecuteApproval", "Approve"],
+        [
+            "PutPolicy",
+            "ExecuteApproval",
+            "PutPolicy",
+            "PutPolicy",
+            "Approve"
+        ],
         "{entries:?}"
     );
     for (op, detail) in &entries {
