@@ -412,3 +412,191 @@ impl tower::Service<Request> for Failover {
         Box::pin(async move { members.send(request).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Members that are real HTTP/2 servers on loopback (plain text, so no certificates):
+    //! one that answers and counts what it got, one that takes a call and then drops its
+    //! connection (a member killed under the call), one that never answers (a paused one),
+    //! and a port nothing listens on (a member that is down).
+
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tonic::codegen::Bytes;
+
+    use super::*;
+
+    #[derive(Clone, Copy)]
+    enum Behaviour {
+        Answer,
+        DropConnection,
+        NeverAnswer,
+    }
+
+    /// A member on 127.0.0.1 behaving as `how`; its URL and how many calls reached it.
+    async fn member(how: Behaviour) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let got = Arc::new(AtomicUsize::new(0));
+        let count = got.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let count = count.clone();
+                let broken = Arc::new(tokio::sync::Notify::new());
+                let service = {
+                    let broken = broken.clone();
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let count = count.clone();
+                        let broken = broken.clone();
+                        async move {
+                            // The whole request arrived: it was sent.
+                            let _ = req.into_body().collect().await;
+                            count.fetch_add(1, Ordering::SeqCst);
+                            match how {
+                                Behaviour::Answer => {}
+                                Behaviour::DropConnection => {
+                                    broken.notify_one();
+                                    std::future::pending::<()>().await;
+                                }
+                                Behaviour::NeverAnswer => std::future::pending::<()>().await,
+                            }
+                            let response = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "0")
+                                .body(Full::new(Bytes::new()))
+                                .unwrap();
+                            Ok::<_, Infallible>(response)
+                        }
+                    })
+                };
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    let connection = http.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = connection => {}
+                        // Dropping the connection closes its socket under the call.
+                        () = broken.notified() => {}
+                    }
+                });
+            }
+        });
+        (url, got)
+    }
+
+    /// A URL nothing listens on: connects are refused.
+    fn refused() -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("http://127.0.0.1:{port}")
+    }
+
+    fn unary() -> Request {
+        http::Request::builder()
+            .method("POST")
+            .uri("/etcdserverpb.KV/Txn")
+            .header("content-type", "application/grpc")
+            .body(tonic::body::Body::new(Full::new(Bytes::from_static(
+                b"\0\0\0\0\x02hi",
+            ))))
+            .unwrap()
+    }
+
+    fn members(urls: &[String]) -> Members {
+        Members::new(urls, None, Duration::from_secs(2)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_call_refused_at_connect_is_sent_to_the_next_member() {
+        let (live, got) = member(Behaviour::Answer).await;
+        let m = members(&[refused(), live]);
+        // The first call starts at the member that is down.
+        let response = m
+            .send(unary())
+            .await
+            .expect("sent again to the live member");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert_eq!(got.load(Ordering::SeqCst), 1);
+        assert!(m.health(0).down, "the member that refused is marked down");
+        // Later calls go to the live member first, however the turn falls.
+        for _ in 0..4 {
+            m.send(unary()).await.unwrap();
+        }
+        assert_eq!(got.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_broke_after_it_was_sent_is_not_sent_again() {
+        let (breaking, got_there) = member(Behaviour::DropConnection).await;
+        let (live, got_live) = member(Behaviour::Answer).await;
+        let m = members(&[breaking, live]);
+        let e = m
+            .send(unary())
+            .await
+            .expect_err("the connection broke under the call");
+        assert!(
+            !not_sent(&*e),
+            "a call that reached its member counts as sent: {e}"
+        );
+        assert_eq!(got_there.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            got_live.load(Ordering::SeqCst),
+            0,
+            "a call that may have been applied is never sent twice"
+        );
+        assert!(m.health(0).down, "the member is marked down");
+        // The next call goes to the live member.
+        m.send(unary()).await.unwrap();
+        assert_eq!(got_live.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_member_with_a_stalled_call_gets_no_new_calls() {
+        let (paused, got_paused) = member(Behaviour::NeverAnswer).await;
+        let (live, got_live) = member(Behaviour::Answer).await;
+        let m = members(&[paused, live]);
+        let stuck = {
+            let m = m.clone();
+            tokio::spawn(async move { m.send(unary()).await })
+        };
+        // Until the call has waited past the stall time.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while m.usable(0, Instant::now()) {
+            assert!(
+                Instant::now() < deadline,
+                "the stalled call was not noticed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(got_paused.load(Ordering::SeqCst), 1);
+        for _ in 0..3 {
+            m.send(unary()).await.unwrap();
+        }
+        assert_eq!(
+            got_live.load(Ordering::SeqCst),
+            3,
+            "every new call went to the live member"
+        );
+        assert_eq!(got_paused.load(Ordering::SeqCst), 1);
+        // The caller gives up (its deadline): the member is marked down.
+        stuck.abort();
+        let _ = stuck.await;
+        assert!(m.health(0).down);
+        assert!(m.any_up());
+    }
+
+    #[test]
+    fn only_a_connect_error_counts_as_not_sent() {
+        let connect = ConnectError("connection refused".into());
+        assert!(not_sent(&connect));
+        let status = tonic::Status::unavailable("etcdserver: no leader");
+        assert!(!not_sent(&status));
+    }
+}
