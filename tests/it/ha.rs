@@ -695,3 +695,49 @@ async fn one_etcd_member_paused_a_replica_serves_every_call() {
 async fn one_etcd_member_killed_a_replica_serves_every_call() {
     one_member_down_a_replica_serves_every_call(MemberDown::Killed).await;
 }
+
+/// A watch through a replica follows its etcd member's death: each member in turn is
+/// killed (so the one the replica's etcd watch is on dies at some point) and restarted, and
+/// a write made meanwhile arrives on the subscriber's stream, which never ends: the
+/// replica's watch opened again on a live member from the revision after its last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_moves_to_a_live_etcd_member_when_its_member_dies() {
+    use crate::common::{event_text, next_events, watch};
+    let ha = Ha::start(1);
+    let server = ha.replicas[0].server.as_ref().unwrap();
+    let mut stream = server
+        .client("payments")
+        .await
+        .watch_secrets(watch(&["payments/ha/watch"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let client = Client::connect(
+        std::slice::from_ref(&ha.load.endpoints[0]),
+        &ha.load.tls,
+        CALL_DEADLINE,
+    )
+    .unwrap();
+    for k in 0..ha.etcd.members.len() {
+        let url = ha.etcd.members[k].url.clone();
+        let before = member_down_lines(&ha, &url);
+        ha.etcd.members[k].kill();
+        // A new leader if it led.
+        ha.etcd.leader();
+        await_member_down_logged(&ha, &url, before).await;
+        let name = format!("payments/ha/watch/m{k}");
+        let v = format!("value of {name}").into_bytes();
+        // The write itself may meet an election: the load's retry rules apply.
+        let load = Arc::clone(&ha.load);
+        write_until_done(&load, &client, &name, &v).await;
+        let events = next_events(&mut stream, 1).await;
+        assert_eq!(event_text(&events[0]), (name.clone(), 1, "created"));
+        ha.etcd.members[k].restart();
+    }
+    let moved = server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("the etcd watch broke"))
+        .count();
+    assert!(moved >= 1, "the replica's etcd watch never had to move");
+}
