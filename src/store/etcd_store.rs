@@ -43,8 +43,11 @@
 //!
 //! etcd-client is async and the trait is blocking: the client runs on this store's own
 //! one-thread runtime, and every call waits for at most `store.etcd_timeout_ms`, after which
-//! it fails with [`StoreError::Unreachable`] (UNAVAILABLE to clients). A probe every half
-//! second keeps [`Store::available`] current, so health follows etcd without traffic.
+//! it fails with [`StoreError::Unreachable`] (UNAVAILABLE to clients). The calls go through
+//! [`etcd_endpoints`](super::etcd_endpoints): one connection per member, each call to a
+//! member that is up, sent again to the next one only when it was never sent (its connection
+//! could not be made). A probe of each member every half second keeps [`Store::available`]
+//! current (false only when no member answers), so health follows etcd without traffic.
 
 use std::collections::HashMap;
 use std::future::Future;
