@@ -46,8 +46,11 @@
 //!
 //! etcd-client is async and the trait is blocking: the client runs on this store's own
 //! one-thread runtime, and every call waits for at most `store.etcd_timeout_ms`, after which
-//! it fails with [`StoreError::Unreachable`] (UNAVAILABLE to clients). A probe every half
-//! second keeps [`Store::available`] current, so health follows etcd without traffic.
+//! it fails with [`StoreError::Unreachable`] (UNAVAILABLE to clients). The calls go through
+//! [`etcd_endpoints`](super::etcd_endpoints): one connection per member, each call to a
+//! member that is up, sent again to the next one only when it was never sent (its connection
+//! could not be made). A probe of each member every half second keeps [`Store::available`]
+//! current (false only when no member answers), so health follows etcd without traffic.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -60,11 +63,13 @@ use std::time::{Duration, Instant};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
     GetResponse, Identity, KeyValue, KvClient, LeaseClient, MaintenanceClient, PutOptions,
-    TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchClient, WatchOptions, WatchStream,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchClient, WatchOptions, WatchResponse,
+    WatchStream,
 };
 use prost::Message;
 
 use super::commitment::{EPOCH, STATE, STORE_ID, frame_value, is_frame_key, parse_frame};
+use super::etcd_endpoints::Members;
 use super::{
     Aux, ChangeEvent, ChangeFeed, ChangeKind, Commitment, FeedError, Fenced, FrameStatus, Head,
     Lock, LockHeld, NameRange, Page, StateCheck, StateKey, Store, StoreError, StoreState,
@@ -73,14 +78,14 @@ use super::{
 use crate::proto::HeadV1;
 use crate::secret::{SealedRecord, SecretName};
 
-/// How often the availability probe asks etcd.
-const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// Keys per range call when scanning heads or officers' records.
 const SCAN_PAGE: i64 = 256;
 /// Heads per range call when counting them (a head is a name and a few bytes).
 const COUNT_PAGE: i64 = 4096;
 /// How many times a write retries when other writers keep moving the epoch.
 const EPOCH_RETRIES: usize = 64;
+/// The pause between attempts to open a watch while members fail.
+const WATCH_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// How many times a scan of the whole store starts again after etcd compacted its revision.
 const SCAN_RETRIES: usize = 4;
 /// The first byte of a key outside the layout in the common layout of the commitment: no
@@ -135,6 +140,8 @@ pub struct EtcdStore {
     /// Records per range call, so a response stays below [`MAX_RESPONSE_BYTES`].
     records_per_range: i64,
     endpoints: String,
+    /// The members, their connections and health; the clients above send through them.
+    members: Members,
 }
 
 /// The frame (identity, epoch, commitment) as read at one revision.
@@ -225,17 +232,19 @@ impl EtcdStore {
             .build()
             .map_err(|e| fail(format!("cannot start the etcd client's runtime: {e}")))?;
         let handle = runtime.handle().clone();
-        let connect = ConnectOptions::new()
-            .with_tls(tls)
-            .with_connect_timeout(options.timeout)
-            .with_keep_alive(Duration::from_secs(2), options.timeout)
-            .with_keep_alive_while_idle(true)
-            // A member cut off from its leader answers at once instead of waiting.
-            .with_require_leader(true);
-        let urls = options.endpoints.clone();
+        // One connection per member, each call to a member that answers (see
+        // `etcd_endpoints`); the connections' tasks run on this store's runtime.
+        let members = {
+            let _on = handle.enter();
+            Members::new(&options.endpoints, Some(tls), options.timeout).map_err(fail)?
+        };
+        // A member cut off from its leader answers at once instead of waiting.
+        let connect = ConnectOptions::new().with_require_leader(true);
+        let channel = members.channel();
         let deadline = Instant::now() + options.timeout;
-        let client = run(&handle, deadline, async move {
-            Client::connect(urls, Some(connect)).await
+        let client = run(&handle, deadline, {
+            let connect = connect.clone();
+            async move { Client::from_channel(channel, Some(connect)).await }
         })
         .map_err(|e| {
             fail(format!(
@@ -265,11 +274,19 @@ impl EtcdStore {
             revision: Arc::new(AtomicI64::new(0)),
             records_per_range,
             endpoints: endpoints.clone(),
+            members,
         };
         store
             .init_frame()
             .map_err(|e| fail(format!("{e}; check store.endpoints and that etcd is running, and its TLS (store.ca, store.cert, store.key)")))?;
-        store.spawn_probe();
+        store.members.spawn_probe(
+            &store.handle,
+            connect,
+            store.aux_key(Aux::Meta, STORE_ID),
+            store.timeout,
+            store.available.clone(),
+            store.revision.clone(),
+        );
         Ok(store)
     }
 
@@ -418,7 +435,8 @@ impl EtcdStore {
         let result = run(&self.handle, deadline, fut);
         match &result {
             Ok(_) => self.available.store(true, Ordering::Relaxed),
-            Err(StoreError::Unreachable(e)) => {
+            // A call that failed on one member while others are up leaves health alone.
+            Err(StoreError::Unreachable(e)) if !self.members.any_up() => {
                 if self.available.swap(false, Ordering::Relaxed) {
                     tracing::warn!(endpoints = %self.endpoints, error = %e, "etcd is unreachable");
                 }
@@ -547,46 +565,6 @@ impl EtcdStore {
         let mut kv = self.kv.clone();
         self.call(self.deadline(), async move { kv.txn(txn).await })?;
         Ok(())
-    }
-
-    /// Answers [`Store::available`] from a cheap linearizable read every half second, so
-    /// health turns NOT_SERVING while etcd is away and SERVING when it is back, with no
-    /// request needed.
-    fn spawn_probe(&self) {
-        let kv = self.kv.clone();
-        let key = self.aux_key(Aux::Meta, STORE_ID);
-        let available = self.available.clone();
-        let revision = self.revision.clone();
-        let timeout = self.timeout;
-        let endpoints = self.endpoints.clone();
-        self.handle.spawn(async move {
-            let mut tick = tokio::time::interval(PROBE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let mut kv = kv.clone();
-                let options = GetOptions::new().with_count_only();
-                let answer =
-                    tokio::time::timeout(timeout, kv.get(key.clone(), Some(options))).await;
-                let up = match answer {
-                    Ok(Ok(resp)) => {
-                        if let Some(h) = resp.header() {
-                            revision.fetch_max(h.revision(), Ordering::Relaxed);
-                        }
-                        true
-                    }
-                    _ => false,
-                };
-                let was = available.swap(up, Ordering::Relaxed);
-                if was != up {
-                    if up {
-                        tracing::info!(%endpoints, "etcd is reachable again");
-                    } else {
-                        tracing::warn!(%endpoints, "etcd is unreachable");
-                    }
-                }
-            }
-        });
     }
 
     /// Gets of the frame's keys, in [`frame_keys`](Self::frame_keys)' order.
@@ -1433,26 +1411,36 @@ impl Store for EtcdStore {
 
     fn watch(&self, after: u64) -> Result<ChangeFeed, FeedError> {
         let (start, end) = self.kind_range(b'h');
-        let mut options = WatchOptions::new().with_range(end).with_prev_key();
+        let mut from = 0;
         if after > 0 {
-            let from = i64::try_from(after).ok().and_then(|a| a.checked_add(1));
-            let Some(from) = from else {
+            let next = i64::try_from(after).ok().and_then(|a| a.checked_add(1));
+            let Some(next) = next else {
                 return Err(FeedError::Ahead {
                     after,
                     current: u64::try_from(self.last_revision()).unwrap_or(0),
                 });
             };
-            options = options.with_start_revision(from);
+            from = next;
         }
-        let mut client = self.watch.clone();
-        let key = start.clone();
-        let (stream, first) = self.call(self.deadline(), async move {
-            let mut stream = client.watch(key, Some(options)).await?;
-            let first = stream.message().await?;
-            Ok((stream, first))
-        })?;
-        let Some(first) = first else {
-            return Err(StoreError::Unreachable("etcd ended the watch as it opened".into()).into());
+        let watch = WatchTarget {
+            client: self.watch.clone(),
+            key: start,
+            end,
+            timeout: self.timeout,
+        };
+        let deadline = self.deadline();
+        let (stream, first) = loop {
+            let open = watch.open(from);
+            match self.call(deadline, open) {
+                Ok(opened) => break opened,
+                // Its member is marked down now: the next attempt goes to another.
+                Err(StoreError::Unreachable(_))
+                    if Instant::now() + WATCH_RETRY_PAUSE < deadline =>
+                {
+                    std::thread::sleep(WATCH_RETRY_PAUSE);
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
         let current = first.header().map_or(0, |h| h.revision());
         self.saw(Some(current));
@@ -1475,8 +1463,10 @@ impl Store for EtcdStore {
             return Err(FeedError::Ahead { after, current });
         }
         let (tx, feed) = ChangeFeed::channel();
-        self.handle
-            .spawn(forward_watch(stream, start.len(), after, tx));
+        // Delivered so far: up to `after`, or (from now) everything up to the revision the
+        // watch started at.
+        let last = if after > 0 { after } else { current };
+        self.handle.spawn(forward_watch(watch, stream, last, tx));
         Ok(feed)
     }
 
@@ -1641,33 +1631,84 @@ impl EtcdStore {
     }
 }
 
+/// What a watch on the heads watches, so that it can be opened again on another member.
+struct WatchTarget {
+    client: WatchClient,
+    key: Vec<u8>,
+    end: Vec<u8>,
+    /// How long the watch may take to open again after its member failed.
+    timeout: Duration,
+}
+
+impl WatchTarget {
+    /// Opens the watch from revision `from` (0: from now) and reads etcd's first answer to
+    /// it (created, compacted or refused).
+    fn open(
+        &self,
+        from: i64,
+    ) -> impl Future<Output = Result<(WatchStream, WatchResponse), etcd_client::Error>> + Send + 'static
+    {
+        let mut client = self.client.clone();
+        let key = self.key.clone();
+        let mut options = WatchOptions::new()
+            .with_range(self.end.clone())
+            .with_prev_key();
+        if from > 0 {
+            options = options.with_start_revision(from);
+        }
+        async move {
+            let mut stream = client.watch(key, Some(options)).await?;
+            match stream.message().await? {
+                Some(first) => Ok((stream, first)),
+                None => Err(etcd_client::Error::WatchError(
+                    "etcd ended the watch as it opened".into(),
+                )),
+            }
+        }
+    }
+}
+
 /// The compare that the head of `key` is `expected` (absent for `None`).
 /// Sends the events of an etcd watch on the heads, as changes, until the feed's reader goes
-/// away; its first error (compaction, etcd lost) ends it. Waits while the feed is full:
-/// gRPC flow control then holds etcd's stream.
+/// away. When the watch's member fails (the stream breaks or ends, or it lost its leader),
+/// the watch opens again on another member from the revision after `last` (the last one
+/// delivered), so the reader misses nothing; an error ends the feed when no member takes
+/// it within the store's timeout, on compaction, or on any other error. Waits while the
+/// feed is full: gRPC flow control then holds etcd's stream.
 async fn forward_watch(
+    target: WatchTarget,
     mut stream: WatchStream,
-    prefix_len: usize,
     mut last: u64,
     tx: tokio::sync::mpsc::Sender<Result<ChangeEvent, FeedError>>,
 ) {
+    let mut pending: Option<WatchResponse> = None;
     loop {
-        let message = tokio::select! {
-            m = stream.message() => m,
-            () = tx.closed() => return,
+        let message = match pending.take() {
+            Some(r) => Ok(Some(r)),
+            None => tokio::select! {
+                m = stream.message() => m,
+                () = tx.closed() => return,
+            },
         };
-        let response = match message {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                let _ = tx
-                    .send(Err(
-                        StoreError::Unreachable("etcd ended the watch".into()).into()
-                    ))
-                    .await;
-                return;
+        let broke = match message {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(StoreError::Unreachable("etcd ended the watch".into())),
+            Err(e) => Err(classify(e)),
+        };
+        let response = match broke {
+            Ok(r) => r,
+            Err(StoreError::Unreachable(why)) => {
+                match reopen_watch(&target, last, &why, &tx).await {
+                    Some((s, first)) => {
+                        stream = s;
+                        pending = Some(first);
+                        continue;
+                    }
+                    None => return,
+                }
             }
             Err(e) => {
-                let _ = tx.send(Err(classify(e).into())).await;
+                let _ = tx.send(Err(e.into())).await;
                 return;
             }
         };
@@ -1688,7 +1729,7 @@ async fn forward_watch(
         }
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
-            let change = head_change(kv, event.event_type(), event.prev_kv(), prefix_len);
+            let change = head_change(kv, event.event_type(), event.prev_kv(), prefix_len(&target));
             match change {
                 Ok(Some(c)) => {
                     last = c.revision;
@@ -1703,6 +1744,58 @@ async fn forward_watch(
                 }
             }
         }
+    }
+}
+
+/// The length of the heads' prefix, which an event's key starts with.
+fn prefix_len(target: &WatchTarget) -> usize {
+    target.key.len()
+}
+
+/// Opens a watch that broke (`why`) again from the revision after `last`, on whichever
+/// member takes it within the target's timeout; `None` (the feed told why) if none did or
+/// the reader went away.
+async fn reopen_watch(
+    target: &WatchTarget,
+    last: u64,
+    why: &str,
+    tx: &tokio::sync::mpsc::Sender<Result<ChangeEvent, FeedError>>,
+) -> Option<(WatchStream, WatchResponse)> {
+    let from = i64::try_from(last).ok().and_then(|l| l.checked_add(1));
+    let Some(from) = from else {
+        let _ = tx
+            .send(Err(StoreError::Unreachable(why.to_owned()).into()))
+            .await;
+        return None;
+    };
+    tracing::info!(from, error = %why, "the etcd watch broke; opening it again on another member");
+    let deadline = tokio::time::Instant::now() + target.timeout;
+    let mut failure = why.to_owned();
+    loop {
+        if tx.is_closed() {
+            return None;
+        }
+        match tokio::time::timeout_at(deadline, target.open(from)).await {
+            Ok(Ok(opened)) => return Some(opened),
+            Ok(Err(e)) => match classify(e) {
+                StoreError::Unreachable(w) => failure = w,
+                other => {
+                    let _ = tx.send(Err(other.into())).await;
+                    return None;
+                }
+            },
+            Err(_) => {}
+        }
+        if tokio::time::Instant::now() + WATCH_RETRY_PAUSE >= deadline {
+            let _ = tx
+                .send(Err(StoreError::Unreachable(format!(
+                    "the watch broke and no etcd member took it again: {failure}"
+                ))
+                .into()))
+                .await;
+            return None;
+        }
+        tokio::time::sleep(WATCH_RETRY_PAUSE).await;
     }
 }
 
@@ -1741,6 +1834,7 @@ fn head_change(
     }))
 }
 
+/// The compare that the head of `key` is `expected` (absent for `None`).
 fn head_is(key: &[u8], expected: Option<Head>) -> Compare {
     match expected {
         None => Compare::create_revision(key.to_vec(), CompareOp::Equal, 0),

@@ -9,6 +9,7 @@
 
 mod commitment;
 mod durable;
+mod etcd_endpoints;
 mod etcd_store;
 mod feed;
 mod lease;

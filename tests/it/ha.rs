@@ -600,3 +600,144 @@ async fn everything_restarted_under_load_loses_no_acknowledged_write() {
     ha.await_progress(30).await;
     ha.stop_and_verify().await;
 }
+
+/// How a member is taken down in [`one_member_down_a_replica_serves_every_call`].
+#[derive(Clone, Copy, Debug)]
+enum MemberDown {
+    /// SIGSTOP: its connections stay open and nothing answers on them.
+    Paused,
+    /// SIGKILL: its connections break and new ones are refused.
+    Killed,
+}
+
+/// Puts and then gets `n` new names through replica 0 alone, one call at a time, each at
+/// its first attempt (the client does not retry).
+async fn sequential_calls(ha: &Ha, tag: &str, n: usize) {
+    let client = Client::connect(
+        std::slice::from_ref(&ha.load.endpoints[0]),
+        &ha.load.tls,
+        Duration::from_secs(10),
+    )
+    .unwrap()
+    .with_max_attempts(1);
+    let options = PutOptions {
+        expected_version: Some(0),
+        expires_at_unix: None,
+    };
+    for i in 0..n {
+        let name = format!("payments/ha/{tag}/{i:04}");
+        let v = format!("value of {name}").into_bytes();
+        let put = client.put(&name, &value(&v), options).await;
+        let put = put.unwrap_or_else(|e| panic!("{tag}: put {name} failed: {e}"));
+        assert_eq!(put.version, 1);
+        let got = client.get(&name, 0).await;
+        let got = got.unwrap_or_else(|e| panic!("{tag}: get {name} failed: {e}"));
+        assert_eq!((got.version, got.value.expose()), (1, v.as_slice()));
+    }
+}
+
+/// Waits until replica 0 has logged that it takes `url` for down more often than `before`
+/// times; the count now.
+async fn await_member_down_logged(ha: &Ha, url: &str, before: usize) -> usize {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = member_down_lines(ha, url);
+        if n > before {
+            return n;
+        }
+        assert!(
+            Instant::now() < end,
+            "replica 0 did not notice that etcd member {url} is down; its log:\n{}",
+            ha.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn member_down_lines(ha: &Ha, url: &str) -> usize {
+    let log = ha.replicas[0].server.as_ref().unwrap().log_text();
+    log.lines()
+        .filter(|l| l.contains("etcd member is down") && l.contains(url))
+        .count()
+}
+
+/// One of the three members, a follower, goes down as `how` says; once replica 0 has
+/// noticed, every put and get through it succeeds at its first attempt: its etcd client
+/// sends its calls to the two members that are up, none to the one that is down.
+async fn one_member_down_a_replica_serves_every_call(how: MemberDown) {
+    const N: usize = 60;
+    let ha = Ha::start(1);
+    // Calls on every member's connection first, so that the member goes down with its
+    // connection open.
+    sequential_calls(&ha, "before", 12).await;
+    let leader = ha.etcd.leader();
+    let down = (leader + 1) % ha.etcd.members.len();
+    let url = ha.etcd.members[down].url.clone();
+    let before = member_down_lines(&ha, &url);
+    match how {
+        MemberDown::Paused => ha.etcd.members[down].pause(),
+        MemberDown::Killed => ha.etcd.members[down].kill(),
+    }
+    await_member_down_logged(&ha, &url, before).await;
+    sequential_calls(&ha, &format!("{how:?}"), N).await;
+    if let MemberDown::Paused = how {
+        ha.etcd.members[down].resume();
+    }
+    println!("{how:?}: {N} puts and {N} gets through one replica, none failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etcd_member_paused_a_replica_serves_every_call() {
+    one_member_down_a_replica_serves_every_call(MemberDown::Paused).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etcd_member_killed_a_replica_serves_every_call() {
+    one_member_down_a_replica_serves_every_call(MemberDown::Killed).await;
+}
+
+/// A watch through a replica follows its etcd member's death: each member in turn is
+/// killed (so the one the replica's etcd watch is on dies at some point) and restarted, and
+/// a write made meanwhile arrives on the subscriber's stream, which never ends: the
+/// replica's watch opened again on a live member from the revision after its last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_moves_to_a_live_etcd_member_when_its_member_dies() {
+    use crate::common::{event_text, next_events, watch};
+    let ha = Ha::start(1);
+    let server = ha.replicas[0].server.as_ref().unwrap();
+    let mut stream = server
+        .client("payments")
+        .await
+        .watch_secrets(watch(&["payments/ha/watch"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let client = Client::connect(
+        std::slice::from_ref(&ha.load.endpoints[0]),
+        &ha.load.tls,
+        CALL_DEADLINE,
+    )
+    .unwrap();
+    for k in 0..ha.etcd.members.len() {
+        let url = ha.etcd.members[k].url.clone();
+        let before = member_down_lines(&ha, &url);
+        ha.etcd.members[k].kill();
+        // A new leader if it led.
+        ha.etcd.leader();
+        await_member_down_logged(&ha, &url, before).await;
+        let name = format!("payments/ha/watch/m{k}");
+        let v = format!("value of {name}").into_bytes();
+        // The write itself may meet an election: the load's retry rules apply.
+        let load = Arc::clone(&ha.load);
+        write_until_done(&load, &client, &name, &v).await;
+        let events = next_events(&mut stream, 1).await;
+        assert_eq!(event_text(&events[0]), (name.clone(), 1, "created"));
+        ha.etcd.members[k].restart();
+    }
+    let moved = server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("the etcd watch broke"))
+        .count();
+    assert!(moved >= 1, "the replica's etcd watch never had to move");
+}
