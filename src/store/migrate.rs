@@ -1,8 +1,7 @@
 //! Moving a store to another backend (`strongroom-admin store migrate`): every key is copied
-//! as it is, in the common layout the state commitment is defined over (see
-//! [`commitment`](super::commitment)), so the target is the same store — the same identity,
-//! epoch, commitment and records, only ciphertext and wrapped keys — and the token's
-//! checkpoint recognises it without an officer accepting anything.
+//! as it is, in the common layout the state commitment is defined over, so the target is the
+//! same store — the same identity, epoch, commitment and records, only ciphertext and wrapped
+//! keys — and the token's checkpoint recognises it without an officer accepting anything.
 //!
 //! A target is marked as migrating before the first key is copied and unmarked only after
 //! the last; the service refuses to start on a marked store ([`refuse_half_migrated`]). A

@@ -362,14 +362,9 @@ async fn on_etcd_watches_reach_every_replica_and_survive_losing_one() {
         return;
     }
     let env = TestEnv::new();
-    let a = env.start_with(
-        &env.config(&format!("[audit]\npath = \"audit-a.log\"\n{POLICY}")),
-        &[],
-    );
-    let b = env.start_with(
-        &env.config(&format!("[audit]\npath = \"audit-b.log\"\n{POLICY}")),
-        &[],
-    );
+    // Each replica with its own id: its own audit log and token checkpoints.
+    let a = env.start_with(&env.replica_config("a", POLICY), &[]);
+    let b = env.start_with(&env.replica_config("b", POLICY), &[]);
     // A watcher on b sees a write made through a.
     let mut on_b = b.client("payments").await;
     let mut stream = on_b
