@@ -26,8 +26,16 @@ pub use sled_store::SledStore;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::secret::{NamePrefix, SealedRecord, SecretName};
 
-/// sled's page cache when the configuration names none, in MiB (sled's own default).
-pub const DEFAULT_CACHE_MB: u64 = 1024;
+/// sled's page cache when the configuration names none, in MiB.
+///
+/// The cache keeps recently used pages of the tree (heads, records, the upper levels of the
+/// index) decoded in memory, so a read that hits it costs no system call. A replica must hold
+/// a million secrets within 256 MiB resident (BENCHMARKS.md, `scale` part): sled's own
+/// default (1 GiB) let the cache fill to about 1 GiB at that size; 128 MiB keeps the process
+/// near 200 MiB, and a small store's working set (a thousand secrets is about 2 MiB) still
+/// fits whole, so its reads are unchanged. Pages past the budget are read back from the
+/// operating system's file cache.
+pub const DEFAULT_CACHE_MB: u64 = 128;
 
 /// Revisions of changes sled's change log keeps when the configuration names none.
 pub const DEFAULT_WATCH_HISTORY: u64 = 10_000;
