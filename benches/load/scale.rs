@@ -86,7 +86,9 @@ fn open_store(spec: &str, key: StateKey) -> Res<Arc<dyn Store>> {
             key: pki.join("etcd-client-key.pem"),
             prefix: prefix.to_owned(),
             timeout: Duration::from_secs(60),
-            max_value_bytes: 1 << 20,
+            // strongroomd's default `[limits] max_value_bytes`: it sizes the range calls of
+            // the commitment scan (a larger ceiling means fewer records per call).
+            max_value_bytes: 64 << 10,
         },
         key,
     )?))
@@ -361,6 +363,14 @@ pub(crate) async fn part_scale(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) 
         let (small_name, big_name) = (format!("{backend}-1k"), format!("{backend}-big"));
         let spec = match backend.as_str() {
             "sled" => {
+                // STRONGROOM_BENCH_SCALE_CACHE_MB: the big server's cache_capacity_mb (default:
+                // strongroomd's own).
+                if let Ok(mb) = std::env::var("STRONGROOM_BENCH_SCALE_CACHE_MB") {
+                    lab.store_sections.insert(
+                        big_name.clone(),
+                        format!("path = \"store\"\ncache_capacity_mb = {mb}"),
+                    );
+                }
                 let store = lab.root.join(format!("srv-{big_name}")).join("store");
                 std::fs::create_dir_all(&store)?;
                 format!("sled:{}", store.display())

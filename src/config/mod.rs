@@ -187,9 +187,9 @@ pub struct StoreConfig {
     /// with etcd.
     #[serde(default)]
     pub path: PathBuf,
-    /// sled's page cache in MiB (default 128): the service's memory is about this plus
-    /// 30-80 MiB at any store size (BENCHMARKS.md, `scale` part: a million secrets within
-    /// 256 MiB resident with the default).
+    /// sled's page cache in MiB (default 128). It bounds the cache, not the process: at a
+    /// million secrets the service reached 483 MiB resident with the default
+    /// (BENCHMARKS.md, *Scale*).
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
     /// etcd: the cluster's client URLs, each `https://host:port`.
