@@ -23,6 +23,8 @@ pub(crate) enum Part {
     Hsm,
     Put,
     Big,
+    /// 1M secrets on sled and etcd: p50 vs 1K, VmRSS; etcd vs sled (benches/load/scale.rs).
+    Scale,
     Diag,
     Frontdoor,
     Wal,
@@ -42,8 +44,8 @@ pub(crate) enum CustomTarget {
 
 #[derive(Args, Clone, Debug)]
 pub(crate) struct Opts {
-    /// Parts to run, comma-separated: audit, floor, hsm, put, big, diag, frontdoor, wal, custom,
-    /// all.
+    /// Parts to run, comma-separated: audit, floor, hsm, put, big, scale, diag, frontdoor, wal,
+    /// custom, all.
     #[arg(
         long,
         env = "STRONGROOM_BENCH_PARTS",
@@ -153,6 +155,9 @@ pub(crate) enum Role {
     /// Writes sealed records straight into a sled store (child role).
     #[command(hide = true)]
     Populate(PopulateArgs),
+    /// Seals records and imports them through the Store API (child role of the scale part).
+    #[command(hide = true)]
+    ScalePopulate(crate::scale::ScalePopulateArgs),
 }
 
 #[derive(Args)]

@@ -98,6 +98,8 @@ pub(crate) struct Lab {
     pub(crate) procs: BTreeMap<String, Proc>,
     pub(crate) tokens: BTreeMap<String, Token>,
     pub(crate) read_sets: BTreeMap<String, Arc<Vec<String>>>,
+    /// `[store]` bodies of strongroomd children by name (default: sled at `store`).
+    pub(crate) store_sections: BTreeMap<String, String>,
     pub(crate) root: PathBuf,
     pub(crate) pki: PathBuf,
     pub(crate) opts: Opts,
@@ -147,6 +149,7 @@ impl Lab {
             procs: BTreeMap::new(),
             tokens: BTreeMap::new(),
             read_sets: BTreeMap::new(),
+            store_sections: BTreeMap::new(),
             root,
             pki,
             opts: opts.clone(),
@@ -253,7 +256,7 @@ token = "{label}"
 workers = {workers}
 
 [store]
-path = "store"
+{store}
 
 [audit]
 path = "audit.log"
@@ -268,6 +271,10 @@ prefix = "bench"
 capabilities = ["read", "write", "list", "delete"]
 "#,
                 module = self.opts.module.display(),
+                store = self
+                    .store_sections
+                    .get(name)
+                    .map_or("path = \"store\"", String::as_str),
                 label = token.label,
                 workers = self.opts.server_workers,
                 disable = !audit,

@@ -25,6 +25,10 @@
 //! - `big`: GetSecret on a store of 1M secrets (sealed under the token's master key by a child
 //!   process and written straight into sled) versus 1K (written through the API), and the
 //!   service's VmRSS;
+//! - `scale` (not in the default parts): a million secrets sealed per record and imported
+//!   through the Store API on sled and on a 1-member etcd; GetSecret p50 against a 1K store
+//!   and the server's VmRSS/VmHWM, and GetSecret/PutSecret on etcd versus sled
+//!   (`STRONGROOM_BENCH_SCALE_BACKENDS=sled` for sled alone);
 //! - `diag`: the service with its process log at `warn` instead of `info`, without audit
 //!   checkpoints, and audit on/off at `warn`;
 //! - `frontdoor` (not in the default parts: about 90 s): GetSecret while 1,000 idle TCP
@@ -44,7 +48,8 @@
 //! strongroomd's `[audit]` section (e.g. `commit_window_us = 0`).
 //!
 //! Roles that need a PKCS#11 context of their own (C_Initialize happens once per process)
-//! run this binary again as a child: `floor-server`, `hsm-bench`, `populate`.
+//! run this binary again as a child: `floor-server`, `hsm-bench`, `populate`,
+//! `scale-populate`.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -61,6 +66,7 @@ mod lab;
 mod p11;
 mod parts;
 mod report;
+mod scale;
 mod util;
 mod wal;
 
@@ -73,6 +79,7 @@ use crate::hsm::{hsm_bench, part_hsm};
 use crate::lab::Lab;
 use crate::parts::{part_custom, part_diag, part_put, part_reads};
 use crate::report::{machine, table};
+use crate::scale::{part_scale, scale_populate};
 use crate::util::runtime;
 use crate::wal::part_wal;
 
@@ -106,6 +113,7 @@ fn main() -> ExitCode {
         Some(Role::FloorServer(a)) => floor_server(a),
         Some(Role::HsmBench(a)) => hsm_bench(a),
         Some(Role::Populate(a)) => populate(a),
+        Some(Role::ScalePopulate(a)) => scale_populate(a),
         None => driver(cli.opts),
     };
     match result {
@@ -172,6 +180,9 @@ fn driver(opts: Opts) -> Res<()> {
         }
         if parts.contains(&Part::Big) {
             part_big(&mut lab, &plan, &mut rows).await?;
+        }
+        if parts.contains(&Part::Scale) {
+            part_scale(&mut lab, &plan, &mut rows).await?;
         }
         if parts.contains(&Part::Diag) {
             part_diag(&mut lab, &plan, &mut rows).await?;

@@ -29,8 +29,16 @@ pub use sled_store::SledStore;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::secret::{NamePrefix, SealedRecord, SecretName};
 
-/// sled's page cache when the configuration names none, in MiB (sled's own default).
-pub const DEFAULT_CACHE_MB: u64 = 1024;
+/// sled's page cache when the configuration names none, in MiB.
+///
+/// The cache keeps recently used pages of the tree (heads, records, the upper levels of the
+/// index) decoded in memory, so a read that hits it costs no system call; pages past the
+/// budget are read back from the operating system's file cache. sled's own default (1 GiB)
+/// let a replica grow to about 1 GiB at a million secrets. A small store's working set (a
+/// thousand secrets is about 2 MiB) fits whole in 128 MiB, so its reads are unchanged. The
+/// budget does not bound the whole process: at a million secrets it still reached 483 MiB
+/// (BENCHMARKS.md, *Scale*), above the 256 MiB target.
+pub const DEFAULT_CACHE_MB: u64 = 128;
 
 /// Revisions of changes sled's change log keeps when the configuration names none.
 pub const DEFAULT_WATCH_HISTORY: u64 = 10_000;
