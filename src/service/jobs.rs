@@ -240,7 +240,11 @@ pub(crate) async fn register_replica(
     ttl: Duration,
 ) -> Result<Lock, Error> {
     let name = lock_name(LockKind::Replica, replica_id);
-    let give_up = Instant::now() + ttl + Duration::from_secs(1);
+    // A holder that died lets its lease lapse within one time to live, but etcd gives every
+    // lease its whole time to live again when its leader changes (a restart of the cluster
+    // included): wait for two, so that a replica restarted with its etcd is not refused for
+    // its own dead predecessor.
+    let give_up = Instant::now() + 2 * ttl + Duration::from_secs(1);
     let mut logged = false;
     loop {
         let (s, n, h) = (store.clone(), name.clone(), holder.to_owned());
@@ -265,7 +269,7 @@ pub(crate) async fn register_replica(
                     tracing::warn!(
                         replica_id,
                         holder = %held.holder,
-                        "replica id {replica_id} is held by another process; waiting up to jobs.lease_ttl_secs for its lease to lapse"
+                        "replica id {replica_id} is held by another process; waiting up to twice jobs.lease_ttl_secs for its lease to lapse"
                     );
                     logged = true;
                 }
