@@ -38,6 +38,43 @@ struct Args {
     log_format: LogFormat,
 }
 
+/// glibc's malloc arenas for strongroomd when its environment names none.
+///
+/// glibc gives each thread that allocates its own arena (up to 8 per core), and the store's
+/// calls run on tokio's blocking pool, i.e. on whichever of its threads is free: sled's pages,
+/// decoded in one thread and freed in another, stay behind as free but resident memory in
+/// every arena. At a million secrets this, not sled's page cache, was most of the process:
+/// 585 MiB with glibc's default arenas against 254 MiB with 2 and 213 MiB with 1, the same
+/// 16 MiB cache and 8 reading threads (BENCHMARKS.md, *Scale*). The cost: at a million
+/// secrets, reads that page nodes in took ~80–100 µs more server CPU with one arena; reads
+/// of a store that fits the cache were unchanged.
+const MALLOC_ARENAS: &str = "1";
+
+/// Restarts this process (same pid, arguments and environment) with `MALLOC_ARENA_MAX` set,
+/// since glibc reads it only as the process starts. An operator's own `MALLOC_ARENA_MAX`
+/// (any value) is kept as it is; if the restart fails the service runs with glibc's default.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let mut args = std::env::args_os();
+        let mut cmd = std::process::Command::new(exe);
+        if let Some(arg0) = args.next() {
+            cmd.arg0(arg0);
+        }
+        let err = cmd.args(args).env("MALLOC_ARENA_MAX", MALLOC_ARENAS).exec();
+        eprintln!(
+            "strongroomd: could not restart with MALLOC_ARENA_MAX={MALLOC_ARENAS} ({err}); running with glibc's default arenas"
+        );
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -45,6 +82,7 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let args = Args::parse();
     let filter =
         EnvFilter::try_from_env("STRONGROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));

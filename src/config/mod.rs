@@ -269,9 +269,9 @@ pub struct StoreConfig {
     /// with etcd.
     #[serde(default)]
     pub path: PathBuf,
-    /// sled's page cache in MiB (default 128). It bounds the cache, not the process: at a
-    /// million secrets the service reached 483 MiB resident with the default
-    /// (BENCHMARKS.md, *Scale*).
+    /// sled's page cache in MiB (default 16). It bounds the cache, not the process: at a
+    /// million secrets 128 MiB cost about 200 MiB more resident memory than 16 and made
+    /// random reads no faster (BENCHMARKS.md, *Scale*).
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
     /// etcd: the cluster's client URLs, each `https://host:port`.
@@ -835,7 +835,7 @@ mod tests {
 
     #[test]
     fn the_store_cache_is_128_mib_unless_set_and_must_be_sane() {
-        assert_eq!(parse("").unwrap().store.cache_capacity_mb, 128);
+        assert_eq!(parse("").unwrap().store.cache_capacity_mb, 16);
         assert_eq!(
             parse("cache_capacity_mb = 64")
                 .unwrap()

@@ -23,6 +23,7 @@ mod ha;
 mod invariants;
 mod limits;
 mod list;
+mod memory;
 mod migrate;
 mod mtls;
 mod overload;
