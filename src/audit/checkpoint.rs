@@ -68,7 +68,93 @@ impl Checkpoint {
     }
 }
 
+/// A periodic checkpoint whose token write runs on the runtime while the writer goes on
+/// with the next group commits.
+pub(super) struct InFlight {
+    /// The token write, within the token deadline.
+    pub(super) job: tokio::task::JoinHandle<Result<(), AuditError>>,
+    /// The entries it covers that no earlier checkpoint did (counted again if it fails).
+    pub(super) entries: u64,
+}
+
 impl Writer {
+    /// Starts a periodic checkpoint: its entry is written now (one group commit), the
+    /// token write runs in the background. Recording the head in the token takes a token
+    /// object write and an fsync of the token's files (many ms on a busy disk); done inline
+    /// it stalled every request waiting for the next group commit. The token's checkpoint
+    /// only ever names entries already durable in the file, so it may lag the log: it then
+    /// names a prefix, which is what it does between checkpoints anyway. Every other token
+    /// write (an explicit checkpoint, a rotation) first waits for this one
+    /// ([`Writer::write_token_checkpoint`]), so an older head never overwrites a newer
+    /// record. Does nothing while the previous one is still running.
+    pub(super) fn start_checkpoint(&mut self, healthy: &AtomicBool) {
+        self.reap_checkpoint(healthy);
+        if self.inflight.is_some() {
+            return;
+        }
+        let detail = format!("log_id={}; count={}", self.chain.log_id, self.next_seq + 1);
+        if let Err(e) = self.write_batch(vec![internal_entry("Checkpoint", detail)]) {
+            self.checkpoint_failed(&e, healthy);
+            return;
+        }
+        let cp = self.current_checkpoint();
+        let (hsm, deadline) = (self.hsm.clone(), self.options.hsm_timeout);
+        let label = self.options.checkpoint_label.clone();
+        let value = cp.to_bytes();
+        let job = self.rt.spawn(async move {
+            tokio::time::timeout(deadline, hsm.write_data(label, value))
+                .await
+                .map_err(|_| AuditError::Hsm(crate::hsm::HsmError::Timeout))??;
+            Ok(())
+        });
+        self.inflight = Some(InFlight {
+            job,
+            entries: std::mem::take(&mut self.since_checkpoint),
+        });
+    }
+
+    /// Takes the result of a background checkpoint that has finished, if any.
+    pub(super) fn reap_checkpoint(&mut self, healthy: &AtomicBool) {
+        if self.inflight.as_ref().is_some_and(|f| f.job.is_finished())
+            && let Err(e) = self.settle_checkpoint()
+        {
+            self.checkpoint_failed(&e, healthy);
+        }
+    }
+
+    /// Waits for the background checkpoint, if any, and returns its result; on failure
+    /// its entries count again towards the next checkpoint.
+    pub(super) fn settle_checkpoint(&mut self) -> Result<(), AuditError> {
+        let Some(f) = self.inflight.take() else {
+            return Ok(());
+        };
+        let r = self
+            .rt
+            .block_on(f.job)
+            .map_err(|_| AuditError::Closed)
+            .and_then(|r| r);
+        if r.is_err() {
+            self.since_checkpoint += f.entries;
+        }
+        r
+    }
+
+    fn checkpoint_failed(&mut self, e: &AuditError, healthy: &AtomicBool) {
+        tracing::error!(error = %e, "audit checkpoint failed; retrying in one checkpoint interval");
+        healthy.store(false, Ordering::Relaxed);
+        self.checkpoint_retry_at = Some(later(self.options.checkpoint_interval));
+    }
+
+    fn current_checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            log_id: self.chain.log_id.clone(),
+            count: self.next_seq,
+            head: hex::encode(&self.prev),
+            previous: self.previous.clone(),
+            reason: None,
+        }
+    }
+
     /// Whether a periodic checkpoint may be attempted now.
     pub(super) fn may_checkpoint(&self) -> bool {
         self.checkpoint_retry_at.is_none_or(|t| Instant::now() >= t)
@@ -81,11 +167,7 @@ impl Writer {
         let r = self.checkpoint();
         match &r {
             Ok(()) => self.checkpoint_retry_at = None,
-            Err(e) => {
-                tracing::error!(error = %e, "audit checkpoint failed; retrying in one checkpoint interval");
-                healthy.store(false, Ordering::Relaxed);
-                self.checkpoint_retry_at = Some(later(self.options.checkpoint_interval));
-            }
+            Err(e) => self.checkpoint_failed(e, healthy),
         }
         r
     }
@@ -94,20 +176,17 @@ impl Writer {
     pub(super) fn checkpoint(&mut self) -> Result<(), AuditError> {
         let detail = format!("log_id={}; count={}", self.chain.log_id, self.next_seq + 1);
         self.write_batch(vec![internal_entry("Checkpoint", detail)])?;
-        let cp = Checkpoint {
-            log_id: self.chain.log_id.clone(),
-            count: self.next_seq,
-            head: hex::encode(&self.prev),
-            previous: self.previous.clone(),
-            reason: None,
-        };
+        let cp = self.current_checkpoint();
         self.write_token_checkpoint(&cp)?;
         self.since_checkpoint = 0;
         Ok(())
     }
 
-    /// Records `cp` in the token, within the token deadline.
-    pub(super) fn write_token_checkpoint(&self, cp: &Checkpoint) -> Result<(), AuditError> {
+    /// Records `cp` in the token, within the token deadline, after the background
+    /// checkpoint (if any) has finished: this record is the newer one.
+    pub(super) fn write_token_checkpoint(&mut self, cp: &Checkpoint) -> Result<(), AuditError> {
+        // Superseded by `cp` whatever its result.
+        let _ = self.settle_checkpoint();
         // A token that hangs must not stop the log: the write gets the token deadline. (The
         // timer is made inside block_on: it needs the runtime's context.)
         let (hsm, deadline) = (&self.hsm, self.options.hsm_timeout);

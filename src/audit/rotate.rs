@@ -233,7 +233,7 @@ impl Writer {
             return None;
         }
         let bytes = self.options.rotate_bytes;
-        if bytes > 0 && self.file.metadata().is_ok_and(|m| m.len() >= bytes) {
+        if bytes > 0 && self.len >= bytes {
             return Some("size");
         }
         let age = self.options.rotate_age;
@@ -354,6 +354,7 @@ impl Writer {
             .read(true)
             .open(&self.path)
             .map_err(io)?;
+        self.len = self.file.metadata().map_err(io)?.len();
         crate::durable::fsync_parent(&self.path).map_err(io)?;
         let header = Header {
             log_id,

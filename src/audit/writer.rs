@@ -1,7 +1,7 @@
 //! The writer: one thread owns the file, group-commits entries and acknowledges them.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -118,6 +118,7 @@ impl AuditLog {
             .read(true)
             .open(&path)
             .map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
         // The log's name is durable only once its directory is synced (entries are
         // fdatasync'd, which does not cover the name of a new file).
         crate::durable::fsync_parent(&path).map_err(io)?;
@@ -126,6 +127,7 @@ impl AuditLog {
             hsm,
             rt: tokio::runtime::Handle::current(),
             file,
+            len,
             path: path.clone(),
             options,
             next_seq: 0,
@@ -137,6 +139,7 @@ impl AuditLog {
             previous: None,
             started_ms: now_ms(),
             rotate_retry_at: None,
+            inflight: None,
         };
         let expected = writer.expected.clone();
         let mut start = None;
@@ -285,6 +288,10 @@ pub(super) struct Writer {
     pub(super) hsm: Arc<Hsm>,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) file: File,
+    /// The file's length: what this writer has appended to it (it alone writes the file).
+    /// Kept here so that a batch costs no `lseek` and the size check for rotation no
+    /// `fstat`.
+    pub(super) len: u64,
     pub(super) path: PathBuf,
     pub(super) options: AuditOptions,
     pub(super) next_seq: u64,
@@ -301,6 +308,9 @@ pub(super) struct Writer {
     pub(super) started_ms: u64,
     /// After a failed rotation, no automatic attempt before this time.
     pub(super) rotate_retry_at: Option<Instant>,
+    /// A periodic checkpoint whose token write is still running (see
+    /// [`Writer::start_checkpoint`]).
+    pub(super) inflight: Option<InFlight>,
 }
 
 /// Marks the audit log unhealthy if the writer thread ends for any reason (a panic included):
@@ -410,7 +420,8 @@ impl Writer {
                     let r = if self.since_checkpoint > 0 {
                         self.checkpoint()
                     } else {
-                        Ok(())
+                        // Everything is covered by the checkpoint in flight, if any.
+                        self.settle_checkpoint()
                     };
                     let _ = done.send(r);
                     continue;
@@ -423,8 +434,9 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     next_tick = later(interval);
+                    self.reap_checkpoint(&healthy);
                     if self.since_checkpoint > 0 && self.may_checkpoint() {
-                        let _ = self.try_checkpoint(&healthy);
+                        self.start_checkpoint(&healthy);
                     }
                     if !self.rotate_between_batches(None, &healthy) {
                         break;
@@ -455,14 +467,13 @@ impl Writer {
                     if due {
                         next_tick = later(interval);
                     }
-                    if checkpoint_after.is_some()
-                        || (self.may_checkpoint()
-                            && (due || self.since_checkpoint >= self.options.checkpoint_every))
+                    self.reap_checkpoint(&healthy);
+                    if let Some(done) = checkpoint_after.take() {
+                        let _ = done.send(self.try_checkpoint(&healthy));
+                    } else if self.may_checkpoint()
+                        && (due || self.since_checkpoint >= self.options.checkpoint_every)
                     {
-                        let r = self.try_checkpoint(&healthy);
-                        if let Some(done) = checkpoint_after.take() {
-                            let _ = done.send(r);
-                        }
+                        self.start_checkpoint(&healthy);
                     }
                 }
                 Err(e) => {
@@ -487,7 +498,12 @@ impl Writer {
         }
         // The log was dropped. No token call here: the runtime may be shutting down (and a
         // drop on its own thread waits for this one). The service's shutdown takes its final
-        // checkpoint through `AuditLog::checkpoint` before that.
+        // checkpoint through `AuditLog::checkpoint` before that, which also waits for a
+        // checkpoint still in flight; one that is still running now is left to finish.
+        self.reap_checkpoint(&healthy);
+        if let Some(f) = &self.inflight {
+            self.since_checkpoint += f.entries;
+        }
         if self.since_checkpoint > 0 {
             tracing::warn!(
                 entries = self.since_checkpoint,
@@ -515,10 +531,11 @@ impl Writer {
             out.extend_from_slice(&line_with_mac(&body, &mac));
             prev = mac;
         }
-        append_durably(&mut self.file, &out).map_err(|source| AuditError::Io {
-            path: self.path.display().to_string(),
-            source,
-        })?;
+        self.len =
+            append_durably(&mut self.file, self.len, &out).map_err(|source| AuditError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })?;
         self.next_seq += entries.len() as u64;
         self.since_checkpoint += entries.len() as u64;
         self.prev = prev;
@@ -625,12 +642,14 @@ pub(super) fn line_len_bound(entry: &Entry) -> usize {
     count.0 + seq_room + MAC_SUFFIX_LEN
 }
 
-pub(super) fn append_durably(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
-    let before = file.seek(SeekFrom::End(0))?;
+/// Appends `bytes` to `file`, which is `len` bytes long (opened for appending), and syncs
+/// its data; returns the new length. On failure the file is cut back to `len`.
+pub(super) fn append_durably(file: &mut File, len: u64, bytes: &[u8]) -> std::io::Result<u64> {
     let result = file.write_all(bytes).and_then(|()| file.sync_data());
-    if result.is_err() {
+    if let Err(e) = result {
         // Leave no half-written entry behind (not possible on every device; ignore if not).
-        let _ = file.set_len(before);
+        let _ = file.set_len(len);
+        return Err(e);
     }
-    result
+    Ok(len + bytes.len() as u64)
 }
