@@ -33,6 +33,7 @@ mod replicas;
 mod restart;
 mod rollback;
 mod service;
+mod strict;
 mod watch;
 mod writeahead;
 mod wycheproof;
