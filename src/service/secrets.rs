@@ -355,7 +355,7 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
             state.limits.max_value_bytes
         )));
     }
-    let protection = crate::secret::Protection::from_request(req.protection)
+    let protection = Protection::from_request(req.protection)
         .map_err(Error::InvalidArgument)?
         .unwrap_or(state.default_protection);
     let now = unix_now();
