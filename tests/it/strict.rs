@@ -299,39 +299,69 @@ async fn the_cli_puts_with_a_protection() {
     assert!(bad.stderr.contains("hsm-only"), "{}", bad.stderr);
 }
 
-/// The stored record of `(name, version)` and a function that writes an edited one back,
-/// on either backend; the service must be stopped.
-fn edit_record(env: &TestEnv, name: &str, version: u64, edit: impl FnOnce(&mut SealedRecordV1)) {
+/// An edit of a stored record.
+type Edit = fn(&mut SealedRecordV1);
+
+/// Applies each edit to the stored record of `(name, version 1)`, on either backend, behind
+/// the back of a stopped service.
+fn edit_records(env: &TestEnv, edits: &[(String, Edit)]) {
     match &env.etcd {
         None => {
+            // One sled handle for every edit: sled releases its file lock from a background
+            // thread after the handle is dropped.
             let db = sled::open(&env.store).unwrap();
-            let mut key = vec![b'r'];
-            key.extend_from_slice(name.as_bytes());
-            key.push(0);
-            key.extend_from_slice(&version.to_be_bytes());
-            let mut r = SealedRecordV1::decode(db.get(&key).unwrap().unwrap().as_ref()).unwrap();
-            edit(&mut r);
-            db.insert(key, r.encode_to_vec()).unwrap();
+            for (name, edit) in edits {
+                let mut key = vec![b'r'];
+                key.extend_from_slice(name.as_bytes());
+                key.push(0);
+                key.extend_from_slice(&1u64.to_be_bytes());
+                let mut r =
+                    SealedRecordV1::decode(db.get(&key).unwrap().unwrap().as_ref()).unwrap();
+                edit(&mut r);
+                db.insert(key, r.encode_to_vec()).unwrap();
+            }
             db.flush().unwrap();
+            drop(db);
+            wait_for_sled_unlocked(&env.store.join("db"));
         }
         Some(etcd) => {
-            let (key, mut r) = etcd
-                .read_prefix(b"strongroom/r")
-                .into_iter()
-                .find_map(|(k, v)| {
-                    let r = SealedRecordV1::decode(v.as_slice()).ok()?;
-                    (r.name == name && r.version == version).then_some((k, r))
-                })
-                .unwrap_or_else(|| panic!("no record of {name} v{version} in etcd"));
-            edit(&mut r);
-            etcd.write_raw(&[(key, Some(r.encode_to_vec()))]);
+            let stored = etcd.read_prefix(b"strongroom/r");
+            for (name, edit) in edits {
+                let (key, mut r) = stored
+                    .iter()
+                    .find_map(|(k, v)| {
+                        let r = SealedRecordV1::decode(v.as_slice()).ok()?;
+                        (r.name == *name && r.version == 1).then(|| (k.clone(), r))
+                    })
+                    .unwrap_or_else(|| panic!("no record of {name} v1 in etcd"));
+                edit(&mut r);
+                etcd.write_raw(&[(key, Some(r.encode_to_vec()))]);
+            }
         }
+    }
+}
+
+/// Waits until nothing holds sled's lock on `db` (the flock sled takes), so that the service
+/// started next can open the store.
+fn wait_for_sled_unlocked(db: &std::path::Path) {
+    use rustix::fs::{FlockOperation, flock};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let file = std::fs::File::open(db).unwrap();
+        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sled still holds {}",
+            db.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
 #[tokio::test]
 async fn tampered_hsm_only_records_answer_data_loss() {
-    type Edit = fn(&mut SealedRecordV1);
     let edits: Vec<(&str, Edit)> = vec![
         ("mechanism: hsm-only -> envelope", |r| r.mechanism = 1),
         ("mechanism: unknown", |r| r.mechanism = 3),
@@ -370,10 +400,13 @@ async fn tampered_hsm_only_records_answer_data_loss() {
         .unwrap();
     server.stop();
 
-    for ((_, edit), name) in edits.iter().zip(&names) {
-        edit_record(&env, name, 1, edit);
-    }
-    edit_record(&env, "payments/t/env", 1, |r| r.mechanism = 2);
+    let mut changes: Vec<(String, Edit)> = edits
+        .iter()
+        .zip(&names)
+        .map(|((_, edit), name)| (name.clone(), *edit))
+        .collect();
+    changes.push(("payments/t/env".into(), |r| r.mechanism = 2));
+    edit_records(&env, &changes);
 
     let server: Server = env.start_with(&env.config(&format!("{ADMIN}\n{POLICY}")), &[]);
     // Mechanisms are part of the store's state commitment: the store is flagged first.
