@@ -346,6 +346,18 @@ impl Client {
         value: &SecretValue,
         options: PutOptions,
     ) -> Result<PutSecretResponse, ClientError> {
+        self.put_protected(name, value, options, None).await
+    }
+
+    /// [`Client::put`] with a protection for the new version (`None`: the store's default).
+    pub async fn put_protected(
+        &self,
+        name: &str,
+        value: &SecretValue,
+        options: PutOptions,
+        protection: Option<crate::secret::Protection>,
+    ) -> Result<PutSecretResponse, ClientError> {
+        let protection = protection.map_or(0, crate::secret::Protection::to_request);
         let retry = if options.expected_version.is_some() {
             Retry::CheckAndSet
         } else {
@@ -361,6 +373,7 @@ impl Client {
                     value: value.expose().to_vec(),
                     expected_version: options.expected_version,
                     expires_at_unix: options.expires_at_unix,
+                    protection,
                 },
             );
             async move { c.put_secret(r).await }

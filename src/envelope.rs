@@ -4,6 +4,10 @@
 //! the token's master key (see `hsm`). Both layers take the same additional authenticated
 //! data, the canonical encoding of (name, version, master key version), so a record moved to
 //! another name or version, or given another record's wrapped DEK, fails to open.
+//!
+//! Strict mode (`protection = "hsm-only"`, [`crate::secret::Mechanism::AesKwHsmOnlyV1`])
+//! does not use this layer: the value is sealed and opened inside the token under the same
+//! AAD ([`record_aad`]), and the DEK never reaches this process (see `hsm::strict`).
 
 use ring::aead::{AES_128_GCM, AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};

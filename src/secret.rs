@@ -175,13 +175,18 @@ impl SecretValue {
     }
 }
 
-/// The encryption scheme of a sealed record. Recorded in every record so that later
-/// mechanisms (AES-KW, strict in-token decryption) can coexist with old records.
+/// The encryption scheme of a sealed record. Recorded in every record, so that records of
+/// both protections coexist in one store: the record's mechanism decides how it opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mechanism {
     /// DEK wrapped by C_Encrypt AES-GCM (96-bit random IV, 128-bit tag, AAD) under the master
     /// key; value encrypted in process with AES-256-GCM under the DEK with the same AAD.
     AesGcmEnvelopeV1,
+    /// Strict mode (`hsm-only`): DEK generated in the token, wrapped with AES-KW
+    /// (CKM_AES_KEY_WRAP, RFC 3394) under the master key; value encrypted and decrypted in the
+    /// token (C_Encrypt / C_Decrypt AES-GCM, 96-bit IV from the token, 128-bit tag) with the
+    /// same AAD as the envelope. The DEK is never in the service's memory.
+    AesKwHsmOnlyV1,
 }
 
 impl Mechanism {
@@ -189,6 +194,7 @@ impl Mechanism {
     pub fn id(self) -> u32 {
         match self {
             Mechanism::AesGcmEnvelopeV1 => 1,
+            Mechanism::AesKwHsmOnlyV1 => 2,
         }
     }
 
@@ -196,6 +202,7 @@ impl Mechanism {
     pub fn from_id(id: u32) -> Option<Self> {
         match id {
             1 => Some(Mechanism::AesGcmEnvelopeV1),
+            2 => Some(Mechanism::AesKwHsmOnlyV1),
             _ => None,
         }
     }
@@ -204,6 +211,75 @@ impl Mechanism {
     pub fn name(self) -> &'static str {
         match self {
             Mechanism::AesGcmEnvelopeV1 => "aes-gcm-envelope-v1",
+            Mechanism::AesKwHsmOnlyV1 => "aes-kw-hsm-only-v1",
+        }
+    }
+}
+
+/// How a secret version is protected: the store's default (`store.protection`), overridable
+/// per put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+pub enum Protection {
+    /// The data key is unwrapped by the token into the service's memory (zeroized after
+    /// use) and the value is decrypted in process: [`Mechanism::AesGcmEnvelopeV1`].
+    #[default]
+    #[serde(rename = "envelope")]
+    Envelope,
+    /// Strict mode: the data key never leaves the token in the clear, the value is
+    /// encrypted and decrypted inside it: [`Mechanism::AesKwHsmOnlyV1`].
+    #[serde(rename = "hsm-only")]
+    HsmOnly,
+}
+
+impl Protection {
+    /// The mechanism new records of this protection are sealed with.
+    pub fn mechanism(self) -> Mechanism {
+        match self {
+            Protection::Envelope => Mechanism::AesGcmEnvelopeV1,
+            Protection::HsmOnly => Mechanism::AesKwHsmOnlyV1,
+        }
+    }
+
+    /// The protection a PutSecret request asks for: `None` for the store's default, an error
+    /// naming the value for one this service does not know.
+    pub fn from_request(value: i32) -> Result<Option<Self>, String> {
+        match proto::Protection::try_from(value) {
+            Ok(proto::Protection::Unspecified) => Ok(None),
+            Ok(proto::Protection::Envelope) => Ok(Some(Protection::Envelope)),
+            Ok(proto::Protection::HsmOnly) => Ok(Some(Protection::HsmOnly)),
+            Err(_) => Err(format!(
+                "protection {value} is unknown; use PROTECTION_ENVELOPE (1) or PROTECTION_HSM_ONLY (2)"
+            )),
+        }
+    }
+
+    /// The request field for this protection.
+    pub fn to_request(self) -> i32 {
+        match self {
+            Protection::Envelope => proto::Protection::Envelope as i32,
+            Protection::HsmOnly => proto::Protection::HsmOnly as i32,
+        }
+    }
+
+    /// The configuration spelling (`envelope`, `hsm-only`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Protection::Envelope => "envelope",
+            Protection::HsmOnly => "hsm-only",
+        }
+    }
+}
+
+impl std::str::FromStr for Protection {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "envelope" => Ok(Protection::Envelope),
+            "hsm-only" => Ok(Protection::HsmOnly),
+            other => Err(format!(
+                "protection {other:?} is unknown; use \"envelope\" or \"hsm-only\""
+            )),
         }
     }
 }
@@ -235,6 +311,7 @@ impl fmt::Debug for proto::PutSecretRequest {
             )
             .field("expected_version", &self.expected_version)
             .field("expires_at_unix", &self.expires_at_unix)
+            .field("protection", &self.protection)
             .finish()
     }
 }
@@ -304,6 +381,7 @@ mod tests {
             value: b"canary-7f3a".to_vec(),
             expected_version: None,
             expires_at_unix: None,
+            protection: 0,
         };
         let shown = format!("{req:?}");
         assert!(!shown.contains("canary-7f3a"), "{shown}");

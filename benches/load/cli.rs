@@ -25,6 +25,8 @@ pub(crate) enum Part {
     Big,
     /// 1M secrets on sled and etcd: p50 vs 1K, VmRSS; etcd vs sled (benches/load/scale.rs).
     Scale,
+    /// GetSecret of hsm-only (strict mode) records vs envelope records (benches/load/strict.rs).
+    Strict,
     Diag,
     Frontdoor,
     Wal,
@@ -44,8 +46,8 @@ pub(crate) enum CustomTarget {
 
 #[derive(Args, Clone, Debug)]
 pub(crate) struct Opts {
-    /// Parts to run, comma-separated: audit, floor, hsm, put, big, scale, diag, frontdoor, wal,
-    /// custom, all.
+    /// Parts to run, comma-separated: audit, floor, hsm, put, big, scale, strict, diag,
+    /// frontdoor, wal, custom, all.
     #[arg(
         long,
         env = "STRONGROOM_BENCH_PARTS",

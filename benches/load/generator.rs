@@ -119,6 +119,7 @@ pub(crate) async fn run_load(
                             value: value.clone(),
                             expected_version: None,
                             expires_at_unix: None,
+                            protection: 0,
                         })
                         .await
                         .map(|_| ())

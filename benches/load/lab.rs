@@ -388,6 +388,7 @@ capabilities = ["read", "write", "list", "delete"]
                             value: value.clone(),
                             expected_version: None,
                             expires_at_unix: None,
+                            protection: 0,
                         })
                         .await?;
                 }

@@ -29,6 +29,8 @@
 //!   through the Store API on sled and on a 1-member etcd; GetSecret p50 against a 1K store
 //!   and the server's VmRSS/VmHWM, and GetSecret/PutSecret on etcd versus sled
 //!   (`STRONGROOM_BENCH_SCALE_BACKENDS=sled` for sled alone);
+//! - `strict` (not in the default parts): GetSecret of strict-mode (`hsm-only`) records versus
+//!   envelope records, both written into one server, the two read alternately;
 //! - `diag`: the service with its process log at `warn` instead of `info`, without audit
 //!   checkpoints, and audit on/off at `warn`;
 //! - `frontdoor` (not in the default parts: about 90 s): GetSecret while 1,000 idle TCP
@@ -67,6 +69,7 @@ mod p11;
 mod parts;
 mod report;
 mod scale;
+mod strict;
 mod util;
 mod wal;
 
@@ -80,6 +83,7 @@ use crate::lab::Lab;
 use crate::parts::{part_custom, part_diag, part_put, part_reads};
 use crate::report::{machine, table};
 use crate::scale::{part_scale, scale_populate};
+use crate::strict::part_strict;
 use crate::util::runtime;
 use crate::wal::part_wal;
 
@@ -183,6 +187,9 @@ fn driver(opts: Opts) -> Res<()> {
         }
         if parts.contains(&Part::Scale) {
             part_scale(&mut lab, &plan, &mut rows).await?;
+        }
+        if parts.contains(&Part::Strict) {
+            part_strict(&mut lab, &plan, &mut rows).await?;
         }
         if parts.contains(&Part::Diag) {
             part_diag(&mut lab, &plan, &mut rows).await?;

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 use strongroom::client::{
     Attempt, AttemptFailure, Client, ClientError, ClientTls, PutOptions, WatchSpec,
 };
-use strongroom::secret::SecretValue;
+use strongroom::secret::{Protection, SecretValue};
 
 /// Client for the strongroom secret service.
 #[derive(Parser)]
@@ -82,6 +82,10 @@ enum Command {
         /// Stop serving this version after so many seconds.
         #[arg(long)]
         ttl: Option<u64>,
+        /// How to protect this version: envelope, or hsm-only (strict mode: the data key
+        /// never leaves the token in the clear). Default: the store's setting.
+        #[arg(long)]
+        protection: Option<Protection>,
     },
     /// Read a secret (latest version unless --version).
     Get {
@@ -283,18 +287,20 @@ async fn execute(
             name,
             expected_version,
             ttl,
+            protection,
             ..
         } => {
             let expires_at_unix = ttl.map(|t| unix_now().saturating_add(t as i64));
             let value = SecretValue::new(value.unwrap_or_default());
             let resp = client
-                .put(
+                .put_protected(
                     &name,
                     &value,
                     PutOptions {
                         expected_version,
                         expires_at_unix,
                     },
+                    protection,
                 )
                 .await
                 .map_err(Failure::Client)?;

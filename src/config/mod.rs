@@ -299,6 +299,12 @@ pub struct StoreConfig {
     /// further behind must list again); etcd keeps its own history (its compaction).
     #[serde(default = "default_watch_history")]
     pub watch_history: u64,
+    /// How new secret versions are protected unless PutSecret names a protection:
+    /// `"envelope"` (default: the token unwraps the data key, the value is decrypted in the
+    /// service) or `"hsm-only"` (strict mode: the data key never leaves the token in the
+    /// clear; the value is decrypted inside it). Records of both open in one store.
+    #[serde(default)]
+    pub protection: crate::secret::Protection,
 }
 
 /// `store.backend`.

@@ -3,13 +3,15 @@
 //!
 //! One `Pkcs11` context per process, initialised with OS locking (SoftHSM2 turns its mutexes
 //! off without it). The token is chosen by label, serial or RFC 7512 URI, never by slot
-//! number. Master keys live in [`keys`]; the worker pool that serves requests in [`pool`].
+//! number. Master keys live in [`keys`]; the worker pool that serves requests in [`pool`];
+//! strict mode's in-token sealing in [`strict`].
 
 pub mod admin;
 pub mod gcm;
 pub mod keys;
 pub mod pin;
 pub mod pool;
+pub mod strict;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
 use super::keys::MacKey;
+use super::strict::{self, StrictSealed};
 use super::{FaultClass, HsmError, TokenSelector, gcm, keys};
 use crate::envelope::{DEK_LEN, DataKey, GCM_NONCE_LEN, GCM_TAG_LEN};
 
@@ -113,6 +114,20 @@ enum Op {
         wrapped: Vec<u8>,
         aad: Vec<u8>,
     },
+    /// Strict mode: seal a value in the token under a fresh AES-KW-wrapped data key.
+    StrictSeal {
+        mk: u32,
+        aad: Vec<u8>,
+        plaintext: Zeroizing<Vec<u8>>,
+    },
+    /// Strict mode: open a value in the token.
+    StrictOpen {
+        mk: u32,
+        wrapped: Vec<u8>,
+        nonce: Vec<u8>,
+        aad: Vec<u8>,
+        ciphertext: Vec<u8>,
+    },
     /// A chain of MACs: m_0 = prev, m_i = HMAC(m_{i-1} || body_i).
     MacChain {
         kind: MacKey,
@@ -129,6 +144,8 @@ enum Op {
 enum Reply {
     NewDek(DataKey, WrappedDek),
     Dek(DataKey),
+    StrictSealed(StrictSealed),
+    Plaintext(Zeroizing<Vec<u8>>),
     Macs(Vec<Vec<u8>>),
     Verified(bool),
 }
@@ -288,6 +305,48 @@ impl Hsm {
             .await?
         {
             Reply::Dek(dek) => Ok(dek),
+            _ => Err(HsmError::Closed),
+        }
+    }
+
+    /// Strict mode: seals `plaintext` inside the token (see [`strict::seal`]) under master key
+    /// `mk` with `aad`. The data key never leaves the token in the clear.
+    pub async fn strict_seal(
+        &self,
+        mk: u32,
+        aad: Vec<u8>,
+        plaintext: Zeroizing<Vec<u8>>,
+        deadline: Duration,
+    ) -> Result<StrictSealed, HsmError> {
+        match self
+            .submit(Op::StrictSeal { mk, aad, plaintext }, deadline)
+            .await?
+        {
+            Reply::StrictSealed(sealed) => Ok(sealed),
+            _ => Err(HsmError::Closed),
+        }
+    }
+
+    /// Strict mode: opens a value inside the token (see [`strict::open`]); only the
+    /// plaintext comes out.
+    pub async fn strict_open(
+        &self,
+        mk: u32,
+        wrapped: Vec<u8>,
+        nonce: Vec<u8>,
+        aad: Vec<u8>,
+        ciphertext: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        let op = Op::StrictOpen {
+            mk,
+            wrapped,
+            nonce,
+            aad,
+            ciphertext,
+        };
+        match self.submit(op, deadline).await? {
+            Reply::Plaintext(p) => Ok(p),
             _ => Err(HsmError::Closed),
         }
     }
@@ -776,6 +835,22 @@ impl Worker {
                 let plain = gcm::decrypt(&self.session, key, iv, aad, TAG_BITS, ct)?;
                 let dek = DataKey::from_slice(&plain).ok_or(HsmError::BadKeyLength)?;
                 Ok(Reply::Dek(dek))
+            }
+            Op::StrictSeal { mk, aad, plaintext } => {
+                let key = self.shared.key(*mk)?;
+                let sealed = strict::seal(&self.session, key, aad, plaintext)?;
+                Ok(Reply::StrictSealed(sealed))
+            }
+            Op::StrictOpen {
+                mk,
+                wrapped,
+                nonce,
+                aad,
+                ciphertext,
+            } => {
+                let key = self.shared.key(*mk)?;
+                let plain = strict::open(&self.session, key, wrapped, nonce, aad, ciphertext)?;
+                Ok(Reply::Plaintext(plain))
             }
             Op::MacChain { kind, prev, bodies } => {
                 let key = self.shared.mac_key(*kind)?;

@@ -87,6 +87,8 @@ pub(crate) struct State {
     pub(crate) audit: Auditor,
     pub(crate) hsm_timeout: Duration,
     pub(crate) max_wraps: u64,
+    /// How puts that name no protection are sealed (`store.protection`).
+    pub(crate) default_protection: crate::secret::Protection,
     pub(crate) health: HealthReporter,
     /// Serialises health updates: each one reads the state and publishes it as one step, so
     /// an older reading never overwrites a newer one.
@@ -292,6 +294,7 @@ impl Server {
             audit,
             hsm_timeout,
             max_wraps: config.hsm.max_wraps_per_key,
+            default_protection: config.store.protection,
             health,
             health_update: tokio::sync::Mutex::new(()),
             write_stripes: WriteStripes::new(256),

@@ -23,7 +23,7 @@ use crate::proto::{
     GetSecretRequest, GetSecretResponse, ListSecretsRequest, ListSecretsResponse, PutSecretRequest,
     PutSecretResponse, VersionInfo, WatchSecretsRequest, secret_service_server::SecretService,
 };
-use crate::secret::{Mechanism, NamePrefix, SealedRecord, SecretName};
+use crate::secret::{Mechanism, NamePrefix, Protection, SealedRecord, SecretName};
 use crate::store::{NameRange, StoreError};
 use crate::tls::Identity;
 
@@ -355,6 +355,9 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
             state.limits.max_value_bytes
         )));
     }
+    let protection = Protection::from_request(req.protection)
+        .map_err(Error::InvalidArgument)?
+        .unwrap_or(state.default_protection);
     let now = unix_now();
     if let Some(exp) = req.expires_at_unix
         && exp <= now
@@ -400,21 +403,35 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
             )));
         }
         let aad = record_aad(&name, version, mk);
-        let (dek, wrapped) = state
-            .hsm
-            .new_data_key(mk, aad.clone(), ctx.deadline)
-            .await?;
-        let sealed =
-            envelope::seal(&dek, &aad, &value).map_err(|e| Error::Internal(e.to_string()))?;
-        drop(dek);
+        let (wrapped_dek, nonce, ciphertext) = match protection {
+            Protection::Envelope => {
+                let (dek, wrapped) = state
+                    .hsm
+                    .new_data_key(mk, aad.clone(), ctx.deadline)
+                    .await?;
+                let sealed = envelope::seal(&dek, &aad, &value)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                drop(dek);
+                (wrapped, sealed.nonce.to_vec(), sealed.ciphertext)
+            }
+            Protection::HsmOnly => {
+                // The value goes to the token and is encrypted there; the data key never
+                // comes out in the clear.
+                let sealed = state
+                    .hsm
+                    .strict_seal(mk, aad, value.clone(), ctx.deadline)
+                    .await?;
+                (sealed.wrapped_dek, sealed.nonce, sealed.ciphertext)
+            }
+        };
         let record = SealedRecord {
             name: name.as_str().to_owned(),
             version,
             master_key_version: mk,
-            mechanism: Mechanism::AesGcmEnvelopeV1.id(),
-            wrapped_dek: wrapped,
-            nonce: sealed.nonce.to_vec(),
-            ciphertext: sealed.ciphertext,
+            mechanism: protection.mechanism().id(),
+            wrapped_dek,
+            nonce,
+            ciphertext,
             created_at_unix: now,
             created_by: ctx.identity.as_str().to_owned(),
             expires_at_unix: req.expires_at_unix,
@@ -783,8 +800,25 @@ async fn open_record(
     name: &SecretName,
     record: &SealedRecord,
 ) -> Result<crate::secret::SecretValue, Error> {
+    let aad = record_aad(name, record.version, record.master_key_version);
     match Mechanism::from_id(record.mechanism) {
         Some(Mechanism::AesGcmEnvelopeV1) => {}
+        Some(Mechanism::AesKwHsmOnlyV1) => {
+            // Strict mode: unwrapped into a non-extractable session object and decrypted in
+            // the token; only the value comes back.
+            let plain = state
+                .hsm
+                .strict_open(
+                    record.master_key_version,
+                    record.wrapped_dek.clone(),
+                    record.nonce.clone(),
+                    aad,
+                    record.ciphertext.clone(),
+                    ctx.deadline,
+                )
+                .await?;
+            return Ok(crate::secret::SecretValue::new(plain));
+        }
         None => {
             return Err(Error::DataLoss(format!(
                 "unknown mechanism {} in record {name} v{}",
@@ -792,7 +826,6 @@ async fn open_record(
             )));
         }
     }
-    let aad = record_aad(name, record.version, record.master_key_version);
     let dek = state
         .hsm
         .unwrap_data_key(

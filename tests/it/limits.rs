@@ -12,6 +12,7 @@ fn put(name: &str, value: Vec<u8>) -> PutSecretRequest {
         value,
         expected_version: None,
         expires_at_unix: None,
+        protection: 0,
     }
 }
 

@@ -28,6 +28,7 @@ fn put(name: &str) -> PutSecretRequest {
         value: b"v".to_vec(),
         expected_version: None,
         expires_at_unix: None,
+        protection: 0,
     }
 }
 

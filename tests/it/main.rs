@@ -34,6 +34,7 @@ mod replicas;
 mod restart;
 mod rollback;
 mod service;
+mod strict;
 mod watch;
 mod writeahead;
 mod wycheproof;

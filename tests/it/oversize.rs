@@ -79,6 +79,7 @@ async fn client_call(
                 value: b"v".to_vec(),
                 expected_version: None,
                 expires_at_unix: None,
+                protection: 0,
             })
             .await
             .map(drop),

@@ -30,6 +30,7 @@ async fn a_killed_service_serves_every_acknowledged_secret_after_restart() {
                 value: value.clone(),
                 expected_version: None,
                 expires_at_unix: None,
+                protection: 0,
             })
             .await
             .unwrap();

@@ -27,6 +27,7 @@ fn put(name: &str, value: &[u8]) -> PutSecretRequest {
         value: value.to_vec(),
         expected_version: None,
         expires_at_unix: None,
+        protection: 0,
     }
 }
 

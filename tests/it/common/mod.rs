@@ -737,6 +737,7 @@ pub fn put(name: &str, value: &[u8]) -> strongroom::proto::PutSecretRequest {
         value: value.to_vec(),
         expected_version: None,
         expires_at_unix: None,
+        protection: 0,
     }
 }
 
