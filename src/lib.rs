@@ -20,7 +20,8 @@
 //! - [`store`]: the [`store::Store`] trait, its sled and etcd backends, the change feed
 //!   watchers read ([`store::ChangeFeed`]: sled's change log, etcd's watch API), locks under a
 //!   lease with a fencing token (shared by replicas on etcd), and [`store::migrate`].
-//! - [`hsm`]: the PKCS#11 token, master keys, the worker pool, fault classes.
+//! - [`hsm`]: the PKCS#11 token, master keys, the worker pool, fault classes, and strict mode
+//!   (`hsm-only` records: data keys born, used and destroyed in the token).
 //! - [`envelope`]: sealing and opening values under data keys, with AAD.
 //! - [`audit`]: the HMAC-chained, group-committed audit log every decision passes through,
 //!   and its verifier, and the reconciliation of write-ahead intents (every change to the store
@@ -46,8 +47,11 @@
 //! name → policy (may this identity read it? if not, NOT_FOUND, as for an absent name) →
 //! store (load the sealed record) → hsm (unwrap the data key under the record's master key
 //! version, AAD = name, version, master key version) → envelope (decrypt with the same AAD;
-//! the data key is zeroized) → audit (the entry is MAC'd in the token and fsynced with its
-//! batch; if it cannot be written the request is refused) → response.
+//! the data key is zeroized; for an `hsm-only` record the token unwraps the key into a
+//! non-extractable session object and decrypts the value itself) → audit (the entry is
+//! MAC'd in the token and fsynced with its batch; if it cannot be written the request is
+//! refused) → response. A write is audited twice: its intent, durable before the store
+//! commit, and its outcome after.
 
 #![forbid(unsafe_code)]
 
