@@ -145,7 +145,9 @@ pub(crate) fn count(state: &State, a: &ApprovalV1) -> Count {
 
 /// Whether a pending approval has passed its expiry.
 pub(crate) fn expired(a: &ApprovalV1, now: i64) -> bool {
-    a.state == "pending" && now >= a.expires_at_unix
+    // Times are whole seconds: `>` (not `>=`) so that a pending approval lives at least its
+    // whole time to live (with `>=`, one made late in a second could expire a moment later).
+    a.state == "pending" && now > a.expires_at_unix
 }
 
 /// The refusal of an expired approval: when it expired.
