@@ -66,6 +66,7 @@ pub mod explain;
 pub mod files;
 pub mod front;
 pub mod hsm;
+pub mod metrics;
 pub mod policy;
 pub mod secret;
 pub mod service;

@@ -361,6 +361,7 @@ impl Server {
             }
         }
         update_health(&state).await;
+        let sampler = tokio::spawn(metrics_sampler(state.clone()));
         let watcher = tokio::spawn(health_watch(state.clone()));
         let epochs = tokio::spawn(rollback::watch(state.clone()));
         // The approval purge (expired and retained approvals), every
@@ -468,6 +469,7 @@ impl Server {
             }
         }
         reloader.abort();
+        sampler.abort();
         watcher.abort();
         epochs.abort();
         purge.abort();
@@ -644,6 +646,29 @@ pub(crate) async fn update_health(state: &State) {
 }
 
 /// Runs a store call off the async runtime.
+/// How often the store's size is sampled for the metrics.
+const STORE_SIZE_EVERY: Duration = Duration::from_secs(30);
+
+/// Feeds the metrics: the HSM pool's queue and state at each scrape, the store's size every
+/// [`STORE_SIZE_EVERY`] (sled walks its files, etcd answers a status call: not per scrape).
+async fn metrics_sampler(state: Arc<State>) {
+    let hsm = Arc::downgrade(&state.hsm);
+    crate::metrics::on_scrape(move || {
+        if let Some(hsm) = hsm.upgrade() {
+            crate::metrics::hsm_state(hsm.queued(), hsm.state() == hsm::HsmState::Ready);
+        }
+    });
+    let mut tick = tokio::time::interval(STORE_SIZE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match blocking(&state, |s| s.size_on_disk()).await {
+            Ok(bytes) => crate::metrics::store_size(bytes),
+            Err(e) => tracing::debug!(error = %e, "cannot read the store's size for the metrics"),
+        }
+    }
+}
+
 pub(crate) async fn blocking<R: Send + 'static>(
     state: &State,
     f: impl FnOnce(&dyn Store) -> Result<R, StoreError> + Send + 'static,
