@@ -71,6 +71,7 @@ pub mod policy;
 pub mod secret;
 pub mod service;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 
 /// Generated protobuf and gRPC types of `strongroom.v1`.

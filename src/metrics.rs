@@ -30,13 +30,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use hyper::http;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-use hyper::http;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -258,9 +258,7 @@ fn rpc_label(path: &str) -> String {
     ];
     let method = SERVED.iter().find_map(|s| path.strip_prefix(s));
     match method {
-        Some(m)
-            if (1..=64).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-        {
+        Some(m) if (1..=64).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_alphanumeric()) => {
             path.trim_start_matches('/').to_owned()
         }
         _ => "other".to_owned(),

@@ -537,9 +537,9 @@ impl Writer {
         let appended = append_durably(&mut self.file, self.len, &out);
         crate::metrics::audit_fdatasync(writing.elapsed());
         self.len = appended.map_err(|source| AuditError::Io {
-                path: self.path.display().to_string(),
-                source,
-            })?;
+            path: self.path.display().to_string(),
+            source,
+        })?;
         self.next_seq += entries.len() as u64;
         self.since_checkpoint += entries.len() as u64;
         self.prev = prev;
