@@ -331,6 +331,12 @@ impl Server {
                 "reconciled intents that a crash left without an outcome (see the audit log's Reconcile entries)"
             );
         }
+        let hsm = Arc::downgrade(&state.hsm);
+        crate::metrics::on_scrape(move || {
+            if let Some(hsm) = hsm.upgrade() {
+                crate::metrics::hsm_state(hsm.queued(), hsm.state() == hsm::HsmState::Ready);
+            }
+        });
         Ok(Self {
             state,
             replica_lock,
@@ -649,15 +655,10 @@ pub(crate) async fn update_health(state: &State) {
 /// How often the store's size is sampled for the metrics.
 const STORE_SIZE_EVERY: Duration = Duration::from_secs(30);
 
-/// Feeds the metrics: the HSM pool's queue and state at each scrape, the store's size every
-/// [`STORE_SIZE_EVERY`] (sled walks its files, etcd answers a status call: not per scrape).
+/// Feeds the metrics with the store's size every [`STORE_SIZE_EVERY`] (sled walks its files,
+/// etcd answers a status call: not per scrape). The HSM pool's queue and state are read at
+/// each scrape (see [`Server::start`]).
 async fn metrics_sampler(state: Arc<State>) {
-    let hsm = Arc::downgrade(&state.hsm);
-    crate::metrics::on_scrape(move || {
-        if let Some(hsm) = hsm.upgrade() {
-            crate::metrics::hsm_state(hsm.queued(), hsm.state() == hsm::HsmState::Ready);
-        }
-    });
     let mut tick = tokio::time::interval(STORE_SIZE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -724,7 +725,8 @@ pub(crate) async fn complete<T: Send + 'static>(
     deadline: Option<Duration>,
     work: impl Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
 ) -> Result<tonic::Response<T>, tonic::Status> {
-    let task = tokio::spawn(work);
+    // In the request's span (its request id), like the rest of the request.
+    let task = tokio::spawn(tracing::Instrument::in_current_span(work));
     let wait = async {
         task.await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "a request handler failed");
