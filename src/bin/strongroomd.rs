@@ -2,7 +2,10 @@
 //!
 //! Reads its configuration (TOML file, `STRONGROOM_*` env, flags), opens the token and the
 //! store, and serves SecretService over mutual TLS until SIGTERM or SIGINT, draining
-//! in-flight requests. Prints `listening on ADDR` on stdout once the port is bound.
+//! in-flight requests. Prints `listening on ADDR` on stdout once the port is bound, and tells
+//! systemd (`READY=1`, `STOPPING=1`) when started by a `Type=notify` unit. Serves metrics on
+//! `[metrics] listen`. `--check-config` and `--print-config` check or print a configuration
+//! and exit.
 
 #![forbid(unsafe_code)]
 

@@ -199,6 +199,10 @@ pub fn check_files(config: &Config) -> Vec<String> {
 /// header says where the PIN comes from without its value.
 pub fn effective_toml(config: &Config) -> Result<String, ConfigError> {
     let mut shown = config.clone();
+    if shown.hsm.pin_credential.is_some() {
+        // Resolved from $CREDENTIALS_DIRECTORY: the credential is what the file says.
+        shown.hsm.pin_file = None;
+    }
     if shown.metrics.listen.is_none() {
         shown.metrics.listen = Some(DEFAULT_LISTEN.to_owned());
     }
