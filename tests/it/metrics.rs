@@ -295,3 +295,78 @@ async fn one_request_id_is_in_the_json_log_span_and_the_audit_entry() {
     env.admin(&["audit", "verify", env.audit_log().to_str().unwrap()])
         .assert_ok();
 }
+
+/// Scrapes until `ok` holds for the text (at most 20 s); returns that text.
+async fn scrape_until(addr: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = scrape(addr, "/metrics").await;
+        if ok(&text) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within 20 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_lost_token_shows_in_the_hsm_metrics_and_its_return_too() {
+    let env = TestEnv::new();
+    // The fault module in front of the test's token (as in faults.rs).
+    let lib = faultpkcs11::library_path().expect("libfaultpkcs11.so is built with the tests");
+    let control = faultpkcs11::Control::new(env.dir.path().join("faults.ctl"));
+    control.clear().unwrap();
+    let config = env.config(&format!("{POLICY}\n[metrics]\nlisten = \"127.0.0.1:0\"\n"));
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("module = \"{}\"", env.module.display()),
+        &format!("module = \"{}\"", lib.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let server = env.start_with(
+        &config,
+        &[
+            ("STRONGROOM_PKCS11_MODULE", lib.to_str().unwrap()),
+            (faultpkcs11::ENV_MODULE, env.module.to_str().unwrap()),
+            (faultpkcs11::ENV_CONTROL, control.path().to_str().unwrap()),
+        ],
+    );
+    let addr = metrics_addr(&server);
+    let mut client = server.client("payments").await;
+    client.put_secret(put("payments/f", b"v")).await.unwrap();
+    let (_, before) = scrape(&addr, "/metrics").await;
+    assert_eq!(value(&before, "strongroom_hsm_token_ready", &[]), 1.0);
+    assert_eq!(value(&before, "strongroom_hsm_errors_total", &[]), 0.0);
+
+    control.token_present(false).unwrap();
+    let e = client.get_secret(get("payments/f")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    let lost = scrape_until(&addr, "the token reported lost", |t| {
+        value(t, "strongroom_hsm_token_ready", &[]) == 0.0
+    })
+    .await;
+    assert!(
+        value(
+            &lost,
+            "strongroom_hsm_errors_total",
+            &[("operation", "unwrap_data_key")]
+        ) >= 1.0,
+        "{lost}"
+    );
+    assert!(
+        value(
+            &lost,
+            "strongroom_requests_total",
+            &[("rpc", GET), ("code", "UNAVAILABLE")]
+        ) >= 1.0,
+        "{lost}"
+    );
+
+    control.token_present(true).unwrap();
+    scrape_until(&addr, "the token back", |t| {
+        value(t, "strongroom_hsm_token_ready", &[]) == 1.0
+    })
+    .await;
+}
