@@ -250,4 +250,43 @@ mod tests {
         let e = m(Some("localhost")).unwrap_err().to_string();
         assert!(e.contains("metrics.listen"), "{e}");
     }
+
+    fn load(hsm: &str, rest: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+             [hsm]\nmodule = \"m.so\"\ntoken = \"t\"\n{hsm}\n[store]\npath = \"s\"\n{rest}"
+        );
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn the_pin_credential_is_a_name_and_excludes_a_pin_file() {
+        for (bad, says) in [
+            ("pin_credential = \"a/b\"", "not a path"),
+            ("pin_credential = \"..\"", "not a path"),
+            (
+                "pin_credential = \"pin\"\npin_file = \"pin.txt\"",
+                "keep one",
+            ),
+        ] {
+            let e = load(bad, "").unwrap_err().to_string();
+            assert!(
+                e.contains("hsm.pin_credential") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+        let c = load("pin_credential = \"strongroom-pin\"", "").unwrap();
+        assert_eq!(c.hsm.pin_credential.as_deref(), Some("strongroom-pin"));
+    }
+
+    #[test]
+    fn log_format_is_text_unless_json_is_asked_for() {
+        assert_eq!(load("", "").unwrap().log.format, LogFormat::Text);
+        let c = load("", "[log]\nformat = \"json\"").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(load("", "[log]\nformat = \"xml\"").is_err());
+    }
 }
