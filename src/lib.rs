@@ -34,6 +34,10 @@
 //!   its gRPC mapping; [`codec`]: the protobuf codec (malformed input is INVALID_ARGUMENT).
 //! - [`config`]: typed configuration; [`files`]: private files (PIN file, keys) closed to
 //!   group and others.
+//! - [`metrics`]: the Prometheus registry, fed by one-line hooks in the front door, the HSM
+//!   pool, the audit writer and the jobs, served on its own listener; the request id the
+//!   front door gives each request (its log span, its audit entry). [`systemd`]:
+//!   `Type=notify` readiness and stopping, and the non-dumpable process.
 //! - [`explain`]: TLS and connection failures in words, for the command-line tools.
 //! - [`client`]: a typed SecretService client over several endpoints that fails over
 //!   (idempotent calls on `UNAVAILABLE` and broken connections; writes only when not sent;
@@ -66,10 +70,12 @@ pub mod explain;
 pub mod files;
 pub mod front;
 pub mod hsm;
+pub mod metrics;
 pub mod policy;
 pub mod secret;
 pub mod service;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 
 /// Generated protobuf and gRPC types of `strongroom.v1`.

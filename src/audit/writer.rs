@@ -457,8 +457,10 @@ impl Writer {
             } = gather(&rx, first, &mut carry, &limits, &self.expected);
             let (entries, acks): (Vec<_>, Vec<_>) =
                 pending.into_iter().map(|p| (p.entry, p.done)).unzip();
+            let (count, oldest_ms) = (entries.len(), entries.iter().map(|e| e.ts_ms).min());
             match self.write_batch(entries) {
                 Ok(()) => {
+                    crate::metrics::audit_batch(count, oldest_ms, now_ms());
                     healthy.store(true, Ordering::Relaxed);
                     for ack in acks {
                         let _ = ack.send(Ok(()));
@@ -531,11 +533,13 @@ impl Writer {
             out.extend_from_slice(&line_with_mac(&body, &mac));
             prev = mac;
         }
-        self.len =
-            append_durably(&mut self.file, self.len, &out).map_err(|source| AuditError::Io {
-                path: self.path.display().to_string(),
-                source,
-            })?;
+        let writing = Instant::now();
+        let appended = append_durably(&mut self.file, self.len, &out);
+        crate::metrics::audit_fdatasync(writing.elapsed());
+        self.len = appended.map_err(|source| AuditError::Io {
+            path: self.path.display().to_string(),
+            source,
+        })?;
         self.next_seq += entries.len() as u64;
         self.since_checkpoint += entries.len() as u64;
         self.prev = prev;

@@ -2,7 +2,10 @@
 //!
 //! Reads its configuration (TOML file, `STRONGROOM_*` env, flags), opens the token and the
 //! store, and serves SecretService over mutual TLS until SIGTERM or SIGINT, draining
-//! in-flight requests. Prints `listening on ADDR` on stdout once the port is bound.
+//! in-flight requests. Prints `listening on ADDR` on stdout once the port is bound, and tells
+//! systemd (`READY=1`, `STOPPING=1`) when started by a `Type=notify` unit. Serves metrics on
+//! `[metrics] listen`. `--check-config` and `--print-config` check or print a configuration
+//! and exit.
 
 #![forbid(unsafe_code)]
 
@@ -14,8 +17,9 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-use strongroom::config::Config;
+use strongroom::config::{Config, LogFormat as ConfigLogFormat};
 use strongroom::hsm::pin::read_pin;
+use strongroom::metrics::MetricsListen;
 use strongroom::service::Server;
 
 /// The strongroom secret service.
@@ -23,19 +27,27 @@ use strongroom::service::Server;
 #[command(version, about)]
 struct Args {
     /// Configuration file (TOML).
-    #[arg(long, short, env = "STRONGROOM_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        short,
+        env = "STRONGROOM_CONFIG",
+        required_unless_present_any = ["check_config", "print_config"]
+    )]
+    config: Option<PathBuf>,
     /// Listen address, overriding the file and STRONGROOM_LISTEN.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    /// Log format.
-    #[arg(
-        long,
-        value_enum,
-        default_value = "text",
-        env = "STRONGROOM_LOG_FORMAT"
-    )]
-    log_format: LogFormat,
+    /// Log format, overriding `[log] format` (default text).
+    #[arg(long, value_enum, env = "STRONGROOM_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Check a configuration (this FILE, else --config) and every file it names, print what
+    /// is wrong with which key, and exit: 0 when it is usable, 1 when not.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    check_config: Option<Option<PathBuf>>,
+    /// Print the effective configuration (FILE, else --config, with STRONGROOM_* variables
+    /// and defaults applied) as TOML and exit. PINs are never printed.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, conflicts_with = "check_config")]
+    print_config: Option<Option<PathBuf>>,
 }
 
 /// glibc's malloc arenas for strongroomd when its environment names none.
@@ -83,7 +95,37 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    // After the re-exec above (an exec makes a process dumpable again), before the PIN is
+    // read: no core dumps, no ptrace or /proc/PID/mem from other processes of this user.
+    let dumpable = strongroom::systemd::make_non_dumpable();
     let args = Args::parse();
+    if let Some(file) = &args.check_config {
+        return check_config(file.as_ref().or(args.config.as_ref()));
+    }
+    if let Some(file) = &args.print_config {
+        return print_config(file.as_ref().or(args.config.as_ref()));
+    }
+    // Required by clap unless one of the two above is given.
+    let Some(path) = args.config.clone() else {
+        eprintln!("strongroomd: --config FILE is required");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("strongroomd: {e}");
+            eprintln!(
+                "(run `strongroomd --check-config {}` for every problem at once)",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let format = match (args.log_format, config.log.format) {
+        (Some(f), _) => f,
+        (None, ConfigLogFormat::Text) => LogFormat::Text,
+        (None, ConfigLogFormat::Json) => LogFormat::Json,
+    };
     let filter =
         EnvFilter::try_from_env("STRONGROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: in a file or a journal they are noise, and formatting them
@@ -92,11 +134,14 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match args.log_format {
+    match format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    match run(args) {
+    if let Err(e) = dumpable {
+        tracing::warn!(error = %e, "cannot make the process non-dumpable (prctl PR_SET_DUMPABLE)");
+    }
+    match run(args, config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("strongroomd: {e}");
@@ -105,10 +150,70 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = Config::load(&args.config)?;
+/// `--check-config`: the file parses and validates, and every file it names is usable.
+fn check_config(path: Option<&PathBuf>) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("strongroomd: --check-config needs a FILE (or --config FILE)");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("strongroomd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let problems = strongroom::config::check_files(&config);
+    for p in &problems {
+        eprintln!("strongroomd: {}: {p}", path.display());
+    }
+    if !problems.is_empty() {
+        eprintln!(
+            "strongroomd: {}: {} problem(s); the service would not start",
+            path.display(),
+            problems.len()
+        );
+        return ExitCode::from(1);
+    }
+    if let Some(note) = config.pin_credential_missing() {
+        println!("note: {note}");
+    }
+    match config.metrics.listen_at() {
+        Ok(MetricsListen::Explicit(a)) if !a.ip().is_loopback() => {
+            println!(
+                "note: metrics.listen {a} is not a loopback address: anyone who reaches it can read the metrics"
+            );
+        }
+        _ => {}
+    }
+    println!("{}: ok", path.display());
+    ExitCode::SUCCESS
+}
+
+/// `--print-config`: the effective configuration, without secrets.
+fn print_config(path: Option<&PathBuf>) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("strongroomd: --print-config needs a FILE (or --config FILE)");
+        return ExitCode::from(2);
+    };
+    match Config::load(path).and_then(|c| strongroom::config::effective_toml(&c)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("strongroomd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
+    }
+    if let Some(why) = config.pin_credential_missing() {
+        return Err(why.into());
     }
     // The PIN file and private keys must be closed to group and others.
     strongroom::files::enforce(&config)?;
@@ -130,6 +235,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Some(a) => Some(TcpListener::bind(a.listen).await?),
             None => None,
         };
+        let metrics = bind_metrics(config.metrics.listen_at()?).await?;
         tracing::info!(%addr, "strongroomd listening");
         let mut out = std::io::stdout();
         writeln!(out, "listening on {addr}")?;
@@ -139,6 +245,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             writeln!(out, "admin listening on {admin_addr}")?;
         }
         out.flush()?;
+        if let Some(metrics) = metrics {
+            tokio::spawn(strongroom::metrics::serve(metrics, std::future::pending()));
+        }
+        // Type=notify: the listeners are bound (connections queue from now on) and the
+        // token, store and audit log are open.
+        strongroom::systemd::notify_or_log(&format!("READY=1\nSTATUS=serving on {addr}"));
         server.run(listener, admin, shutdown_signal()).await?;
         tracing::info!("strongroomd stopped");
         // Everything is durable by now (every write and audit entry when it was answered, the
@@ -148,6 +260,33 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         exit_watchdog(EXIT_GRACE);
         Ok(())
     })
+}
+
+/// Binds the metrics listener. The default address (nothing in `[metrics]`) is best effort:
+/// if its port is taken the service starts without metrics and logs why; an address the
+/// configuration names must be bound.
+async fn bind_metrics(
+    at: MetricsListen,
+) -> Result<Option<TcpListener>, Box<dyn std::error::Error>> {
+    let listener = match at {
+        MetricsListen::Off => {
+            tracing::info!("metrics off ([metrics] listen = \"off\")");
+            return Ok(None);
+        }
+        MetricsListen::Default(a) => match TcpListener::bind(a).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(metrics_addr = %a, error = %e, "cannot listen for metrics on the default address; running without metrics (set [metrics] listen)");
+                return Ok(None);
+            }
+        },
+        MetricsListen::Explicit(a) => TcpListener::bind(a)
+            .await
+            .map_err(|e| format!("metrics.listen {a}: {e}"))?,
+    };
+    let metrics_addr = listener.local_addr()?;
+    tracing::info!(%metrics_addr, "metrics listening");
+    Ok(Some(listener))
 }
 
 /// How long closing may take after the service has stopped.
@@ -184,4 +323,5 @@ async fn shutdown_signal() {
         _ => std::future::pending::<()>().await,
     }
     tracing::info!("shutting down: draining in-flight requests");
+    strongroom::systemd::notify_or_log("STOPPING=1");
 }

@@ -1,14 +1,14 @@
 //! `[server.connections]` / `[admin.connections]`: each listener's caps and deadlines, as
 //! written in the file and as resolved over the listener's defaults.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 
 /// `[server.connections]` / `[admin.connections]`: what one listener's connections may
 /// hold. Unset values take the listener's defaults ([`FrontLimits::client`],
 /// [`FrontLimits::admin`]), which are meant to be safe on the internet.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionLimits {
     /// How long a client has to complete the TLS handshake, in milliseconds.

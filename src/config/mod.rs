@@ -4,17 +4,19 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::hsm::{KeyCopy, TokenSelector};
 use crate::policy::RuleConfig;
 
 mod connections;
+mod operating;
 
 pub use connections::{ConnectionLimits, FrontLimits};
+pub use operating::{LogConfig, LogFormat, MetricsConfig, check_files, effective_toml};
 
 /// The whole configuration of `strongroomd`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The client listener and its TLS.
@@ -37,11 +39,17 @@ pub struct Config {
     /// Once-only jobs and the leases of their locks.
     #[serde(default)]
     pub jobs: JobsConfig,
+    /// The Prometheus metrics listener (`[metrics]`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The process log (`[log]`).
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 /// `[jobs]`: jobs that must run on one replica at a time run under a lock with a lease
 /// (etcd's, shared by the replicas; this process's on sled) and a fencing token.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobsConfig {
     /// Seconds a lock (a job's, and the replica id's) outlives its holder's last renewal:
@@ -101,7 +109,7 @@ pub fn replica_id_problem(id: &str) -> Option<String> {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address of the client listener (`STRONGROOM_LISTEN`); port 0 picks a free port.
@@ -141,7 +149,7 @@ pub struct ServerConfig {
 }
 
 /// `[hsm]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HsmConfig {
     /// PKCS#11 module path (`STRONGROOM_PKCS11_MODULE`).
@@ -150,6 +158,10 @@ pub struct HsmConfig {
     pub token: String,
     /// File holding the user PIN (`STRONGROOM_USER_PIN_FILE`); else `STRONGROOM_USER_PIN`.
     pub pin_file: Option<PathBuf>,
+    /// Under systemd: the name of the credential (`LoadCredential=NAME:/path`) holding the
+    /// user PIN, read from `$CREDENTIALS_DIRECTORY/NAME`. Instead of `pin_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_credential: Option<String>,
     /// HSM worker threads, one session each (1 is fastest on SoftHSM2).
     #[serde(default = "one")]
     pub workers: usize,
@@ -169,7 +181,7 @@ pub struct HsmConfig {
 }
 
 /// `[admin]`: the officers' plane, on its own address with its own CA.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin listener (`STRONGROOM_ADMIN_LISTEN`): loopback by default, never
@@ -210,7 +222,7 @@ pub struct AdminConfig {
 }
 
 /// `[audit]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// The HMAC-chained JSON-lines log (`STRONGROOM_AUDIT_PATH`).
@@ -259,7 +271,7 @@ impl Default for AuditConfig {
 }
 
 /// `[store]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// Which engine holds the store: the embedded sled (default) or an etcd cluster.
@@ -308,7 +320,7 @@ pub struct StoreConfig {
 }
 
 /// `store.backend`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
     /// The embedded store in `store.path` (one process).
@@ -442,7 +454,7 @@ impl StoreConfig {
 }
 
 /// `[limits]`: every size the service accepts.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest secret value in bytes.
@@ -567,6 +579,7 @@ impl Config {
         config.apply_env()?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        config.resolve_pin_credential()?;
         config.validate()?;
         Ok(config)
     }
@@ -730,6 +743,7 @@ impl Config {
         }
         self.store.validate()?;
         self.jobs.validate()?;
+        self.metrics.listen_at()?;
         if !self.server.replica_id.is_empty()
             && let Some(p) = replica_id_problem(&self.server.replica_id)
         {

@@ -52,6 +52,7 @@ pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admi
         mut stop,
         refusals,
     } = ctx;
+    let _open = crate::metrics::connection_open(plane);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake = tokio::select! {
         r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => r,
@@ -99,26 +100,44 @@ pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admi
         let activity = activity.clone();
         hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(peer.clone());
+            // One id per request: in its span in the process log and in its audit entry.
+            let id = crate::metrics::next_request_id();
+            request.extensions_mut().insert(id);
+            let span = tracing::info_span!(
+                "request",
+                request_id = id.0,
+                plane,
+                rpc = request.uri().path()
+            );
+            let mut timer = crate::metrics::RequestTimer::start(plane, request.uri().path());
             let in_flight = activity.begin();
             let routes = routes.clone();
-            async move {
-                let response = match super::first_message::check(request, first_message_wait).await
-                {
-                    Ok(request) => tower::ServiceExt::oneshot(routes, request).await?,
-                    Err(refusal) => {
-                        tokio::time::sleep(REFUSAL_DELAY).await;
-                        refusal.into_http()
-                    }
-                };
-                // The request counts as in flight until its answer's body is done, so a
-                // streaming answer is not cut by the idle timeout.
-                Ok::<_, Infallible>(response.map(move |body| {
-                    body.map_frame(move |frame| {
-                        let _in_flight = &in_flight;
-                        frame
-                    })
-                }))
-            }
+            tracing::Instrument::instrument(
+                async move {
+                    let response =
+                        match super::first_message::check(request, first_message_wait).await {
+                            Ok(request) => tower::ServiceExt::oneshot(routes, request).await?,
+                            Err(refusal) => {
+                                tokio::time::sleep(REFUSAL_DELAY).await;
+                                refusal.into_http()
+                            }
+                        };
+                    timer.headers(response.headers());
+                    // The request counts as in flight until its answer's body is done, so a
+                    // streaming answer is not cut by the idle timeout; it is counted in the
+                    // metrics with the status of its trailers (or its headers, if it has none).
+                    Ok::<_, Infallible>(response.map(move |body| {
+                        body.map_frame(move |frame| {
+                            let _in_flight = &in_flight;
+                            if let Some(trailers) = frame.trailers_ref() {
+                                timer.trailers(trailers);
+                            }
+                            frame
+                        })
+                    }))
+                },
+                span,
+            )
         })
     };
     let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

@@ -141,6 +141,20 @@ enum Op {
     },
 }
 
+impl Op {
+    /// The operation's name in metrics (`strongroom_hsm_calls_total{operation}`).
+    fn name(&self) -> &'static str {
+        match self {
+            Op::NewDek { .. } => "new_data_key",
+            Op::Unwrap { .. } => "unwrap_data_key",
+            Op::StrictSeal { .. } => "strict_seal",
+            Op::StrictOpen { .. } => "strict_open",
+            Op::MacChain { .. } => "mac_chain",
+            Op::Verify { .. } => "mac_verify",
+        }
+    }
+}
+
 enum Reply {
     NewDek(DataKey, WrappedDek),
     Dek(DataKey),
@@ -241,6 +255,11 @@ impl Hsm {
             shared,
             threads,
         })
+    }
+
+    /// Jobs waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.jobs.len()
     }
 
     /// Whether the token is serving or being recovered.
@@ -732,8 +751,10 @@ impl Worker {
                     held_since = None;
                 }
                 let result = self.execute_with_recovery(&job.op);
-                replies.push((job.reply, result));
                 let done = Instant::now();
+                let class = result.as_ref().err().map(|e| format!("{:?}", e.class()));
+                crate::metrics::hsm_call(job.op.name(), done - now, class);
+                replies.push((job.reply, result));
                 last_took = done - now;
                 held_since.get_or_insert(done);
             }

@@ -440,7 +440,10 @@ impl AdminApiInner {
         request: &Request<T>,
         operation: &'static str,
     ) -> Result<Officer, Status> {
-        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        // The front door's id (also in the request's log span); a counter of our own if
+        // the request did not come through it.
+        let request_id = crate::metrics::request_id(request.extensions())
+            .unwrap_or_else(|| self.next_request_id.fetch_add(1, Ordering::Relaxed));
         let identity = super::peer_identity(request);
         let (status, identity) = match identity {
             Err(e) => (

@@ -210,6 +210,7 @@ async fn report_while_held(
             Ok((s.epoch()?.1, s.secret_count()?))
         })
         .await?;
+        crate::metrics::store_secrets(secrets);
         let report = StateReport {
             replica: state.replica_id.clone(),
             fence: held.lock.fence,

@@ -331,6 +331,12 @@ impl Server {
                 "reconciled intents that a crash left without an outcome (see the audit log's Reconcile entries)"
             );
         }
+        let hsm = Arc::downgrade(&state.hsm);
+        crate::metrics::on_scrape(move || {
+            if let Some(hsm) = hsm.upgrade() {
+                crate::metrics::hsm_state(hsm.queued(), hsm.state() == hsm::HsmState::Ready);
+            }
+        });
         Ok(Self {
             state,
             replica_lock,
@@ -361,6 +367,7 @@ impl Server {
             }
         }
         update_health(&state).await;
+        let sampler = tokio::spawn(metrics_sampler(state.clone()));
         let watcher = tokio::spawn(health_watch(state.clone()));
         let epochs = tokio::spawn(rollback::watch(state.clone()));
         // The approval purge (expired and retained approvals), every
@@ -468,6 +475,7 @@ impl Server {
             }
         }
         reloader.abort();
+        sampler.abort();
         watcher.abort();
         epochs.abort();
         purge.abort();
@@ -644,6 +652,24 @@ pub(crate) async fn update_health(state: &State) {
 }
 
 /// Runs a store call off the async runtime.
+/// How often the store's size is sampled for the metrics.
+const STORE_SIZE_EVERY: Duration = Duration::from_secs(30);
+
+/// Feeds the metrics with the store's size every [`STORE_SIZE_EVERY`] (sled walks its files,
+/// etcd answers a status call: not per scrape). The HSM pool's queue and state are read at
+/// each scrape (see [`Server::start`]).
+async fn metrics_sampler(state: Arc<State>) {
+    let mut tick = tokio::time::interval(STORE_SIZE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match blocking(&state, |s| s.size_on_disk()).await {
+            Ok(bytes) => crate::metrics::store_size(bytes),
+            Err(e) => tracing::debug!(error = %e, "cannot read the store's size for the metrics"),
+        }
+    }
+}
+
 pub(crate) async fn blocking<R: Send + 'static>(
     state: &State,
     f: impl FnOnce(&dyn Store) -> Result<R, StoreError> + Send + 'static,
@@ -699,7 +725,8 @@ pub(crate) async fn complete<T: Send + 'static>(
     deadline: Option<Duration>,
     work: impl Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
 ) -> Result<tonic::Response<T>, tonic::Status> {
-    let task = tokio::spawn(work);
+    // In the request's span (its request id), like the rest of the request.
+    let task = tokio::spawn(tracing::Instrument::in_current_span(work));
     let wait = async {
         task.await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "a request handler failed");

@@ -217,7 +217,10 @@ impl SecretsServiceInner {
     /// Authenticates the caller from its verified certificate and reads the deadline.
     async fn begin<T>(&self, request: &Request<T>, operation: &'static str) -> Result<Ctx, Status> {
         let expected = self.state.audit.announce();
-        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        // The front door's id (also in the request's log span); a counter of our own if
+        // the request did not come through it.
+        let request_id = crate::metrics::request_id(request.extensions())
+            .unwrap_or_else(|| self.next_request_id.fetch_add(1, Ordering::Relaxed));
         let identity = super::peer_identity(request);
         let identity = match identity {
             Ok(id) => id,
