@@ -129,11 +129,13 @@ limited! {
         StatusRequest, GetPolicyRequest, ListPoliciesRequest, DeletePolicyRequest,
         CheckPolicyRequest, DestroySecretRequest, RotateMasterKeyRequest,
         RotateAuditLogRequest, AcceptStoreStateRequest, ListApprovalsRequest, GetApprovalRequest, ApproveRequest,
-        RejectRequest;
+        RejectRequest,
+        ReportExpiringRequest;
     Unlimited:
         PutSecretResponse, GetSecretResponse, DescribeSecretResponse, ListSecretsResponse,
         DeleteSecretResponse, WatchEvent, StatusResponse, OperationResponse, PolicyInfo,
-        ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval;
+        ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval,
+        ReportExpiringResponse;
 }
 
 /// The decode limit of the request of the gRPC method at `path` (`/package.Service/Method`)
