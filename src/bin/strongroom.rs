@@ -392,12 +392,13 @@ async fn execute(
                         json!({"version": v.version, "master_key_version": v.master_key_version,
                         "mechanism": v.mechanism, "created_at_unix": v.created_at_unix,
                         "created_by": v.created_by, "expires_at_unix": v.expires_at_unix,
-                        "expired": v.expired})
+                        "expired": v.expired, "not_before_unix": v.not_before_unix,
+                        "not_yet_valid": v.not_yet_valid, "record_format": v.record_format})
                     })
                     .collect();
                 return print_json(
                     &mut out,
-                    json!({"name": resp.name, "latest_version": resp.latest_version, "versions": versions}),
+                    json!({"name": resp.name, "latest_version": resp.latest_version, "max_versions": resp.max_versions, "versions": versions}),
                 );
             }
             writeln!(
