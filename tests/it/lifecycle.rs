@@ -180,6 +180,9 @@ async fn a_record_copied_into_another_slot_or_the_latest_is_refused() {
     for v in [b"one".as_slice(), b"two", b"three", b"four"] {
         c.put_secret(put("payments/copy", v)).await.unwrap();
     }
+    for v in [b"old".as_slice(), b"new"] {
+        c.put_secret(put("payments/copy-latest", v)).await.unwrap();
+    }
     drop(c);
     server.stop();
 
@@ -197,6 +200,12 @@ async fn a_record_copied_into_another_slot_or_the_latest_is_refused() {
             (record_key(&env, "payments/copy", 2), v1.encode_to_vec()),
             (record_key(&env, "payments/copy", 3), relabelled(v1, 3)),
             (record_key(&env, "payments/copy", 4), relabelled(v2, 4)),
+            // An older version whole into the latest slot: a read of the latest must not
+            // serve it (the head names version 2; the record says 1).
+            (
+                record_key(&env, "payments/copy-latest", 2),
+                load(&env, "payments/copy-latest", 1).encode_to_vec(),
+            ),
         ],
     );
     let server = start(&env);
@@ -211,6 +220,13 @@ async fn a_record_copied_into_another_slot_or_the_latest_is_refused() {
             code_of(&server, "payments", "payments/copy", version).await,
             Code::DataLoss,
             "{what}"
+        );
+    }
+    for version in [0, 2] {
+        assert_eq!(
+            code_of(&server, "payments", "payments/copy-latest", version).await,
+            Code::DataLoss,
+            "an older version copied whole into the latest slot, read as v{version}"
         );
     }
     let mut c = server.client("payments").await;
