@@ -119,7 +119,10 @@ async fn tampered_metadata_in_the_store_answers_data_loss() {
             r.not_before_unix = r.not_before_unix.map(|n| n - 1)
         }),
         ("not_before removed", |r| r.not_before_unix = None),
-        ("created_by", |r| {
+        ("created_by: same length", |r| {
+            r.created_by = r.created_by.replace("payments", "paymentz")
+        }),
+        ("created_by: another identity", |r| {
             r.created_by = "spiffe://strongroom.test/someone-else".into()
         }),
         ("created_at", |r| r.created_at_unix -= 1),
