@@ -85,6 +85,11 @@ pub struct PutOptions {
     pub expected_version: Option<u64>,
     /// Stop serving the new version at this time (Unix seconds).
     pub expires_at_unix: Option<i64>,
+    /// Do not serve the new version before this time (Unix seconds).
+    pub not_before_unix: Option<i64>,
+    /// Keep at most this many versions of the secret from now on (0: every one; `None`:
+    /// as it was).
+    pub max_versions: Option<u32>,
 }
 
 /// One version of a secret, as read. The value zeroizes on drop; `Debug` leaves it out.
@@ -374,6 +379,8 @@ impl Client {
                     expected_version: options.expected_version,
                     expires_at_unix: options.expires_at_unix,
                     protection,
+                    not_before_unix: options.not_before_unix,
+                    max_versions: options.max_versions,
                 },
             );
             async move { c.put_secret(r).await }
@@ -404,6 +411,20 @@ impl Client {
         page_size: u32,
         page_token: &str,
     ) -> Result<ListSecretsResponse, ClientError> {
+        self.list_expiring(prefix, page_size, page_token, None)
+            .await
+    }
+
+    /// [`list`](Self::list), keeping only the names whose latest version expires within
+    /// `expiring_within` seconds from now (`None`: every name); their expiry is in the
+    /// response's `expiring`. A filtered page may be short or empty while more follow.
+    pub async fn list_expiring(
+        &self,
+        prefix: &str,
+        page_size: u32,
+        page_token: &str,
+        expiring_within: Option<u64>,
+    ) -> Result<ListSecretsResponse, ClientError> {
         self.call(Retry::Idempotent, |mut c, timeout| {
             let r = request(
                 timeout,
@@ -411,6 +432,7 @@ impl Client {
                     prefix: prefix.to_owned(),
                     page_size,
                     page_token: page_token.to_owned(),
+                    expiring_within_seconds: expiring_within,
                 },
             );
             async move { c.list_secrets(r).await }

@@ -129,11 +129,13 @@ limited! {
         StatusRequest, GetPolicyRequest, ListPoliciesRequest, DeletePolicyRequest,
         CheckPolicyRequest, DestroySecretRequest, RotateMasterKeyRequest,
         RotateAuditLogRequest, AcceptStoreStateRequest, ListApprovalsRequest, GetApprovalRequest, ApproveRequest,
-        RejectRequest;
+        RejectRequest,
+        ReportExpiringRequest;
     Unlimited:
         PutSecretResponse, GetSecretResponse, DescribeSecretResponse, ListSecretsResponse,
         DeleteSecretResponse, WatchEvent, StatusResponse, OperationResponse, PolicyInfo,
-        ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval;
+        ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval,
+        ReportExpiringResponse;
 }
 
 /// The decode limit of the request of the gRPC method at `path` (`/package.Service/Method`)
@@ -250,7 +252,7 @@ mod tests {
     #[test]
     fn every_request_of_both_services_has_a_limit() {
         let requests = request_types();
-        assert_eq!(requests.len(), 6 + 14, "{requests:?}");
+        assert_eq!(requests.len(), 6 + 15, "{requests:?}");
         for r in &requests {
             let limit = LIMITS.iter().find(|(n, _)| n == r).map(|(_, l)| *l);
             assert!(

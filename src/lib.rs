@@ -28,7 +28,8 @@
 //!   is announced by an intent entry, durable before the commit, and followed by its
 //!   outcome).
 //! - [`service`]: the tonic services — SecretService for clients (WatchSecrets streams with
-//!   per-event policy and caps in `service/watch.rs`), AdminService for officers (policies in
+//!   per-event policy and caps in `service/watch.rs`; records sealed and opened in one place,
+//!   `service/seal.rs`; what expires soon, `service/expiry.rs`), AdminService for officers (policies in
 //!   the store, dual control, rollback acceptance, rollback checks against every replica's
 //!   checkpoint, once-only jobs under a fenced lock); [`error`]: one error enum and
 //!   its gRPC mapping; [`codec`]: the protobuf codec (malformed input is INVALID_ARGUMENT).
@@ -38,7 +39,8 @@
 //!   pool, the audit writer and the jobs, served on its own listener; the request id the
 //!   front door gives each request (its log span, its audit entry). [`systemd`]:
 //!   `Type=notify` readiness and stopping, and the non-dumpable process.
-//! - [`explain`]: TLS and connection failures in words, for the command-line tools.
+//! - [`explain`]: TLS and connection failures in words, for the command-line tools;
+//!   [`when`]: RFC 3339 times and durations (`90d`) as the tools take and show them.
 //! - [`client`]: a typed SecretService client over several endpoints that fails over
 //!   (idempotent calls on `UNAVAILABLE` and broken connections; writes only when not sent;
 //!   watches resume on the next endpoint from the last revision seen).
@@ -49,10 +51,13 @@
 //! client certificate chains to the client CA and is not revoked) → identity (read once per
 //! connection: one URI SAN, or one DNS SAN) → parse the
 //! name → policy (may this identity read it? if not, NOT_FOUND, as for an absent name) →
-//! store (load the sealed record) → hsm (unwrap the data key under the record's master key
-//! version, AAD = name, version, master key version) → envelope (decrypt with the same AAD;
+//! store (load the sealed record from the slot asked for, or the one the head names) → hsm
+//! (unwrap the data key under the record's master key version; AAD = the slot and every
+//! field that drives a decision, record format v2, built in `service/seal.rs`) → envelope
+//! (decrypt with the same AAD;
 //! the data key is zeroized; for an `hsm-only` record the token unwraps the key into a
-//! non-extractable session object and decrypts the value itself) → audit (the entry is
+//! non-extractable session object and decrypts the value itself) → the validity window
+//! (not before, expires at; decided on the now authenticated metadata) → audit (the entry is
 //! MAC'd in the token and fsynced with its batch; if it cannot be written the request is
 //! refused) → response. A write is audited twice: its intent, durable before the store
 //! commit, and its outcome after.
@@ -77,6 +82,7 @@ pub mod service;
 pub mod store;
 pub mod systemd;
 pub mod tls;
+pub mod when;
 
 /// Generated protobuf and gRPC types of `strongroom.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

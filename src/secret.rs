@@ -287,6 +287,159 @@ impl std::str::FromStr for Protection {
 /// One sealed secret version, as kept in the store. Contains no plaintext.
 pub type SealedRecord = proto::SealedRecordV1;
 
+/// The format of a sealed record: what its AAD binds (see `proto/strongroom/v1/record.proto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordFormat {
+    /// Records written before v2 (stored format 0): the AAD binds name, version and master
+    /// key version ([`crate::envelope::record_aad_v1`]). Still opened; re-wrap upgrades them.
+    V1,
+    /// The AAD binds every field of [`RecordMeta`] ([`crate::envelope::record_aad`]).
+    V2,
+}
+
+impl RecordFormat {
+    /// The format new records are written in.
+    pub const CURRENT: RecordFormat = RecordFormat::V2;
+
+    /// The value of the record's `format` field.
+    pub fn stored(self) -> u32 {
+        match self {
+            RecordFormat::V1 => 0,
+            RecordFormat::V2 => 2,
+        }
+    }
+
+    /// The format a stored `format` field names; `None` for one this service does not know.
+    pub fn from_stored(v: u32) -> Option<Self> {
+        match v {
+            0 | 1 => Some(RecordFormat::V1),
+            2 => Some(RecordFormat::V2),
+            _ => None,
+        }
+    }
+
+    /// The number people see (1 or 2).
+    pub fn number(self) -> u32 {
+        match self {
+            RecordFormat::V1 => 1,
+            RecordFormat::V2 => 2,
+        }
+    }
+}
+
+/// Everything about a record version but its sealed bytes: the facts that drive decisions
+/// (which key and mechanism open it, when it may be served, who wrote it). A v2 record's AAD
+/// binds all of it, so none of it can be changed in the store without the record failing to
+/// open. Sealing takes one ([`RecordMeta::into_record`]); opening rebuilds it from the slot
+/// read and the stored fields ([`RecordMeta::of_slot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMeta {
+    /// The name (on open: the name asked for, not the one the record claims).
+    pub name: SecretName,
+    /// The version (on open: the version slot read, not the one the record claims).
+    pub version: u64,
+    /// The master key version that wraps the data key.
+    pub master_key_version: u32,
+    /// How the record is sealed.
+    pub mechanism: Mechanism,
+    /// When it was written (Unix seconds).
+    pub created_at_unix: i64,
+    /// Who wrote it (the caller's identity).
+    pub created_by: String,
+    /// Not served before this time.
+    pub not_before_unix: Option<i64>,
+    /// Not served from this time on.
+    pub expires_at_unix: Option<i64>,
+}
+
+/// Where `now` lies against a version's validity window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Inside: it may be served.
+    Open,
+    /// Before its `not_before` (the time).
+    NotYet(i64),
+    /// At or after its `expires_at` (the time).
+    Expired(i64),
+}
+
+impl RecordMeta {
+    /// The metadata of `record` as read from the slot `(name, version)`, with its format.
+    /// The slot's identity is used, not the record's claim, so a record copied into another
+    /// slot does not open there. An unknown mechanism or format is an error naming it.
+    pub fn of_slot(
+        record: &SealedRecord,
+        name: &SecretName,
+        version: u64,
+    ) -> Result<(Self, RecordFormat), String> {
+        let mechanism = Mechanism::from_id(record.mechanism)
+            .ok_or_else(|| format!("unknown mechanism {}", record.mechanism))?;
+        let format = RecordFormat::from_stored(record.format)
+            .ok_or_else(|| format!("unknown record format {}", record.format))?;
+        Ok((
+            Self {
+                name: name.clone(),
+                version,
+                master_key_version: record.master_key_version,
+                mechanism,
+                created_at_unix: record.created_at_unix,
+                created_by: record.created_by.clone(),
+                not_before_unix: record.not_before_unix,
+                expires_at_unix: record.expires_at_unix,
+            },
+            format,
+        ))
+    }
+
+    /// The AAD a record of this metadata is sealed under in `format`.
+    pub fn aad(&self, format: RecordFormat) -> Vec<u8> {
+        match format {
+            RecordFormat::V1 => {
+                crate::envelope::record_aad_v1(&self.name, self.version, self.master_key_version)
+            }
+            RecordFormat::V2 => crate::envelope::record_aad(self),
+        }
+    }
+
+    /// The stored record of this metadata and its sealed parts.
+    pub fn into_record(
+        self,
+        format: RecordFormat,
+        wrapped_dek: Vec<u8>,
+        nonce: Vec<u8>,
+        ciphertext: Vec<u8>,
+    ) -> SealedRecord {
+        SealedRecord {
+            name: self.name.as_str().to_owned(),
+            version: self.version,
+            master_key_version: self.master_key_version,
+            mechanism: self.mechanism.id(),
+            wrapped_dek,
+            nonce,
+            ciphertext,
+            created_at_unix: self.created_at_unix,
+            created_by: self.created_by,
+            expires_at_unix: self.expires_at_unix,
+            not_before_unix: self.not_before_unix,
+            format: format.stored(),
+        }
+    }
+
+    /// Where `now` lies against the validity window.
+    pub fn window(&self, now: i64) -> Window {
+        window(self.not_before_unix, self.expires_at_unix, now)
+    }
+}
+
+/// Where `now` lies against a window `[not_before, expires_at)`.
+pub fn window(not_before: Option<i64>, expires_at: Option<i64>, now: i64) -> Window {
+    match (not_before, expires_at) {
+        (_, Some(e)) if e <= now => Window::Expired(e),
+        (Some(n), _) if now < n => Window::NotYet(n),
+        _ => Window::Open,
+    }
+}
+
 impl fmt::Debug for proto::SealedRecordV1 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Ciphertext and wrapped keys are not secret, but they are noise in logs.
@@ -295,6 +448,7 @@ impl fmt::Debug for proto::SealedRecordV1 {
             .field("version", &self.version)
             .field("master_key_version", &self.master_key_version)
             .field("mechanism", &self.mechanism)
+            .field("format", &self.format)
             .field("wrapped_dek_len", &self.wrapped_dek.len())
             .field("ciphertext_len", &self.ciphertext.len())
             .finish_non_exhaustive()
@@ -312,6 +466,8 @@ impl fmt::Debug for proto::PutSecretRequest {
             .field("expected_version", &self.expected_version)
             .field("expires_at_unix", &self.expires_at_unix)
             .field("protection", &self.protection)
+            .field("not_before_unix", &self.not_before_unix)
+            .field("max_versions", &self.max_versions)
             .finish()
     }
 }
@@ -382,6 +538,7 @@ mod tests {
             expected_version: None,
             expires_at_unix: None,
             protection: 0,
+            ..Default::default()
         };
         let shown = format!("{req:?}");
         assert!(!shown.contains("canary-7f3a"), "{shown}");

@@ -47,6 +47,7 @@ pub(crate) fn populate(a: PopulateArgs) -> Res<()> {
         let head = HeadV1 {
             latest_version: 1,
             deleted: false,
+            ..Default::default()
         }
         .encode_to_vec();
         while let Some((name, record)) = rx.blocking_recv() {
@@ -90,7 +91,7 @@ pub(crate) fn populate(a: PopulateArgs) -> Res<()> {
                 while i < count {
                     let name = format!("{prefix}/{i:07}");
                     let parsed = SecretName::parse(&name, 1024)?;
-                    let aad = envelope::record_aad(&parsed, 1, mk);
+                    let aad = envelope::record_aad_v1(&parsed, 1, mk);
                     let (dek, wrapped) = hsm
                         .new_data_key(mk, aad.clone(), Duration::from_secs(30))
                         .await?;
@@ -106,6 +107,7 @@ pub(crate) fn populate(a: PopulateArgs) -> Res<()> {
                         created_at_unix: now,
                         created_by: CLIENT_ID.to_owned(),
                         expires_at_unix: None,
+                        ..Default::default()
                     };
                     tx.send((name, record.encode_to_vec()))
                         .await

@@ -70,6 +70,7 @@ impl Floor {
             value: self.payload.clone(),
             created_at_unix: 0,
             expires_at_unix: None,
+            ..Default::default()
         })
     }
 }
@@ -162,7 +163,7 @@ pub(crate) fn floor_server(a: FloorArgs) -> Res<()> {
     login(&anchor, &pin)?;
     let key = find_master_key(&anchor)?;
     // An AAD of the service's shape and size: domain, name, version, master key version.
-    let aad = envelope::record_aad(&SecretName::parse("bench/floor/secret", 256)?, 1, 1);
+    let aad = envelope::record_aad_v1(&SecretName::parse("bench/floor/secret", 256)?, 1, 1);
     let mut wrapped = Vec::new();
     for _ in 0..16 {
         let mut iv = vec![0u8; 12];

@@ -104,6 +104,7 @@ async fn junk_call(client: &mut Client, name: &str, list: bool) -> Code {
                 prefix: name.to_owned(),
                 page_size: 0,
                 page_token: String::new(),
+                ..Default::default()
             })
             .await
             .map(|_| ())

@@ -120,6 +120,7 @@ pub(crate) async fn run_load(
                             expected_version: None,
                             expires_at_unix: None,
                             protection: 0,
+                            ..Default::default()
                         })
                         .await
                         .map(|_| ())

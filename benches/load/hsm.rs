@@ -71,7 +71,7 @@ pub(crate) fn hsm_bench(a: HsmBenchArgs) -> Res<()> {
     let mut jobs = Vec::new();
     for i in 0..a.tasks.max(1) {
         let name = SecretName::parse(&format!("bench/hsm/{i:04}"), 256)?;
-        let aad = envelope::record_aad(&name, 1, mk);
+        let aad = envelope::record_aad_v1(&name, 1, mk);
         let (dek, wrapped) =
             rt.block_on(first.new_data_key(mk, aad.clone(), Duration::from_secs(10)))?;
         let (iv, ct) = wrapped.split_at(12);

@@ -389,6 +389,7 @@ capabilities = ["read", "write", "list", "delete"]
                             expected_version: None,
                             expires_at_unix: None,
                             protection: 0,
+                            ..Default::default()
                         })
                         .await?;
                 }

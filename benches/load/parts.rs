@@ -369,6 +369,7 @@ pub(crate) fn store_stage(
                     created_at_unix: 0,
                     created_by: CLIENT_ID.into(),
                     expires_at_unix: None,
+                    ..Default::default()
                 };
                 if store.commit(&record, None)?.is_err() {
                     return fail("unexpected version conflict");

@@ -120,6 +120,7 @@ pub(crate) fn scale_populate(a: ScalePopulateArgs) -> Res<()> {
         let head = HeadV1 {
             latest_version: 1,
             deleted: false,
+            ..Default::default()
         }
         .encode_to_vec();
         let mut batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(2 * BATCH);
@@ -171,7 +172,7 @@ pub(crate) fn scale_populate(a: ScalePopulateArgs) -> Res<()> {
                 while i < count {
                     let name = format!("{prefix}/{i:07}");
                     let parsed = SecretName::parse(&name, 1024)?;
-                    let aad = envelope::record_aad(&parsed, 1, mk);
+                    let aad = envelope::record_aad_v1(&parsed, 1, mk);
                     let (dek, wrapped) = hsm
                         .new_data_key(mk, aad.clone(), Duration::from_secs(30))
                         .await?;
@@ -187,6 +188,7 @@ pub(crate) fn scale_populate(a: ScalePopulateArgs) -> Res<()> {
                         created_at_unix: now,
                         created_by: CLIENT_ID.to_owned(),
                         expires_at_unix: None,
+                        ..Default::default()
                     };
                     tx.send((name, record.encode_to_vec()))
                         .await

@@ -48,6 +48,7 @@ pub(crate) async fn part_strict(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>)
                             expected_version: None,
                             expires_at_unix: None,
                             protection: protection as i32,
+                            ..Default::default()
                         })
                         .await?;
                 }

@@ -80,8 +80,19 @@ enum Command {
         #[arg(long)]
         expected_version: Option<u64>,
         /// Stop serving this version after so many seconds.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "expires_at")]
         ttl: Option<u64>,
+        /// Stop serving this version at this time: RFC 3339 (2027-01-31T12:00:00Z) or a
+        /// duration from now (90d, 12h).
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Do not serve this version before this time: RFC 3339 or a duration from now.
+        #[arg(long)]
+        not_before: Option<String>,
+        /// Keep at most this many versions of the secret from now on, destroying older ones
+        /// (0: every version).
+        #[arg(long)]
+        max_versions: Option<u32>,
         /// How to protect this version: envelope, or hsm-only (strict mode: the data key
         /// never leaves the token in the clear). Default: the store's setting.
         #[arg(long)]
@@ -117,6 +128,9 @@ enum Command {
         /// Fetch every page.
         #[arg(long)]
         all: bool,
+        /// Only names whose latest version expires within this long (7d, 12h), with when.
+        #[arg(long)]
+        expiring_within: Option<String>,
     },
     /// Destroy every version of a secret.
     Delete {
@@ -287,10 +301,21 @@ async fn execute(
             name,
             expected_version,
             ttl,
+            expires_at,
+            not_before,
+            max_versions,
             protection,
             ..
         } => {
-            let expires_at_unix = ttl.map(|t| unix_now().saturating_add(t as i64));
+            let at = |s: &str| {
+                strongroom::when::instant_or_after(s, unix_now())
+                    .map_err(|e| Failure::Local(e.to_string()))
+            };
+            let expires_at_unix = match expires_at {
+                Some(s) => Some(at(&s)?),
+                None => ttl.map(|t| unix_now().saturating_add(t as i64)),
+            };
+            let not_before_unix = not_before.as_deref().map(at).transpose()?;
             let value = SecretValue::new(value.unwrap_or_default());
             let resp = client
                 .put_protected(
@@ -299,6 +324,8 @@ async fn execute(
                     PutOptions {
                         expected_version,
                         expires_at_unix,
+                        not_before_unix,
+                        max_versions,
                     },
                     protection,
                 )
@@ -365,12 +392,13 @@ async fn execute(
                         json!({"version": v.version, "master_key_version": v.master_key_version,
                         "mechanism": v.mechanism, "created_at_unix": v.created_at_unix,
                         "created_by": v.created_by, "expires_at_unix": v.expires_at_unix,
-                        "expired": v.expired})
+                        "expired": v.expired, "not_before_unix": v.not_before_unix,
+                        "not_yet_valid": v.not_yet_valid, "record_format": v.record_format})
                     })
                     .collect();
                 return print_json(
                     &mut out,
-                    json!({"name": resp.name, "latest_version": resp.latest_version, "versions": versions}),
+                    json!({"name": resp.name, "latest_version": resp.latest_version, "max_versions": resp.max_versions, "versions": versions}),
                 );
             }
             writeln!(
@@ -405,26 +433,49 @@ async fn execute(
             page_size,
             mut page_token,
             all,
+            expiring_within,
         } => {
+            let within = expiring_within
+                .as_deref()
+                .map(strongroom::when::duration_secs)
+                .transpose()
+                .map_err(|e| Failure::Local(e.to_string()))?;
             let mut names = Vec::new();
+            let mut expiring = Vec::new();
             loop {
                 let resp = client
-                    .list(&prefix, page_size, &page_token)
+                    .list_expiring(&prefix, page_size, &page_token, within)
                     .await
                     .map_err(Failure::Client)?;
                 names.extend(resp.names);
+                expiring.extend(resp.expiring);
                 page_token = resp.next_page_token;
                 if !all || page_token.is_empty() {
                     break;
                 }
             }
-            if cli.format == Format::Json {
+            if within.is_some() {
+                if cli.format == Format::Json {
+                    let rows: Vec<_> = expiring
+                        .iter()
+                        .map(|e| json!({"name": e.name, "version": e.version, "expires_at_unix": e.expires_at_unix, "expires_at": strongroom::when::rfc3339(e.expires_at_unix)}))
+                        .collect();
+                    return print_json(
+                        &mut out,
+                        json!({"expiring": rows, "next_page_token": page_token}),
+                    );
+                }
+                for e in &expiring {
+                    let at = strongroom::when::rfc3339(e.expires_at_unix);
+                    writeln!(out, "{}  {:>8}  {at}", e.name, e.version).map_err(io)?;
+                }
+            } else if cli.format == Format::Json {
                 return print_json(
                     &mut out,
                     json!({"names": names, "next_page_token": page_token}),
                 );
             }
-            for n in &names {
+            for n in names.iter().filter(|_| within.is_none()) {
                 writeln!(out, "{n}").map_err(io)?;
             }
             if !page_token.is_empty() {

@@ -5,7 +5,9 @@
 //! under the master key with AES-KW (CKM_AES_KEY_WRAP, RFC 3394; the same mechanism number on
 //! every token, unlike KWP) and destroys it. Get: the token unwraps the data key into a
 //! sensitive, non-extractable session object, decrypts the value with it (C_Decrypt AES-GCM,
-//! the same AAD) and destroys it. No session object outlives the call that made it: a
+//! the same AAD) and destroys it. The AAD is the record's, as the envelope uses it (format v2:
+//! the slot and every field that drives a decision), built by the service's one seal/open
+//! path (`service/seal.rs`). No session object outlives the call that made it: a
 //! [`SessionKey`] destroys its object when dropped, on every error path too.
 //!
 //! C_WrapKey refuses a key with CKA_EXTRACTABLE=false (CKR_KEY_UNEXTRACTABLE), so the key

@@ -430,6 +430,22 @@ impl AdminService for AdminApi {
         })
         .await
     }
+
+    async fn report_expiring(
+        &self,
+        request: Request<crate::proto::ReportExpiringRequest>,
+    ) -> Result<Response<crate::proto::ReportExpiringResponse>, Status> {
+        // Names and expiry times only, never values (src/service/expiry.rs).
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "ReportExpiring").await?;
+            let result = super::expiry::report(&this.state, request.get_ref()).await;
+            this.finish(&officer, "ReportExpiring", None, result, None)
+                .await
+        })
+        .await
+    }
 }
 
 impl AdminApiInner {

@@ -7,10 +7,12 @@
 
 mod admin;
 pub mod approvals;
+mod expiry;
 mod jobs;
 mod page_token;
 mod policies;
 mod rollback;
+mod seal;
 mod secrets;
 mod watch;
 

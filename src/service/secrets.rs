@@ -14,7 +14,6 @@ use super::page_token::PageTokenKey;
 use super::{State, blocking, read_inline};
 use crate::audit::reconcile::{halt_point, record_fingerprint};
 use crate::audit::{AuditEvent, ChangeMark, Expected, Outcome, RecordedName};
-use crate::envelope::{self, record_aad};
 use crate::error::Error;
 use crate::hsm::HsmError;
 use crate::policy::Capability;
@@ -23,7 +22,9 @@ use crate::proto::{
     GetSecretRequest, GetSecretResponse, ListSecretsRequest, ListSecretsResponse, PutSecretRequest,
     PutSecretResponse, VersionInfo, WatchSecretsRequest, secret_service_server::SecretService,
 };
-use crate::secret::{Mechanism, NamePrefix, Protection, SealedRecord, SecretName};
+use crate::secret::{
+    Mechanism, NamePrefix, Protection, RecordFormat, RecordMeta, SealedRecord, SecretName, Window,
+};
 use crate::store::{NameRange, StoreError};
 use crate::tls::Identity;
 
@@ -369,6 +370,15 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
             "expires_at_unix must be in the future".into(),
         ));
     }
+    if let (Some(nb), Some(exp)) = (req.not_before_unix, req.expires_at_unix)
+        && nb >= exp
+    {
+        return Err(Error::InvalidArgument(format!(
+            "not_before_unix ({}) must be before expires_at_unix ({})",
+            crate::when::rfc3339(nb),
+            crate::when::rfc3339(exp)
+        )));
+    }
     if !state
         .policy()
         .allows(&ctx.identity, Capability::Write, &name)
@@ -405,40 +415,17 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
                 state.max_wraps
             )));
         }
-        let aad = record_aad(&name, version, mk);
-        let (wrapped_dek, nonce, ciphertext) = match protection {
-            Protection::Envelope => {
-                let (dek, wrapped) = state
-                    .hsm
-                    .new_data_key(mk, aad.clone(), ctx.deadline)
-                    .await?;
-                let sealed = envelope::seal(&dek, &aad, &value)
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                drop(dek);
-                (wrapped, sealed.nonce.to_vec(), sealed.ciphertext)
-            }
-            Protection::HsmOnly => {
-                // The value goes to the token and is encrypted there; the data key never
-                // comes out in the clear.
-                let sealed = state
-                    .hsm
-                    .strict_seal(mk, aad, value.clone(), ctx.deadline)
-                    .await?;
-                (sealed.wrapped_dek, sealed.nonce, sealed.ciphertext)
-            }
-        };
-        let record = SealedRecord {
-            name: name.as_str().to_owned(),
+        let meta = RecordMeta {
+            name: name.clone(),
             version,
             master_key_version: mk,
-            mechanism: protection.mechanism().id(),
-            wrapped_dek,
-            nonce,
-            ciphertext,
+            mechanism: protection.mechanism(),
             created_at_unix: now,
             created_by: ctx.identity.as_str().to_owned(),
+            not_before_unix: req.not_before_unix,
             expires_at_unix: req.expires_at_unix,
         };
+        let record = super::seal::seal(state, meta, &value, ctx.deadline).await?;
         let fingerprint = record_fingerprint(&record);
         write_ahead(
             state,
@@ -450,7 +437,8 @@ async fn put(state: &State, ctx: &Ctx, req: PutSecretRequest) -> Result<PutSecre
         )
         .await?;
         halt_point("put-after-intent").await;
-        let committed = blocking(state, move |s| s.commit(&record, head)).await;
+        let keep = req.max_versions;
+        let committed = blocking(state, move |s| s.commit_keeping(&record, head, keep)).await;
         settle(
             ctx,
             match &committed {
@@ -494,7 +482,7 @@ async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecr
     let wanted = req.version;
     // Inline only where a read never waits on the network (sled); etcd's reads go through
     // the blocking pool, so a slow or absent etcd never holds a runtime thread.
-    let record = if state.store.reads_are_local() {
+    let (version, record) = if state.store.reads_are_local() {
         read_inline(state, |s| lookup(s, &name, wanted))?
     } else {
         let name = name.clone();
@@ -502,29 +490,49 @@ async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecr
     }
     .ok_or(Error::NotFound)?;
 
-    let version = record.version;
-    check_identity(&record, &name, (req.version != 0).then_some(req.version))?;
-    if is_expired(&record, unix_now()) {
-        return Err(Error::NotFound);
-    }
-    let value = open_record(state, ctx, &name, &record).await?;
+    check_identity(&record, &name, Some(version))?;
+    // Opened first, so the window below is decided on authenticated metadata (v2): an
+    // edited expiry or not-before fails here with DATA_LOSS instead of being obeyed.
+    let (value, meta) = super::seal::open(state, &record, &name, version, ctx.deadline).await?;
+    outside_window(&meta, unix_now())?;
     let mut value = value.into_inner();
     Ok(GetSecretResponse {
         name: name.as_str().to_owned(),
         version,
         // Moved, not copied, into the response; tonic encodes and drops it.
         value: std::mem::take(&mut *value),
-        created_at_unix: record.created_at_unix,
-        expires_at_unix: record.expires_at_unix,
+        created_at_unix: meta.created_at_unix,
+        expires_at_unix: meta.expires_at_unix,
+        not_before_unix: meta.not_before_unix,
     })
 }
 
-/// The record GetSecret answers with: `version`, or the latest live one for 0.
+/// A version outside its validity window is not served: FAILED_PRECONDITION saying which
+/// bound and when (only callers who may read the name get this far; others had NOT_FOUND).
+fn outside_window(meta: &RecordMeta, now: i64) -> Result<(), Error> {
+    let (name, v) = (&meta.name, meta.version);
+    match meta.window(now) {
+        Window::Open => Ok(()),
+        Window::NotYet(t) => Err(Error::FailedPrecondition(format!(
+            "version {v} of {name} is not valid before {} (not_before)",
+            crate::when::rfc3339(t)
+        ))),
+        Window::Expired(t) => Err(Error::FailedPrecondition(format!(
+            "version {v} of {name} expired at {} (expires_at)",
+            crate::when::rfc3339(t)
+        ))),
+    }
+}
+
+/// The record GetSecret answers with and the version slot it was read from: `version`, or
+/// for 0 the latest live one the head names. A version deleted with its name (before the
+/// name was written again) or destroyed by max_versions is absent (NOT_FOUND); one the head
+/// says is kept but whose record is missing was lost (DATA_LOSS).
 fn lookup(
     s: &dyn crate::store::Store,
     name: &SecretName,
     version: u64,
-) -> Result<Option<SealedRecord>, StoreError> {
+) -> Result<Option<(u64, SealedRecord)>, StoreError> {
     let version = if version == 0 {
         match s.head(name)? {
             Some(h) if h.live() > 0 => h.live(),
@@ -533,18 +541,18 @@ fn lookup(
     } else {
         version
     };
-    let record = s.get(name, version)?;
-    if record.is_none()
-        && s.head(name)?
-            .is_some_and(|h| !h.deleted && version <= h.latest)
-    {
-        // The head says this version exists: its record was lost, not deleted.
-        return Err(StoreError::Corrupt {
+    if let Some(record) = s.get(name, version)? {
+        return Ok(Some((version, record)));
+    }
+    // Missing: gone on purpose, or lost? The head says (read only now, so a read of a kept
+    // version costs one store access, as before).
+    match s.head(name)? {
+        Some(h) if !h.gone(version) => Err(StoreError::Corrupt {
             key: format!("{name} v{version}"),
             reason: "the record of a live version is missing".into(),
-        });
+        }),
+        _ => Ok(None),
     }
-    Ok(record)
 }
 
 async fn describe(
@@ -561,9 +569,9 @@ async fn describe(
         return Err(Error::NotFound);
     }
     // A scan over every version of the name: off the runtime.
-    let records = blocking(state, {
+    let (head, records) = blocking(state, {
         let name = name.clone();
-        move |s| s.versions(&name)
+        move |s| Ok::<_, StoreError>((s.head(&name)?, s.versions(&name)?))
     })
     .await?;
     if records.is_empty() {
@@ -583,13 +591,23 @@ async fn describe(
             created_at_unix: r.created_at_unix,
             created_by: r.created_by.clone(),
             expires_at_unix: r.expires_at_unix,
-            expired: is_expired(r, now),
+            not_before_unix: r.not_before_unix,
+            expired: matches!(
+                crate::secret::window(None, r.expires_at_unix, now),
+                Window::Expired(_)
+            ),
+            not_yet_valid: matches!(
+                crate::secret::window(r.not_before_unix, None, now),
+                Window::NotYet(_)
+            ),
+            record_format: RecordFormat::from_stored(r.format).map_or(r.format, |f| f.number()),
         });
     }
     Ok(DescribeSecretResponse {
         name: name.as_str().to_owned(),
         latest_version: versions.last().map_or(0, |v| v.version),
         versions,
+        max_versions: head.map_or(0, |h| h.max_versions),
     })
 }
 
@@ -636,14 +654,29 @@ async fn list(
     let ranges = NameRange::covering(&scope);
     let max_scan = state.limits.max_list_scan;
     let (identity, under) = (ctx.identity.clone(), prefix.clone());
-    let page = blocking(state, move |s| {
+    let horizon = req
+        .expiring_within_seconds
+        .map(|w| super::expiry::horizon(unix_now(), w));
+    let (mut page, expiring) = blocking(state, move |s| {
         // Defence in depth: the ranges already hold only what the rules grant.
         let visible = |n: &SecretName| {
             under.matches(n.as_str()) && policy.allows(&identity, Capability::List, n)
         };
-        s.list(&ranges, after.as_deref(), page_size, max_scan, &visible)
+        let page = s.list(&ranges, after.as_deref(), page_size, max_scan, &visible)?;
+        let expiring = match horizon {
+            Some(h) => Some(super::expiry::expiring(s, &page.names, h)?),
+            None => None,
+        };
+        Ok((page, expiring))
     })
     .await?;
+    if let Some(e) = &expiring {
+        // Filtered: only the names that expire within the window; the cursor is unchanged.
+        page.names = e
+            .iter()
+            .filter_map(|v| SecretName::parse(&v.name, max_name).ok())
+            .collect();
+    }
     let next_page_token = match &page.next_after {
         Some(resume) => inner
             .page_key()
@@ -658,6 +691,7 @@ async fn list(
             .map(|n| n.as_str().to_owned())
             .collect(),
         next_page_token,
+        expiring: expiring.unwrap_or_default(),
     })
 }
 
@@ -784,66 +818,13 @@ fn check_identity(
 ) -> Result<(), Error> {
     if record.name != name.as_str() || version.is_some_and(|v| v != record.version) {
         return Err(Error::DataLoss(format!(
-            "record stored under {name} claims to be {}",
-            record.name
+            "record stored under {name} v{} claims to be {} v{}",
+            version.map_or_else(|| "?".into(), |v| v.to_string()),
+            record.name,
+            record.version
         )));
     }
     Ok(())
-}
-
-fn is_expired(record: &SealedRecord, now: i64) -> bool {
-    record.expires_at_unix.is_some_and(|e| e <= now)
-}
-
-/// Unwraps the data key in the token and decrypts the value, binding both to the identity
-/// the caller asked for (not the one the record claims).
-async fn open_record(
-    state: &State,
-    ctx: &Ctx,
-    name: &SecretName,
-    record: &SealedRecord,
-) -> Result<crate::secret::SecretValue, Error> {
-    let aad = record_aad(name, record.version, record.master_key_version);
-    match Mechanism::from_id(record.mechanism) {
-        Some(Mechanism::AesGcmEnvelopeV1) => {}
-        Some(Mechanism::AesKwHsmOnlyV1) => {
-            // Strict mode: unwrapped into a non-extractable session object and decrypted in
-            // the token; only the value comes back.
-            let plain = state
-                .hsm
-                .strict_open(
-                    record.master_key_version,
-                    record.wrapped_dek.clone(),
-                    record.nonce.clone(),
-                    aad,
-                    record.ciphertext.clone(),
-                    ctx.deadline,
-                )
-                .await?;
-            return Ok(crate::secret::SecretValue::new(plain));
-        }
-        None => {
-            return Err(Error::DataLoss(format!(
-                "unknown mechanism {} in record {name} v{}",
-                record.mechanism, record.version
-            )));
-        }
-    }
-    let dek = state
-        .hsm
-        .unwrap_data_key(
-            record.master_key_version,
-            record.wrapped_dek.clone(),
-            aad.clone(),
-            ctx.deadline,
-        )
-        .await?;
-    envelope::open(&dek, &record.nonce, &aad, &record.ciphertext).map_err(|_| {
-        Error::DataLoss(format!(
-            "record {name} v{} failed authentication",
-            record.version
-        ))
-    })
 }
 
 pub(crate) fn unix_now() -> i64 {

@@ -12,8 +12,12 @@
 //! [`SledStore`](super::SledStore)): `h` + name, `r` + name + `\0` + version (8 bytes
 //! big-endian), `w` + master key version (4 bytes big-endian), `p`/`a`/`m` + key. Other
 //! backends map their keys to it, so the same records give the same commitment on any
-//! backend. A version record contributes its key and the fields its AAD does not bind, not
-//! its wrapped key, nonce and ciphertext ([`StateKey::element`]).
+//! backend. A version record contributes its key and its metadata (every field but its
+//! wrapped key, nonce and ciphertext, whatever its format: a v2 record's AAD binds the
+//! metadata too, and the commitment still shows one put back), not its sealed bytes
+//! ([`StateKey::element`]). A head contributes its whole value (latest version, deleted
+//! flag, oldest kept version, max versions), so where an incarnation starts and how many
+//! versions it keeps are committed like the rest.
 //!
 //! The store also keeps a tag `HMAC(k, 0x02 ‖ domain ‖ store id ‖ epoch ‖ commitment)` beside
 //! the commitment, so neither the epoch nor the commitment can be edited on their own.
@@ -70,10 +74,11 @@ impl StateKey {
     }
 
     /// The element of one committed pair, `key` in the common layout. A version record
-    /// contributes its key and the fields its AAD does not bind (creation time and creator,
-    /// expiry, mechanism), not its wrapped key, nonce and ciphertext: damage there is the
-    /// AAD's to catch, and costs that one record (DATA_LOSS), not the whole store. A record
-    /// that no longer decodes contributes its raw bytes, so it shows as a changed state.
+    /// contributes its key and its metadata (creation time and creator, validity window,
+    /// mechanism, master key version, format), not its wrapped key, nonce and ciphertext:
+    /// damage there is the AAD's to catch, and costs that one record (DATA_LOSS), not the
+    /// whole store. A record that no longer decodes contributes its raw bytes, so it shows
+    /// as a changed state.
     pub(crate) fn element(&self, key: &[u8], value: &[u8]) -> Commitment {
         if key.first() == Some(&RECORD_KIND)
             && let Ok(r) = SealedRecord::decode(value)
@@ -258,7 +263,7 @@ mod tests {
             ciphertext: vec![ciphertext; 20],
             created_at_unix: 5,
             created_by: "t".into(),
-            expires_at_unix: None,
+            ..Default::default()
         }
     }
 

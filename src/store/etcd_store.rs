@@ -5,7 +5,7 @@
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `P h/` name | [`HeadV1`](crate::proto::HeadV1): latest version, deleted flag |
+//! | `P h/` name | [`HeadV1`](crate::proto::HeadV1): latest version, deleted flag, oldest kept version, max versions |
 //! | `P r/` name `\0` version (20 decimal digits) | [`SealedRecordV1`](crate::proto::SealedRecordV1) |
 //! | `P w/` master key version (10 decimal digits) | wrap count, 8 bytes big-endian |
 //! | `P p/` key, `P a/` key, `P m/` key | policies, approvals, bookkeeping (as officers wrote them) |
@@ -331,6 +331,14 @@ impl EtcdStore {
         let mut k = self.record_prefix(name);
         k.extend_from_slice(format!("{version:020}").as_bytes());
         k
+    }
+
+    /// The version a record key names (its last 20 decimal digits).
+    fn record_version(&self, key: &[u8]) -> Result<u64, StoreError> {
+        key.len()
+            .checked_sub(20)
+            .and_then(|at| decimal(&key[at..], 20))
+            .ok_or_else(|| corrupt(key, "not a record key"))
     }
 
     fn aux_key(&self, ns: Aux, key: &str) -> Vec<u8> {
@@ -906,10 +914,11 @@ impl Store for EtcdStore {
         self.read_head(self.deadline(), name)
     }
 
-    fn commit(
+    fn commit_keeping(
         &self,
         record: &SealedRecord,
         expected: Option<Head>,
+        max_versions: Option<u32>,
     ) -> Result<Result<(), VersionConflict>, StoreError> {
         let name = SecretName::parse(&record.name, crate::secret::MAX_NAME_BYTES_CEILING).map_err(
             |e| StoreError::Corrupt {
@@ -919,11 +928,7 @@ impl Store for EtcdStore {
         )?;
         let head_key = self.head_key(&name);
         let record_key = self.record_key(&name, record.version);
-        let head = HeadV1 {
-            latest_version: record.version,
-            deleted: false,
-        }
-        .encode_to_vec();
+        let (next, cut) = Head::next(expected, record.version, max_versions);
         let value = record.encode_to_vec();
         let deadline = self.deadline();
         let mut w = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
@@ -942,32 +947,50 @@ impl Store for EtcdStore {
                 Some(seen) => guard(&head_key, seen.as_ref()),
             };
             let (record_compare, record_old) = guard(&record_key, record_now.as_ref());
-            let changes = [
-                Change {
-                    key: head_key.clone(),
-                    old: head_old,
-                    new: Some(head.clone()),
-                },
-                Change {
-                    key: record_key.clone(),
-                    old: record_old,
-                    new: Some(value.clone()),
-                },
-            ];
-            let ops = vec![
-                TxnOp::put(head_key.clone(), head.clone(), None),
-                TxnOp::put(record_key.clone(), value.clone(), None),
-            ];
+            // Versions the name no longer keeps (max_versions) go in the same transaction,
+            // each as read (its mod revision compared), so the commitment moves exactly.
+            let mut head = next;
+            let mut pruned = Vec::new();
+            if let Some(cut) = cut {
+                let (start, end) = (self.record_key(&name, 0), self.record_key(&name, cut));
+                let limit = super::MAX_PRUNE_PER_COMMIT as i64 + 1;
+                let resp = self.range(deadline, start, end, limit, None)?;
+                for kv in resp.kvs() {
+                    if pruned.len() == super::MAX_PRUNE_PER_COMMIT {
+                        head.oldest = self.record_version(kv.key())?;
+                        break;
+                    }
+                    pruned.push((kv.key().to_vec(), Seen::from(kv)));
+                }
+            }
+            let head = HeadV1::from(head).encode_to_vec();
+            let mut compares = vec![head_compare, record_compare];
+            let mut changes = Vec::with_capacity(2 + pruned.len());
+            let mut ops = Vec::with_capacity(2 + pruned.len());
+            for (key, seen) in pruned {
+                let (compare, old) = guard(&key, Some(&seen));
+                compares.push(compare);
+                ops.push(TxnOp::delete(key.clone(), None));
+                changes.push(Change {
+                    key,
+                    old,
+                    new: None,
+                });
+            }
+            changes.push(Change {
+                key: head_key.clone(),
+                old: head_old,
+                new: Some(head.clone()),
+            });
+            changes.push(Change {
+                key: record_key.clone(),
+                old: record_old,
+                new: Some(value.clone()),
+            });
+            ops.push(TxnOp::put(head_key.clone(), head.clone(), None));
+            ops.push(TxnOp::put(record_key.clone(), value.clone(), None));
             let watch = [head_key.clone(), record_key.clone()];
-            match self.attempt(
-                deadline,
-                &mut w,
-                base,
-                vec![head_compare, record_compare],
-                ops,
-                &changes,
-                &watch,
-            )? {
+            match self.attempt(deadline, &mut w, base, compares, ops, &changes, &watch)? {
                 Attempt::Applied(_) => return Ok(Ok(())),
                 Attempt::Refused(mut now) => {
                     record_now = now.pop().flatten().as_ref().map(Seen::from);
@@ -1133,11 +1156,7 @@ impl Store for EtcdStore {
                 Err(e) if is_compacted(&e) => continue,
                 Err(e) => return Err(e),
             }
-            let tomb = HeadV1 {
-                latest_version: head.latest,
-                deleted: true,
-            }
-            .encode_to_vec();
+            let tomb = HeadV1::from(head.deleted()).encode_to_vec();
             changes.push(Change {
                 key: head_key.clone(),
                 old: Some(head_kv.value().to_vec()),
@@ -1843,11 +1862,7 @@ fn head_is(key: &[u8], expected: Option<Head>) -> Compare {
 }
 
 fn encode_head(h: &Head) -> Vec<u8> {
-    HeadV1 {
-        latest_version: h.latest,
-        deleted: h.deleted,
-    }
-    .encode_to_vec()
+    HeadV1::from(*h).encode_to_vec()
 }
 
 fn aux_tag(ns: Aux) -> u8 {
@@ -1864,10 +1879,7 @@ fn decode_epoch(v: &[u8]) -> u64 {
 
 fn decode_head(key: &[u8], v: &[u8]) -> Result<Head, StoreError> {
     let h = HeadV1::decode(v).map_err(|e| corrupt(key, e))?;
-    Ok(Head {
-        latest: h.latest_version,
-        deleted: h.deleted,
-    })
+    Ok(Head::from(h))
 }
 
 fn decode_record(key: &[u8], v: &[u8]) -> Result<SealedRecord, StoreError> {

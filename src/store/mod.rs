@@ -137,12 +137,88 @@ pub struct Head {
     pub latest: u64,
     /// Whether the secret was deleted since its latest version.
     pub deleted: bool,
+    /// The oldest version of the current incarnation still kept: versions below it were
+    /// deleted before the name was written again, or destroyed by `max_versions`. 0 in heads
+    /// written before it was kept (every version from 1 on is expected then).
+    pub oldest: u64,
+    /// How many versions the name keeps (0: every one).
+    pub max_versions: u32,
 }
+
+/// The most versions one commit destroys for `max_versions` (etcd allows 128 operations in
+/// one transaction); the rest go with the next commits, and the head's `oldest` says where
+/// the kept versions start meanwhile.
+pub const MAX_PRUNE_PER_COMMIT: usize = 100;
 
 impl Head {
     /// The latest live version: 0 when the secret does not exist.
     pub fn live(&self) -> u64 {
         if self.deleted { 0 } else { self.latest }
+    }
+
+    /// Whether `version` is gone on purpose: deleted with the name, or destroyed by
+    /// `max_versions` (it answers NOT_FOUND; a missing version that is not gone is lost).
+    pub fn gone(&self, version: u64) -> bool {
+        self.deleted || version < self.oldest || version > self.latest
+    }
+
+    /// The head after committing `version` over `before` (`None`: a new name), keeping
+    /// `max_versions` (`None`: the name's setting as it was), and where to destroy older
+    /// versions: `Some(cut)` when versions below `cut` may exist and must go in the same
+    /// write. A name written again after a delete starts a new incarnation at `version`.
+    pub fn next(
+        before: Option<Head>,
+        version: u64,
+        max_versions: Option<u32>,
+    ) -> (Head, Option<u64>) {
+        let max = max_versions.unwrap_or(before.map_or(0, |h| h.max_versions));
+        let (fresh, was) = match before {
+            Some(h) if !h.deleted => (false, h.oldest.max(1)),
+            _ => (true, version),
+        };
+        let mut oldest = was;
+        if max > 0 {
+            oldest = oldest.max(version.saturating_sub(u64::from(max) - 1));
+        }
+        let head = Head {
+            latest: version,
+            deleted: false,
+            oldest,
+            max_versions: max,
+        };
+        (head, (!fresh && oldest > was).then_some(oldest))
+    }
+
+    /// The head left by deleting the name: nothing of it is kept.
+    pub fn deleted(&self) -> Head {
+        Head {
+            latest: self.latest,
+            deleted: true,
+            oldest: self.latest.saturating_add(1),
+            max_versions: self.max_versions,
+        }
+    }
+}
+
+impl From<Head> for crate::proto::HeadV1 {
+    fn from(h: Head) -> Self {
+        Self {
+            latest_version: h.latest,
+            deleted: h.deleted,
+            oldest_version: h.oldest,
+            max_versions: h.max_versions,
+        }
+    }
+}
+
+impl From<crate::proto::HeadV1> for Head {
+    fn from(h: crate::proto::HeadV1) -> Self {
+        Self {
+            latest: h.latest_version,
+            deleted: h.deleted,
+            oldest: h.oldest_version,
+            max_versions: h.max_versions,
+        }
     }
 }
 
@@ -264,11 +340,24 @@ pub trait Store: Send + Sync + 'static {
     fn head(&self, name: &SecretName) -> Result<Option<Head>, StoreError>;
 
     /// Stores `record` as version `record.version` if the head still says `expected`
-    /// (the head read before sealing); returns only once the write is durable.
+    /// (the head read before sealing); returns only once the write is durable. The name
+    /// keeps its `max_versions` setting.
     fn commit(
         &self,
         record: &SealedRecord,
         expected: Option<Head>,
+    ) -> Result<Result<(), VersionConflict>, StoreError> {
+        self.commit_keeping(record, expected, None)
+    }
+
+    /// [`commit`](Self::commit), setting how many versions the name keeps (`None`: as it
+    /// was; 0: every one). The head becomes [`Head::next`]; versions it no longer keeps are
+    /// destroyed in the same atomic write (at most [`MAX_PRUNE_PER_COMMIT`] at once).
+    fn commit_keeping(
+        &self,
+        record: &SealedRecord,
+        expected: Option<Head>,
+        max_versions: Option<u32>,
     ) -> Result<Result<(), VersionConflict>, StoreError>;
 
     /// One version of a secret.
@@ -293,7 +382,8 @@ pub trait Store: Send + Sync + 'static {
     /// together.
     fn list_keys_examined(&self) -> u64;
 
-    /// Destroys every version of `name`; returns how many. Durable on return.
+    /// Destroys every version of `name`; returns how many. Durable on return. The head is
+    /// kept ([`Head::deleted`]), so versions are never reused.
     fn delete(&self, name: &SecretName) -> Result<u64, StoreError>;
 
     /// Counts `n` more data-key wraps under master key `mk`; returns the new total. Called
@@ -403,5 +493,38 @@ pub trait Store: Send + Sync + 'static {
     /// NOT_SERVING while it does not. An embedded store is always available.
     fn available(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_start_incarnations_and_keep_max_versions() {
+        // A new name, and one written again after a delete, start where they are written.
+        let (h, cut) = Head::next(None, 1, None);
+        assert_eq!((h.oldest, h.max_versions, cut), (1, 0, None));
+        let gone = Head { latest: 4, ..h }.deleted();
+        assert!(gone.gone(4) && gone.gone(1));
+        let (h, cut) = Head::next(Some(gone), 5, None);
+        assert_eq!((h.latest, h.oldest, cut), (5, 5, None));
+        assert!(h.gone(4) && !h.gone(5) && h.gone(6));
+        // Keeping 2: the third version pushes the first out, in the same write.
+        let (h, _) = Head::next(Some(h), 6, Some(2));
+        assert_eq!((h.oldest, h.max_versions), (5, 2));
+        let (h, cut) = Head::next(Some(h), 7, None);
+        assert_eq!((h.oldest, h.max_versions, cut), (6, 2, Some(6)));
+        // Back to every version: nothing more goes.
+        let (h, cut) = Head::next(Some(h), 8, Some(0));
+        assert_eq!((h.oldest, h.max_versions, cut), (6, 0, None));
+        // Heads from before `oldest` was kept expect every version from 1.
+        let legacy = Head {
+            latest: 3,
+            ..Head::default()
+        };
+        assert!(!legacy.gone(1));
+        let (h, cut) = Head::next(Some(legacy), 4, Some(1));
+        assert_eq!((h.oldest, cut), (4, Some(4)));
     }
 }

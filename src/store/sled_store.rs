@@ -423,10 +423,11 @@ impl Store for SledStore {
         self.read_head(name)
     }
 
-    fn commit(
+    fn commit_keeping(
         &self,
         record: &SealedRecord,
         expected: Option<Head>,
+        max_versions: Option<u32>,
     ) -> Result<Result<(), VersionConflict>, StoreError> {
         let name = SecretName::parse(&record.name, crate::secret::MAX_NAME_BYTES_CEILING).map_err(
             |e| StoreError::Corrupt {
@@ -442,17 +443,29 @@ impl Store for SledStore {
                     actual: current.map_or(0, |h| h.live()),
                 }));
             }
-            let head = HeadV1 {
-                latest_version: record.version,
-                deleted: false,
-            };
-            let changes = vec![
-                self.change(head_key(&name), Some(head.encode_to_vec()))?,
-                self.change(
-                    record_key(&name, record.version),
-                    Some(record.encode_to_vec()),
-                )?,
-            ];
+            let (mut head, cut) = Head::next(expected, record.version, max_versions);
+            let mut changes = Vec::new();
+            if let Some(cut) = cut {
+                // Versions the name no longer keeps go in the same batch.
+                let range = record_key(&name, 0)..record_key(&name, cut);
+                for kv in self.db.range(range) {
+                    let (k, old) = kv?;
+                    if changes.len() == super::MAX_PRUNE_PER_COMMIT {
+                        head.oldest = record_version(&k)?;
+                        break;
+                    }
+                    changes.push(Change {
+                        key: k.to_vec(),
+                        old: Some(old),
+                        new: None,
+                    });
+                }
+            }
+            changes.push(self.change(head_key(&name), Some(HeadV1::from(head).encode_to_vec()))?);
+            changes.push(self.change(
+                record_key(&name, record.version),
+                Some(record.encode_to_vec()),
+            )?);
             self.apply(&mut w, changes)?
         };
         // Acknowledge only once durable. Flushing outside the lock lets concurrent writers
@@ -569,10 +582,7 @@ impl Store for SledStore {
                 });
             }
             let destroyed = changes.len() as u64;
-            let tomb = HeadV1 {
-                latest_version: head.latest,
-                deleted: true,
-            };
+            let tomb = HeadV1::from(head.deleted());
             changes.push(self.change(head_key(name), Some(tomb.encode_to_vec()))?);
             (destroyed, self.apply(&mut w, changes)?)
         };
@@ -999,10 +1009,16 @@ fn record_key(name: &SecretName, version: u64) -> Vec<u8> {
 
 fn decode_head(name: &SecretName, v: &IVec) -> Result<Head, StoreError> {
     let h = HeadV1::decode(v.as_ref()).map_err(|e| corrupt(&head_key(name), e))?;
-    Ok(Head {
-        latest: h.latest_version,
-        deleted: h.deleted,
-    })
+    Ok(Head::from(h))
+}
+
+/// The version a record key names (its last 8 bytes).
+fn record_version(key: &[u8]) -> Result<u64, StoreError> {
+    key.len()
+        .checked_sub(8)
+        .and_then(|at| <[u8; 8]>::try_from(&key[at..]).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt(key, "not a record key"))
 }
 
 fn decode_record(key: &[u8], v: &IVec) -> Result<SealedRecord, StoreError> {
@@ -1041,7 +1057,7 @@ mod tests {
             ciphertext: vec![3; 20],
             created_at_unix: 0,
             created_by: "t".into(),
-            expires_at_unix: None,
+            ..Default::default()
         }
     }
 
@@ -1059,7 +1075,8 @@ mod tests {
                         let n = format!("w{t}/n");
                         let expected = (v > 1).then_some(Head {
                             latest: v - 1,
-                            deleted: false,
+                            oldest: 1,
+                            ..Head::default()
                         });
                         store.commit(&record(&n, v), expected).unwrap().unwrap();
                     }
@@ -1105,7 +1122,9 @@ mod tests {
             h1,
             Some(Head {
                 latest: 1,
-                deleted: false
+                deleted: false,
+                oldest: 1,
+                max_versions: 0,
             })
         );
         // A writer that read the head before version 1 loses.
@@ -1122,10 +1141,47 @@ mod tests {
             store.head(&n).unwrap(),
             Some(Head {
                 latest: 2,
-                deleted: true
+                deleted: true,
+                oldest: 3,
+                max_versions: 0,
             })
         );
         assert_eq!(store.head(&n).unwrap().unwrap().live(), 0);
+    }
+
+    #[test]
+    fn max_versions_destroys_older_versions_in_the_same_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), test_key()).unwrap();
+        let n = name("a/b");
+        let mut head = None;
+        for v in 1..=5 {
+            store.commit(&record("a/b", v), head).unwrap().unwrap();
+            head = store.head(&n).unwrap();
+        }
+        store
+            .commit_keeping(&record("a/b", 6), head, Some(2))
+            .unwrap()
+            .unwrap();
+        let kept: Vec<u64> = store
+            .versions(&n)
+            .unwrap()
+            .iter()
+            .map(|r| r.version)
+            .collect();
+        assert_eq!(kept, vec![5, 6]);
+        let head = store.head(&n).unwrap();
+        assert_eq!(head.map(|h| (h.oldest, h.max_versions)), Some((5, 2)));
+        store.commit(&record("a/b", 7), head).unwrap().unwrap();
+        let kept: Vec<u64> = store
+            .versions(&n)
+            .unwrap()
+            .iter()
+            .map(|r| r.version)
+            .collect();
+        assert_eq!(kept, vec![6, 7]);
+        // The commitment followed every destroyed version.
+        assert!(store.verify_state().unwrap().matches());
     }
 
     fn ranges(prefixes: &[&str]) -> Vec<NameRange> {

@@ -397,6 +397,7 @@ capabilities = ["list", "delete"]
                             prefix,
                             page_size: 0,
                             page_token: String::new(),
+                            ..Default::default()
                         })
                         .await
                         .unwrap()

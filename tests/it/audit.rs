@@ -491,6 +491,7 @@ async fn a_clean_log_records_every_request_before_answering_and_verifies() {
         prefix: String::new(),
         page_size: 0,
         page_token: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();

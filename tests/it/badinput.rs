@@ -349,6 +349,7 @@ async fn strings_that_are_not_utf8_are_invalid_argument() {
             prefix: "payments".into(),
             page_size: 0,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -462,6 +463,7 @@ async fn pages_tokens_and_names_outside_the_grammar_are_invalid_argument() {
         prefix: prefix.into(),
         page_size,
         page_token: page_token.into(),
+        ..Default::default()
     };
 
     for page_size in [1001, 1 << 20, u32::MAX] {

@@ -60,6 +60,7 @@ fn record(n: &str, version: u64) -> SealedRecord {
         created_at_unix: 0,
         created_by: "t".into(),
         expires_at_unix: None,
+        ..Default::default()
     }
 }
 
@@ -103,7 +104,9 @@ fn the_store_trait_holds_on_etcd_across_two_instances() {
         h1,
         Some(Head {
             latest: 1,
-            deleted: false
+            deleted: false,
+            oldest: 1,
+            max_versions: 0,
         })
     );
     // A writer in the other instance that read the head before version 1 loses.
@@ -129,7 +132,9 @@ fn the_store_trait_holds_on_etcd_across_two_instances() {
         a.head(&n).unwrap(),
         Some(Head {
             latest: 2,
-            deleted: true
+            deleted: true,
+            oldest: 3,
+            max_versions: 0,
         })
     );
     assert_eq!(a.epoch().unwrap().1, e0 + 3);

@@ -214,6 +214,7 @@ async fn a_write_moves_on_only_when_it_was_not_sent() {
     let cas = PutOptions {
         expected_version: Some(0),
         expires_at_unix: None,
+        ..Default::default()
     };
     let err = client
         .put("payments/w/cas", &value(b"cas"), cas)
@@ -247,6 +248,7 @@ async fn calls_move_on_when_a_server_is_killed_mid_run() {
     let cas = |v| PutOptions {
         expected_version: Some(v),
         expires_at_unix: None,
+        ..Default::default()
     };
     assert_eq!(
         client

@@ -247,6 +247,7 @@ async fn write_until_done(load: &Load, client: &Client, name: &str, v: &[u8]) ->
     let options = PutOptions {
         expected_version: Some(0),
         expires_at_unix: None,
+        ..Default::default()
     };
     let mut maybe_applied = false;
     loop {
@@ -623,6 +624,7 @@ async fn sequential_calls(ha: &Ha, tag: &str, n: usize) {
     let options = PutOptions {
         expected_version: Some(0),
         expires_at_unix: None,
+        ..Default::default()
     };
     for i in 0..n {
         let name = format!("payments/ha/{tag}/{i:04}");

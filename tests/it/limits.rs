@@ -13,6 +13,7 @@ fn put(name: &str, value: Vec<u8>) -> PutSecretRequest {
         expected_version: None,
         expires_at_unix: None,
         protection: 0,
+        ..Default::default()
     }
 }
 
@@ -98,6 +99,7 @@ async fn sizes_names_and_pages_are_bounded() {
         prefix: "payments".into(),
         page_size,
         page_token: page_token.into(),
+        ..Default::default()
     };
     let e = c.list_secrets(list(6, "")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -111,6 +113,7 @@ async fn sizes_names_and_pages_are_bounded() {
             prefix: "a//b".into(),
             page_size: 1,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

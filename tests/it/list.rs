@@ -19,6 +19,7 @@ fn list(prefix: &str, page_size: u32, page_token: &str) -> ListSecretsRequest {
         prefix: prefix.into(),
         page_size,
         page_token: page_token.into(),
+        ..Default::default()
     }
 }
 
@@ -29,6 +30,7 @@ fn put(name: &str) -> PutSecretRequest {
         expected_version: None,
         expires_at_unix: None,
         protection: 0,
+        ..Default::default()
     }
 }
 
@@ -43,6 +45,7 @@ fn fill(env: &TestEnv, names: impl IntoIterator<Item = (String, bool)>) {
         let head = HeadV1 {
             latest_version: 1,
             deleted,
+            ..Default::default()
         };
         (name, head.encode_to_vec())
     });

@@ -21,6 +21,7 @@ mod faults;
 mod frontdoor;
 mod ha;
 mod invariants;
+mod lifecycle;
 mod limits;
 mod list;
 mod memory;

@@ -80,6 +80,7 @@ async fn client_call(
                 expected_version: None,
                 expires_at_unix: None,
                 protection: 0,
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -96,6 +97,7 @@ async fn client_call(
                 prefix: name,
                 page_size: 10,
                 page_token: String::new(),
+                ..Default::default()
             })
             .await
             .map(drop),

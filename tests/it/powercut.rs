@@ -244,6 +244,7 @@ fn put(name: &str, value: &[u8]) -> PutSecretRequest {
         expected_version: None,
         expires_at_unix: None,
         protection: 0,
+        ..Default::default()
     }
 }
 

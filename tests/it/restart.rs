@@ -31,6 +31,7 @@ async fn a_killed_service_serves_every_acknowledged_secret_after_restart() {
                 expected_version: None,
                 expires_at_unix: None,
                 protection: 0,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -97,6 +97,7 @@ async fn put_get_versions_describe_list_delete() {
             prefix: "payments".into(),
             page_size: 0,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -249,6 +250,7 @@ async fn pagination_walks_every_name_once() {
                 prefix: "payments/p/".into(),
                 page_size: 10,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -293,10 +295,12 @@ async fn expired_versions_are_not_served() {
 
     // Wait for the expiry to pass (the service compares whole seconds).
     tokio::time::sleep(Duration::from_millis(3100)).await;
+    // A caller who may read the name is told why (tests/it/lifecycle.rs has the rest).
     let e = c.get_secret(get("payments/ttl", 2)).await.unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("expired at"), "{}", e.message());
     let e = c.get_secret(get("payments/ttl", 0)).await.unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert_eq!(
         c.get_secret(get("payments/ttl", 1))
             .await

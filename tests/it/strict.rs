@@ -9,7 +9,7 @@ use prost::Message;
 use tonic::Code;
 
 use crate::common::{ADMIN, Output, POLICY, Server, TestEnv, put, run_with_stdin};
-use strongroom::envelope::record_aad;
+use strongroom::envelope::record_aad_v1 as record_aad;
 use strongroom::hsm::{self, HsmError, TokenSelector, keys, strict};
 use strongroom::proto::secret_service_client::SecretServiceClient;
 use strongroom::proto::{DescribeSecretRequest, Protection, SealedRecordV1};

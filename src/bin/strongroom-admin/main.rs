@@ -15,6 +15,7 @@ use std::process::ExitCode;
 mod audit_cmd;
 mod migrate_cmd;
 mod online;
+mod report_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -105,6 +106,9 @@ pub(crate) enum Command {
     /// for a lost file (offline).
     #[command(subcommand)]
     Audit(audit_cmd::AuditCmd),
+    /// Reports over the whole store: `report expiring --within 7d` (online).
+    #[command(subcommand)]
+    Report(report_cmd::ReportCmd),
     /// Write a development PKI (server, client and admin CAs and certificates).
     DevPki {
         /// Output directory.
@@ -250,6 +254,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         | Command::Approve { .. }
         | Command::Reject { .. }
         | Command::Secret(_)
+        | Command::Report(_)
         | Command::Store(online::StoreCmd::Accept)
         | Command::Key(KeyCmd::Rotate)
         | Command::Audit(audit_cmd::AuditCmd::Rotate { .. }) => {

@@ -438,6 +438,7 @@ async fn run_async(target: &Target, format: Format, command: &Command) -> Result
                 .into_inner();
             print_operation(format, &r)
         }
+        Command::Report(cmd) => crate::report_cmd::run(&mut c, format, cmd).await,
         _ => Err(Failure::Local("not an online command".into())),
     }
 }

@@ -738,6 +738,7 @@ pub fn put(name: &str, value: &[u8]) -> strongroom::proto::PutSecretRequest {
         expected_version: None,
         expires_at_unix: None,
         protection: 0,
+        ..Default::default()
     }
 }
 
@@ -760,6 +761,7 @@ pub fn list(prefix: &str) -> strongroom::proto::ListSecretsRequest {
         prefix: prefix.into(),
         page_size: 0,
         page_token: String::new(),
+        ..Default::default()
     }
 }
 
