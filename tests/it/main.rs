@@ -30,6 +30,7 @@ mod mtls;
 mod overload;
 mod oversize;
 mod powercut;
+mod python_client;
 mod refusals;
 mod replicas;
 mod restart;
