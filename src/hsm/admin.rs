@@ -74,7 +74,7 @@ pub enum InitError {
     LabelTaken(String),
     /// No slot has an uninitialised token.
     #[error(
-        "no slot holds an uninitialised token; for SoftHSM2 check SOFTHSM2_CONF and its tokendir"
+        "no slot holds an uninitialised token; check the module's configuration (SoftHSM2: SOFTHSM2_CONF and its tokendir; Kryoptic: KRYOPTIC_CONF and its [[slots]])"
     )]
     NoFreeSlot,
     /// The label is too long for a token label (32 bytes).

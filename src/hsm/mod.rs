@@ -16,6 +16,7 @@ pub mod strict;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -336,7 +337,23 @@ pub fn load_module(path: &Path) -> Result<Pkcs11, HsmError> {
     pkcs11
         .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .map_err(load)?;
+    let kryoptic = pkcs11
+        .get_library_info()
+        .is_ok_and(|i| i.manufacturer_id().trim() == "Kryoptic");
+    UNWRAP_DEVICE_ERROR_IS_INTEGRITY.store(kryoptic, Ordering::Relaxed);
     Ok(pkcs11)
+}
+
+/// Set by [`load_module`] when the module is Kryoptic: it answers a C_UnwrapKey whose AES-KW
+/// integrity check fails with CKR_DEVICE_ERROR (its OpenSSL call failed), where SoftHSM2 and
+/// hardware tokens answer CKR_WRAPPED_KEY_INVALID or CKR_ENCRYPTED_DATA_INVALID. (One module
+/// per process: PKCS#11 initialises once per process.)
+static UNWRAP_DEVICE_ERROR_IS_INTEGRITY: AtomicBool = AtomicBool::new(false);
+
+/// Whether CKR_DEVICE_ERROR from C_UnwrapKey means "this wrapping does not open" on the
+/// loaded module (Kryoptic) rather than a failing device.
+pub fn unwrap_device_error_is_integrity() -> bool {
+    UNWRAP_DEVICE_ERROR_IS_INTEGRITY.load(Ordering::Relaxed)
 }
 
 /// Finds the slot holding the initialised token that `selector` names.

@@ -32,8 +32,8 @@ use crate::envelope::{DEK_LEN, DataKey, GCM_NONCE_LEN, GCM_TAG_LEN};
 #[serde(rename_all = "lowercase")]
 pub enum KeyCopy {
     /// A session-object copy made at start (CKA_TOKEN=false): ~1.7× faster on SoftHSM2,
-    /// but SoftHSM2 refuses it for keys with CKA_MODIFIABLE=false (the service then falls
-    /// back to the token object and says so in the log).
+    /// but SoftHSM2 and Kryoptic refuse it for keys with CKA_MODIFIABLE=false (the service
+    /// then falls back to the token object and says so in the log).
     Session,
     /// The token object itself.
     #[default]
@@ -577,10 +577,12 @@ impl Shared {
                 KeyCopy::Token => handle,
                 KeyCopy::Session => match keys::session_copy(anchor, handle) {
                     Ok(copy) => copy,
-                    // SoftHSM2 refuses C_CopyObject with a template on a key that has
-                    // CKA_MODIFIABLE=false, as our master keys do: use the token object.
+                    // Tokens refuse C_CopyObject with a template on a key that has
+                    // CKA_MODIFIABLE=false, as our master keys do: SoftHSM2 with
+                    // CKR_ATTRIBUTE_READ_ONLY, Kryoptic with CKR_ACTION_PROHIBITED. Use the
+                    // token object.
                     Err(HsmError::Pkcs11 {
-                        rv: RvError::AttributeReadOnly,
+                        rv: RvError::AttributeReadOnly | RvError::ActionProhibited,
                         ..
                     }) => {
                         tracing::warn!(

@@ -149,6 +149,14 @@ pub fn unwrap_dek<'a>(
         Err(CkError::Pkcs11(rv, _)) if is_unwrap_authentication(rv) => {
             Err(HsmError::UnwrapAuthentication)
         }
+        // Kryoptic answers a wrapping that fails AES-KW's integrity check with
+        // CKR_DEVICE_ERROR (see `hsm::unwrap_device_error_is_integrity`); on other tokens a
+        // device error stays the transient fault it claims to be.
+        Err(CkError::Pkcs11(RvError::DeviceError, _))
+            if super::unwrap_device_error_is_integrity() =>
+        {
+            Err(HsmError::UnwrapAuthentication)
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -1,6 +1,7 @@
-//! Integration tests: one binary, against real SoftHSM2 tokens (a fresh token directory per
-//! test), real mutual TLS on 127.0.0.1:0 and real sled stores. Run with cargo-nextest, which
-//! gives each test its own process (PKCS#11 initialises once per process).
+//! Integration tests: one binary, against real PKCS#11 tokens (SoftHSM2, or Kryoptic with
+//! `STRONGROOM_TEST_TOKEN=kryoptic`; a fresh token per test), real mutual TLS on 127.0.0.1:0
+//! and real sled stores. Run with cargo-nextest, which gives each test its own process
+//! (PKCS#11 initialises once per process).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -32,12 +33,14 @@ mod operating;
 mod overload;
 mod oversize;
 mod powercut;
+mod python_client;
 mod refusals;
 mod replicas;
 mod restart;
 mod rollback;
 mod service;
 mod strict;
+mod tokens;
 mod watch;
 mod writeahead;
 mod wycheproof;

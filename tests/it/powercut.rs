@@ -84,15 +84,7 @@ impl Disk {
         std::fs::create_dir(&mnt).unwrap();
         std::fs::rename(root.join("tokens"), backing.join("tokens")).unwrap();
         let pc = Powercut::mount(&backing, &mnt).expect("mount the simulator");
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-config/softhsm2.conf.template"),
-        )
-        .unwrap();
-        std::fs::write(
-            root.join("softhsm2.conf"),
-            template.replace("@TOKENDIR@", mnt.join("tokens").to_str().unwrap()),
-        )
-        .unwrap();
+        env.point_tokens_at(&mnt.join("tokens"));
         let store = match backend {
             Backend::Sled => "[store]\npath = \"disk/store\"".to_owned(),
             Backend::Etcd => {
@@ -531,6 +523,7 @@ async fn power_cut_during_and_after_key_generate_keeps_the_keys_records_use() {
         // A cut at a random moment of `key generate` (a separate process).
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom-admin"));
         cmd.env("SOFTHSM2_CONF", disk.env.dir.path().join("softhsm2.conf"))
+            .env("KRYOPTIC_CONF", disk.env.dir.path().join("kryoptic.conf"))
             .env("STRONGROOM_PKCS11_MODULE", &disk.env.module)
             .env("STRONGROOM_TOKEN", &disk.env.label)
             .env("STRONGROOM_USER_PIN", &disk.env.user_pin)

@@ -351,7 +351,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     } else {
                         println!("generated master key version {version} ({})", report.label);
                         println!(
-                            "back up the token now: SoftHSM2 does not fsync new keys, and records sealed under a lost key cannot be read"
+                            "back up the token now: records sealed under a lost key cannot be read"
                         );
                     }
                     let problems = report.problems();

@@ -1,10 +1,17 @@
-//! The shared fixture: a fresh SoftHSM2 token (its own directory), a provisioned master key,
+//! The shared fixture: a fresh PKCS#11 token (its own directory), a provisioned master key,
 //! a test PKI, a sled store directory, and `strongroomd` as a real process on 127.0.0.1:0.
 //!
-//! The PKCS#11 module, PINs and token label come from the environment so the same suite can
-//! run against another token implementation:
-//! `STRONGROOM_TEST_PKCS11_MODULE` (default SoftHSM2), `STRONGROOM_TEST_TOKEN_LABEL`,
-//! `STRONGROOM_TEST_SO_PIN`, `STRONGROOM_TEST_USER_PIN`.
+//! `STRONGROOM_TEST_TOKEN` chooses the token implementation: `softhsm2` (the default) or
+//! `kryoptic` (built and cached by `scripts/kryoptic.sh`). Either way every test env has its
+//! own token under `<dir>/tokens`: SoftHSM2 through `SOFTHSM2_CONF` (`<dir>/softhsm2.conf`),
+//! Kryoptic through `KRYOPTIC_CONF` (`<dir>/kryoptic.conf`, one sqlite slot). Both variables
+//! are set in the test process and for every binary it starts, so tests use the same API on
+//! either token. Tests that depend on one implementation's files or quirks skip on the
+//! other with a printed reason ([`skip_on_kryoptic`]).
+//!
+//! The PKCS#11 module, PINs and token label can be overridden from the environment:
+//! `STRONGROOM_TEST_PKCS11_MODULE` (default: the chosen token's module),
+//! `STRONGROOM_TEST_TOKEN_LABEL`, `STRONGROOM_TEST_SO_PIN`, `STRONGROOM_TEST_USER_PIN`.
 //!
 //! `STRONGROOM_TEST_STORE=etcd` runs the same suite on the etcd backend: each test env starts
 //! its own single-member etcd over mutual TLS (see [`Etcd`]) and the configuration's `[store]`
@@ -28,12 +35,74 @@ use tonic::transport::{Channel, Endpoint};
 mod cluster;
 pub use cluster::*;
 
-/// Points this process's SoftHSM2 at the test's own token directory (read at C_Initialize).
+/// Points this process's token module at the test's own token (read at C_Initialize):
+/// `SOFTHSM2_CONF` or `KRYOPTIC_CONF`.
 #[allow(unsafe_code)]
-fn set_softhsm_conf(conf: &Path) {
+fn set_token_conf(var: &str, conf: &Path) {
     // SAFETY: called from the test's own thread before it loads the PKCS#11 module or starts
     // any other thread that reads the environment; nextest runs each test in its own process.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
+    unsafe { std::env::set_var(var, conf) };
+}
+
+/// The PKCS#11 implementation the suite runs on (`STRONGROOM_TEST_TOKEN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Token {
+    /// SoftHSM2 2.6 (Debian's `softhsm2`), the default.
+    SoftHsm2,
+    /// Kryoptic (the `kryoptic` crate), built by `scripts/kryoptic.sh`.
+    Kryoptic,
+}
+
+/// The Kryoptic version `scripts/kryoptic.sh` builds (keep the two in step).
+pub const KRYOPTIC_VERSION: &str = "1.5.4";
+
+impl Token {
+    /// From `STRONGROOM_TEST_TOKEN` (`softhsm2` when unset); an unknown name fails the test.
+    pub fn from_env() -> Token {
+        match std::env::var("STRONGROOM_TEST_TOKEN").as_deref() {
+            Err(_) | Ok("") | Ok("softhsm2") => Token::SoftHsm2,
+            Ok("kryoptic") => Token::Kryoptic,
+            Ok(other) => {
+                panic!("STRONGROOM_TEST_TOKEN={other}: expected softhsm2 or kryoptic")
+            }
+        }
+    }
+
+    /// The module's default path.
+    pub fn default_module(self) -> PathBuf {
+        match self {
+            Token::SoftHsm2 => "/usr/lib/softhsm/libsofthsm2.so".into(),
+            Token::Kryoptic => {
+                let cache = std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+                    .unwrap_or_else(|| PathBuf::from("/root/.cache"));
+                cache
+                    .join("strongroom")
+                    .join(format!("kryoptic-{KRYOPTIC_VERSION}"))
+                    .join("libkryoptic_pkcs11.so")
+            }
+        }
+    }
+
+    /// The name people know it by, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Token::SoftHsm2 => "SoftHSM2",
+            Token::Kryoptic => "Kryoptic",
+        }
+    }
+}
+
+/// True (and prints why) when the suite runs on Kryoptic: for tests that depend on SoftHSM2's
+/// token files or SoftHSM2-only behaviour.
+pub fn skip_on_kryoptic(why: &str) -> bool {
+    if Token::from_env() == Token::Kryoptic {
+        println!("skipped on Kryoptic: {why}");
+        true
+    } else {
+        false
+    }
 }
 
 /// Identities of the test PKI, by certificate file stem.
@@ -83,6 +152,8 @@ capabilities = ["list"]
 
 pub struct TestEnv {
     pub dir: TempDir,
+    /// The token implementation (`STRONGROOM_TEST_TOKEN`).
+    pub token: Token,
     pub module: PathBuf,
     pub label: String,
     pub so_pin: String,
@@ -91,6 +162,30 @@ pub struct TestEnv {
     pub store: PathBuf,
     /// The test's own etcd, when the suite runs on etcd.
     pub etcd: Option<Etcd>,
+}
+
+/// Writes `<dir>/softhsm2.conf` and `<dir>/kryoptic.conf`, both keeping their token in
+/// `tokens` (SoftHSM2: a folder per token; Kryoptic: one sqlite file, `token.sql`). Both are
+/// written whatever the token, so a test may name either file.
+fn write_token_confs(dir: &Path, tokens: &Path) {
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-config/softhsm2.conf.template"),
+    )
+    .expect("softhsm template");
+    std::fs::write(
+        dir.join("softhsm2.conf"),
+        template.replace("@TOKENDIR@", tokens.to_str().unwrap()),
+    )
+    .expect("softhsm conf");
+    std::fs::write(
+        dir.join("kryoptic.conf"),
+        format!(
+            "[[slots]]\nslot = 1\ndescription = \"strongroom test token\"\n\
+             dbtype = \"sqlite\"\ndbargs = \"{}\"\n",
+            tokens.join("token.sql").display()
+        ),
+    )
+    .expect("kryoptic conf");
 }
 
 fn env_or(key: &str, default: &str) -> String {
@@ -119,24 +214,24 @@ impl TestEnv {
         let dir = tempfile::tempdir().expect("tempdir");
         let tokens = dir.path().join("tokens");
         std::fs::create_dir_all(&tokens).expect("token dir");
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-config/softhsm2.conf.template"),
-        )
-        .expect("softhsm template");
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            template.replace("@TOKENDIR@", tokens.to_str().unwrap()),
-        )
-        .expect("softhsm conf");
+        write_token_confs(dir.path(), &tokens);
         // This process may load the module too (invariant tests): point it at our token.
-        set_softhsm_conf(&conf);
+        set_token_conf("SOFTHSM2_CONF", &dir.path().join("softhsm2.conf"));
+        set_token_conf("KRYOPTIC_CONF", &dir.path().join("kryoptic.conf"));
+        let token = Token::from_env();
+        let module: PathBuf = std::env::var_os("STRONGROOM_TEST_PKCS11_MODULE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| token.default_module());
+        assert!(
+            module.exists(),
+            "{} module {} is missing (for Kryoptic run scripts/kryoptic.sh; for SoftHSM2 \
+             scripts/deps.sh)",
+            token.name(),
+            module.display()
+        );
         let mut env = TestEnv {
-            module: env_or(
-                "STRONGROOM_TEST_PKCS11_MODULE",
-                "/usr/lib/softhsm/libsofthsm2.so",
-            )
-            .into(),
+            token,
+            module,
             label: env_or("STRONGROOM_TEST_TOKEN_LABEL", "strongroom-test"),
             so_pin: env_or("STRONGROOM_TEST_SO_PIN", "so-pin-0000"),
             user_pin: env_or("STRONGROOM_TEST_USER_PIN", "user-pin-0000"),
@@ -152,6 +247,12 @@ impl TestEnv {
         env.admin(&["token", "init", "--label", &env.label])
             .assert_ok();
         env
+    }
+
+    /// Moves the token's storage to `tokens` (a directory the caller filled, e.g. on a
+    /// simulated disk): rewrites both token configurations to point there.
+    pub fn point_tokens_at(&self, tokens: &Path) {
+        write_token_confs(self.dir.path(), tokens);
     }
 
     /// Writes the test PKI; every private key (`*-key.pem`) with mode 0600, as strongroomd
@@ -218,6 +319,7 @@ impl TestEnv {
     /// Environment shared by the binaries.
     fn apply_env(&self, cmd: &mut Command) {
         cmd.env("SOFTHSM2_CONF", self.dir.path().join("softhsm2.conf"))
+            .env("KRYOPTIC_CONF", self.dir.path().join("kryoptic.conf"))
             .env("STRONGROOM_PKCS11_MODULE", &self.module)
             .env("STRONGROOM_TOKEN", &self.label)
             .env("STRONGROOM_SO_PIN", &self.so_pin)
