@@ -129,11 +129,14 @@ limited! {
         StatusRequest, GetPolicyRequest, ListPoliciesRequest, DeletePolicyRequest,
         CheckPolicyRequest, DestroySecretRequest, RotateMasterKeyRequest,
         RotateAuditLogRequest, AcceptStoreStateRequest, ListApprovalsRequest, GetApprovalRequest, ApproveRequest,
-        RejectRequest;
+        RejectRequest,
+        // AdminService: re-wrap and retirement
+        RewrapRequest, WatchRewrapRequest, ListMasterKeysRequest, SetMasterKeyStateRequest;
     Unlimited:
         PutSecretResponse, GetSecretResponse, DescribeSecretResponse, ListSecretsResponse,
         DeleteSecretResponse, WatchEvent, StatusResponse, OperationResponse, PolicyInfo,
-        ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval;
+        ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval,
+        RewrapResponse, RewrapProgress, ListMasterKeysResponse;
 }
 
 /// The decode limit of the request of the gRPC method at `path` (`/package.Service/Method`)

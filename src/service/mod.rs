@@ -10,6 +10,7 @@ pub mod approvals;
 mod jobs;
 mod page_token;
 mod policies;
+pub mod rewrap;
 mod rollback;
 mod secrets;
 mod watch;
@@ -367,6 +368,8 @@ impl Server {
         // admin.approval_purge_interval_secs; nothing to do without an admin plane.
         let purge = tokio::spawn(approvals::purge_task(state.clone()));
         let reports = tokio::spawn(jobs::state_reports(state.clone()));
+        // A re-wrap recorded as running resumes here (rewrap.rs).
+        let rewraps = tokio::spawn(rewrap::supervise(state.clone()));
         // Losing the replica id to another process stops this one (see jobs::keep_replica).
         let (replica_lock, keeper) = match self.replica_lock {
             Some((lock, keeper)) => (Some(lock), Some(keeper)),
@@ -472,6 +475,7 @@ impl Server {
         epochs.abort();
         purge.abort();
         reports.abort();
+        rewraps.abort();
         if let Err(e) = rollback::record(&state).await {
             tracing::error!(error = %e, "cannot record the final store epoch in the token");
         }

@@ -504,7 +504,7 @@ async fn get(state: &State, ctx: &Ctx, req: &GetSecretRequest) -> Result<GetSecr
     if is_expired(&record, unix_now()) {
         return Err(Error::NotFound);
     }
-    let value = open_record(state, ctx, &name, &record).await?;
+    let value = open_record(state, ctx.deadline, &name, &record).await?;
     let mut value = value.into_inner();
     Ok(GetSecretResponse {
         name: name.as_str().to_owned(),
@@ -794,9 +794,9 @@ fn is_expired(record: &SealedRecord, now: i64) -> bool {
 
 /// Unwraps the data key in the token and decrypts the value, binding both to the identity
 /// the caller asked for (not the one the record claims).
-async fn open_record(
+pub(crate) async fn open_record(
     state: &State,
-    ctx: &Ctx,
+    deadline: Duration,
     name: &SecretName,
     record: &SealedRecord,
 ) -> Result<crate::secret::SecretValue, Error> {
@@ -814,7 +814,7 @@ async fn open_record(
                     record.nonce.clone(),
                     aad,
                     record.ciphertext.clone(),
-                    ctx.deadline,
+                    deadline,
                 )
                 .await?;
             return Ok(crate::secret::SecretValue::new(plain));
@@ -832,7 +832,7 @@ async fn open_record(
             record.master_key_version,
             record.wrapped_dek.clone(),
             aad.clone(),
-            ctx.deadline,
+            deadline,
         )
         .await?;
     envelope::open(&dek, &record.nonce, &aad, &record.ciphertext).map_err(|_| {

@@ -581,6 +581,58 @@ impl Store for SledStore {
         Ok(destroyed.0)
     }
 
+    fn replace_records(
+        &self,
+        lock: &Lock,
+        pairs: &[(SealedRecord, SealedRecord)],
+    ) -> Result<Result<Vec<bool>, Fenced>, StoreError> {
+        if pairs.len() > super::MAX_REPLACE_BATCH {
+            return Err(StoreError::Corrupt {
+                key: "replace_records".into(),
+                reason: format!(
+                    "{} pairs, more than {}",
+                    pairs.len(),
+                    super::MAX_REPLACE_BATCH
+                ),
+            });
+        }
+        self.locks.fenced(lock, || {
+            let (replaced, epoch) = {
+                let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+                let mut replaced = Vec::with_capacity(pairs.len());
+                let mut changes = Vec::new();
+                for (old, new) in pairs {
+                    let name = SecretName::parse(&old.name, crate::secret::MAX_NAME_BYTES_CEILING)
+                        .map_err(|e| corrupt(old.name.as_bytes(), e))?;
+                    if new.name != old.name || new.version != old.version {
+                        return Err(corrupt(
+                            old.name.as_bytes(),
+                            "a re-seal must keep the record's name and version",
+                        ));
+                    }
+                    let key = record_key(&name, old.version);
+                    let change = self.change(key, Some(new.encode_to_vec()))?;
+                    // Unchanged since it was read: byte for byte the record the caller opened.
+                    let same = change
+                        .old
+                        .as_ref()
+                        .is_some_and(|v| v.as_ref() == old.encode_to_vec().as_slice());
+                    replaced.push(same);
+                    if same {
+                        changes.push(change);
+                    }
+                }
+                if changes.is_empty() {
+                    return Ok(replaced);
+                }
+                (replaced, self.apply(&mut w, changes)?)
+            };
+            self.flush()?;
+            self.publish(epoch);
+            Ok(replaced)
+        })
+    }
+
     fn count_wraps(&self, mk: u32, n: u64) -> Result<u64, StoreError> {
         let mut key = vec![WRAPS];
         key.extend_from_slice(&mk.to_be_bytes());
