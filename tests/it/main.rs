@@ -32,6 +32,7 @@ mod powercut;
 mod refusals;
 mod replicas;
 mod restart;
+mod rewrap;
 mod rollback;
 mod service;
 mod strict;
