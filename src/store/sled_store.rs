@@ -1450,4 +1450,72 @@ mod tests {
         assert!(writer.join().unwrap() > 0);
         assert!(store.verify_state().unwrap().matches());
     }
+
+    #[test]
+    fn replace_records_replaces_only_what_is_unchanged_and_keeps_the_commitment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), test_key()).unwrap();
+        let lock = store
+            .try_lock("job/rewrap", "test", Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        store.commit(&record("a/x", 1), None).unwrap().unwrap();
+        store.commit(&record("a/y", 1), None).unwrap().unwrap();
+        let resealed = |r: &SealedRecord| SealedRecord {
+            master_key_version: 2,
+            ..r.clone()
+        };
+        let x = store.get(&name("a/x"), 1).unwrap().unwrap();
+        // y as a reader saw it before someone else changed it.
+        let stale_y = SealedRecord {
+            ciphertext: vec![9; 20],
+            ..record("a/y", 1)
+        };
+        let done = store
+            .replace_records(
+                &lock,
+                &[
+                    (x.clone(), resealed(&x)),
+                    (stale_y.clone(), resealed(&stale_y)),
+                ],
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(done, vec![true, false]);
+        assert_eq!(
+            store
+                .get(&name("a/x"), 1)
+                .unwrap()
+                .unwrap()
+                .master_key_version,
+            2
+        );
+        assert_eq!(
+            store.get(&name("a/y"), 1).unwrap().unwrap(),
+            record("a/y", 1)
+        );
+        // A deleted record is not brought back.
+        let y = record("a/y", 1);
+        store.delete(&name("a/y")).unwrap();
+        let done = store
+            .replace_records(&lock, &[(y.clone(), resealed(&y))])
+            .unwrap()
+            .unwrap();
+        assert_eq!(done, vec![false]);
+        assert!(store.get(&name("a/y"), 1).unwrap().is_none());
+        assert!(store.verify_state().unwrap().matches());
+        // A record may not change identity, and a lock given up fences the write.
+        let moved = SealedRecord {
+            version: 2,
+            ..resealed(&x)
+        };
+        assert!(store.replace_records(&lock, &[(x.clone(), moved)]).is_err());
+        store.unlock(&lock).unwrap();
+        assert!(
+            store
+                .replace_records(&lock, &[(x.clone(), resealed(&x))])
+                .unwrap()
+                .is_err()
+        );
+    }
 }
