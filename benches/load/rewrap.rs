@@ -108,7 +108,7 @@ pub(crate) async fn part_rewrap(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>)
         tokio::task::spawn_blocking(move || raw_rate(&module, &conf, &label, secs)).await??
     };
     eprintln!(
-        "  raw C_Decrypt + C_Encrypt of a data key: {}/s",
+        "  raw C_Decrypt + C_Encrypt of a data key: {}",
         fmt_rate(raw)
     );
 
@@ -116,12 +116,12 @@ pub(crate) async fn part_rewrap(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>)
     admin.rotate_master_key(RotateMasterKeyRequest {}).await?;
     let rate = rewrap(&mut admin, u32::MAX).await?;
     let ratio = rate / raw;
-    eprintln!("  re-wrap: {}/s, {ratio:.2} of raw", fmt_rate(rate));
+    eprintln!("  re-wrap: {}, {ratio:.2} of raw", fmt_rate(rate));
     rows.push(row(
         "re-wrap rate / raw token unwrap+wrap",
         format!("{ratio:.2}"),
-        format!("re-wrap {records} records: {}/s", fmt_rate(rate)),
-        format!("raw C_Decrypt+C_Encrypt, 1 session: {}/s", fmt_rate(raw)),
+        format!("re-wrap {records} records: {}", fmt_rate(rate)),
+        format!("raw C_Decrypt+C_Encrypt, 1 session: {}", fmt_rate(raw)),
         verdict(ratio, 0.8),
     ));
 

@@ -288,6 +288,14 @@ pub(crate) async fn supervise(state: Arc<State>) {
                 match jobs::run_once(&state, JOB, |held| run(s, held)).await {
                     Ok(Some(())) => continue,
                     Ok(None) | Err(Error::LostLock(_)) => {}
+                    // Retrying cannot help (the new key's wrap limit, a progress record that
+                    // does not parse): the job ends as failed, saying why.
+                    Err(e @ (Error::FailedPrecondition(_) | Error::DataLoss(_))) => {
+                        tracing::error!(error = %e, "the re-wrap job failed");
+                        if let Err(e) = fail(&state, &e.to_string()).await {
+                            tracing::warn!(error = %e, "cannot record the re-wrap's failure");
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "the re-wrap job stopped; it resumes at its cursor")
                     }
@@ -301,6 +309,15 @@ pub(crate) async fn supervise(state: Arc<State>) {
             () = tokio::time::sleep(state.jobs.renew.max(Duration::from_millis(200))) => {}
         }
     }
+}
+
+/// Records the running job as failed with `why` (the next `rewrap` may start again).
+async fn fail(state: &State, why: &str) -> Result<(), Error> {
+    let mut p = load(state).await.unwrap_or_default();
+    p.state = "failed".into();
+    p.error = why.to_owned();
+    p.finished_at_unix = super::secrets::unix_now();
+    save(state, &p).await
 }
 
 /// The job itself: from the saved cursor, re-seals every record to move, a batch at a
