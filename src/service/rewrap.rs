@@ -3,14 +3,14 @@
 //! **Re-wrap** moves every record sealed under an older master key version (or only
 //! `from_version`) to the current one while the service keeps serving. Officers start it under
 //! dual control (`Rewrap`); it runs as the once-only job `rewrap` under the job lease
-//! ([`jobs::run_once`]) on whichever replica holds the lock, and its progress — the
+//! (`jobs::run_once`) on whichever replica holds the lock, and its progress — the
 //! parameters, a cursor (the store's export position) and counters — is kept in the store's
 //! bookkeeping (`m/rewrap`), written under the lock's fence after every page, so a crash or
 //! `kill -9` leaves it `running` and the next start (or another replica) resumes at the
-//! cursor. Each record is re-sealed by [`reseal`]: opened through the service's own open path
+//! cursor. Each record is re-sealed by `reseal`: opened through the service's own open path
 //! and sealed again as the same version with the same metadata under the current key. The
 //! new record replaces the old only if the stored one is still byte for byte what was read
-//! ([`Store::replace_records`](crate::store::Store::replace_records), in the state
+//! ([`Store::replace_records`], in the state
 //! commitment's batch), so a concurrent write or delete loses nothing. The rate is limited
 //! (records/s); `WatchRewrap` streams the progress.
 //!
@@ -18,7 +18,7 @@
 //! references by scanning every record, never from the progress.
 //!
 //! **Retirement**: a version moves active → decrypt-only → disabled → destroyed, one
-//! guarded step at a time ([`check_step`]); disable and destroy are refused while any record
+//! guarded step at a time (`check_step`); disable and destroy are refused while any record
 //! references the version. The states live in the token ([`crate::hsm::lifecycle`]).
 
 use std::collections::BTreeMap;
