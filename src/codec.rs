@@ -130,12 +130,15 @@ limited! {
         CheckPolicyRequest, DestroySecretRequest, RotateMasterKeyRequest,
         RotateAuditLogRequest, AcceptStoreStateRequest, ListApprovalsRequest, GetApprovalRequest, ApproveRequest,
         RejectRequest,
-        ReportExpiringRequest;
+        ReportExpiringRequest,
+        // AdminService: re-wrap and retirement
+        RewrapRequest, WatchRewrapRequest, ListMasterKeysRequest, SetMasterKeyStateRequest;
     Unlimited:
         PutSecretResponse, GetSecretResponse, DescribeSecretResponse, ListSecretsResponse,
         DeleteSecretResponse, WatchEvent, StatusResponse, OperationResponse, PolicyInfo,
         ListPoliciesResponse, CheckPolicyResponse, ListApprovalsResponse, Approval,
-        ReportExpiringResponse;
+        ReportExpiringResponse,
+        RewrapResponse, RewrapProgress, ListMasterKeysResponse;
 }
 
 /// The decode limit of the request of the gRPC method at `path` (`/package.Service/Method`)

@@ -27,6 +27,9 @@ pub(crate) enum Part {
     Scale,
     /// GetSecret of hsm-only (strict mode) records vs envelope records (benches/load/strict.rs).
     Strict,
+    /// Re-wrap rate vs raw token unwrap+wrap; GetSecret p50 during re-wrap vs without
+    /// (benches/load/rewrap.rs).
+    Rewrap,
     Diag,
     Frontdoor,
     Wal,
@@ -47,7 +50,7 @@ pub(crate) enum CustomTarget {
 #[derive(Args, Clone, Debug)]
 pub(crate) struct Opts {
     /// Parts to run, comma-separated: audit, floor, hsm, put, big, scale, strict, diag,
-    /// frontdoor, wal, custom, all.
+    /// rewrap, frontdoor, wal, custom, all.
     #[arg(
         long,
         env = "STRONGROOM_BENCH_PARTS",

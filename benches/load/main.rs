@@ -29,6 +29,8 @@
 //!   through the Store API on sled and on a 1-member etcd; GetSecret p50 against a 1K store
 //!   and the server's VmRSS/VmHWM, and GetSecret/PutSecret on etcd versus sled
 //!   (`STRONGROOM_BENCH_SCALE_BACKENDS=sled` for sled alone);
+//! - `rewrap` (not in the default parts): the re-wrap job's rate versus the raw token's
+//!   unwrap+wrap rate, and GetSecret p50 during a re-wrap versus without.
 //! - `strict` (not in the default parts): GetSecret of strict-mode (`hsm-only`) records versus
 //!   envelope records, both written into one server, the two read alternately;
 //! - `diag`: the service with its process log at `warn` instead of `info`, without audit
@@ -68,6 +70,7 @@ mod lab;
 mod p11;
 mod parts;
 mod report;
+mod rewrap;
 mod scale;
 mod strict;
 mod util;
@@ -82,6 +85,7 @@ use crate::hsm::{hsm_bench, part_hsm};
 use crate::lab::Lab;
 use crate::parts::{part_custom, part_diag, part_put, part_reads};
 use crate::report::{machine, table};
+use crate::rewrap::part_rewrap;
 use crate::scale::{part_scale, scale_populate};
 use crate::strict::part_strict;
 use crate::util::runtime;
@@ -190,6 +194,9 @@ fn driver(opts: Opts) -> Res<()> {
         }
         if parts.contains(&Part::Strict) {
             part_strict(&mut lab, &plan, &mut rows).await?;
+        }
+        if parts.contains(&Part::Rewrap) {
+            part_rewrap(&mut lab, &plan, &mut rows).await?;
         }
         if parts.contains(&Part::Diag) {
             part_diag(&mut lab, &plan, &mut rows).await?;

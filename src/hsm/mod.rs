@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod gcm;
 pub mod keys;
+pub mod lifecycle;
 pub mod pin;
 pub mod pool;
 pub mod strict;

@@ -427,6 +427,43 @@ impl Hsm {
         .map_err(|_| HsmError::Closed)?
     }
 
+    /// Every master key version's state as the token keeps it (see [`lifecycle`]).
+    ///
+    /// [`lifecycle`]: super::lifecycle
+    pub async fn key_states(&self) -> Result<super::lifecycle::KeyStates, HsmError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.with_anchor(super::lifecycle::KeyStates::read))
+            .await
+            .map_err(|_| HsmError::Closed)?
+    }
+
+    /// Every master key version the token holds (whatever its state), lowest first.
+    pub async fn master_keys_in_token(&self) -> Result<Vec<u32>, HsmError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            shared.with_anchor(|a| Ok(keys::find(a)?.into_iter().map(|(v, _)| v).collect()))
+        })
+        .await
+        .map_err(|_| HsmError::Closed)?
+    }
+
+    /// Moves master key `version` to `state` in the token (destroying its object for
+    /// [`Destroyed`](super::lifecycle::KeyState::Destroyed)) and finds the keys again, so a
+    /// disabled version leaves the keyring at once.
+    pub async fn set_key_state(
+        &self,
+        version: u32,
+        state: super::lifecycle::KeyState,
+    ) -> Result<(), HsmError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            shared.with_anchor(|a| super::lifecycle::set_state(a, version, state))?;
+            shared.reload_keys()
+        })
+        .await
+        .map_err(|_| HsmError::Closed)?
+    }
+
     /// Reads a private strongroom data object from the token.
     pub async fn read_data(&self, label: impl Into<String>) -> Result<Option<Vec<u8>>, HsmError> {
         let shared = self.shared.clone();
@@ -572,7 +609,12 @@ impl Shared {
         for why in rejected {
             tracing::error!("refusing a master key: {why}");
         }
+        // Disabled and destroyed versions stay out of the keyring (lifecycle.rs).
+        let states = super::lifecycle::KeyStates::read(anchor)?;
         for (version, handle) in trusted {
+            if !states.get(version).opens() {
+                continue;
+            }
             let working = match self.key_copy {
                 KeyCopy::Token => handle,
                 KeyCopy::Session => match keys::session_copy(anchor, handle) {

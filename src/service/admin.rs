@@ -23,6 +23,10 @@ use crate::proto::{
     ListPoliciesRequest, ListPoliciesResponse, OperationResponse, PolicyInfo, PutPolicyRequest,
     RejectRequest, RotateAuditLogRequest, RotateMasterKeyRequest, StatusRequest, StatusResponse,
 };
+use crate::proto::{
+    ListMasterKeysRequest, ListMasterKeysResponse, RewrapProgress, RewrapRequest, RewrapResponse,
+    SetMasterKeyStateRequest, WatchRewrapRequest,
+};
 use crate::secret::SecretName;
 use crate::store::Aux;
 use crate::tls::Identity;
@@ -36,6 +40,8 @@ const ACCEPT_STORE_STATE: &str = "AcceptStoreState";
 const ROTATE_AUDIT_LOG: &str = "RotateAuditLog";
 /// The audit operation of a guarded operation's execution (its entry precedes the change).
 const EXECUTE: &str = "ExecuteApproval";
+const REWRAP: &str = "Rewrap";
+const SET_MASTER_KEY_STATE: &str = "SetMasterKeyState";
 /// The largest policy document accepted (its request's decode limit follows it).
 const MAX_POLICY_DOCUMENT: usize = crate::codec::MAX_POLICY_DOCUMENT_BYTES;
 
@@ -446,6 +452,150 @@ impl AdminService for AdminApi {
         })
         .await
     }
+
+    async fn rewrap(
+        &self,
+        request: Request<RewrapRequest>,
+    ) -> Result<Response<RewrapResponse>, Status> {
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, REWRAP).await?;
+            let req = request.into_inner();
+            let result = async {
+                if req.dry_run {
+                    let p = super::rewrap::dry_run(&this.state, req.from_version).await?;
+                    return Ok(RewrapResponse {
+                        operation: None,
+                        dry_run: Some(p.to_proto()),
+                    });
+                }
+                super::rewrap::check_request(&this.state, req.from_version).await?;
+                let op = this
+                    .request_guarded(
+                        &officer,
+                        REWRAP,
+                        vec![
+                            ("from_version", req.from_version.to_string()),
+                            ("rate", req.rate.to_string()),
+                        ],
+                    )
+                    .await?;
+                Ok(RewrapResponse {
+                    operation: Some(op),
+                    dry_run: None,
+                })
+            }
+            .await;
+            let detail = result
+                .as_ref()
+                .ok()
+                .and_then(|r| r.operation.as_ref())
+                .and_then(|o| o.approval.as_ref().map(detail_of))
+                .or(req.dry_run.then(|| "dry run".to_owned()));
+            this.finish(&officer, REWRAP, None, result, detail).await
+        })
+        .await
+    }
+
+    type WatchRewrapStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<RewrapProgress, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_rewrap(
+        &self,
+        request: Request<WatchRewrapRequest>,
+    ) -> Result<Response<Self::WatchRewrapStream>, Status> {
+        let this = self.0.clone();
+        let officer = this.begin(&request, "WatchRewrap").await?;
+        let first = super::rewrap::load(&this.state).await;
+        let first = this
+            .finish(&officer, "WatchRewrap", None, first, None)
+            .await?
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let state = this.state.clone();
+        tokio::spawn(async move {
+            // Now, then every change, until the job is no longer running (or the officer
+            // goes away).
+            let mut last = first;
+            if tx.send(Ok(last.to_proto())).await.is_err() {
+                return;
+            }
+            while last.state == "running" {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let now = match super::rewrap::load(&state).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                if now != last {
+                    if tx.send(Ok(now.to_proto())).await.is_err() {
+                        return;
+                    }
+                    last = now;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn list_master_keys(
+        &self,
+        request: Request<ListMasterKeysRequest>,
+    ) -> Result<Response<ListMasterKeysResponse>, Status> {
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, "ListMasterKeys").await?;
+            let result = super::rewrap::list_keys(&this.state)
+                .await
+                .map(|keys| ListMasterKeysResponse { keys });
+            this.finish(&officer, "ListMasterKeys", None, result, None)
+                .await
+        })
+        .await
+    }
+
+    async fn set_master_key_state(
+        &self,
+        request: Request<SetMasterKeyStateRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, SET_MASTER_KEY_STATE).await?;
+            let req = request.into_inner();
+            let result = async {
+                // Refused before any approval when the step is not allowed now.
+                super::rewrap::check_step(&this.state, req.version, &req.state).await?;
+                this.request_guarded(
+                    &officer,
+                    SET_MASTER_KEY_STATE,
+                    vec![
+                        ("version", req.version.to_string()),
+                        ("state", req.state.clone()),
+                    ],
+                )
+                .await
+            }
+            .await;
+            let detail = approval_detail(&result);
+            this.finish(
+                &officer,
+                SET_MASTER_KEY_STATE,
+                Some(&format!("master key version {}", req.version)),
+                result,
+                detail,
+            )
+            .await
+        })
+        .await
+    }
 }
 
 impl AdminApiInner {
@@ -749,6 +899,19 @@ impl AdminApiInner {
                 format!("the store is accepted at epoch {epoch}; secrets are served again")
             }),
             ROTATE_AUDIT_LOG => super::rotate_audit_log(&self.state, &param("reason")).await,
+            REWRAP => {
+                super::rewrap::start(
+                    &self.state,
+                    param("from_version").parse().unwrap_or(0),
+                    param("rate").parse().unwrap_or(0),
+                    &a.id,
+                )
+                .await
+            }
+            SET_MASTER_KEY_STATE => match param("version").parse::<u32>() {
+                Ok(v) => super::rewrap::set_state(&self.state, v, &param("state")).await,
+                Err(_) => Err(Error::InvalidArgument("no master key version".into())),
+            },
             other => Err(Error::Internal(format!("unknown operation {other}"))),
         };
         crate::audit::reconcile::halt_point("officer-after-commit").await;
@@ -829,6 +992,21 @@ impl AdminApiInner {
             // Not a change to the store: the log records its own rotation (the old log's
             // last entry seals it, the new log's first names it).
             ROTATE_AUDIT_LOG => return Ok(None),
+            // The intent names the version the records move to; each record's re-seal is
+            // a compare-and-replace, and the job's end is audited (rewrap.rs).
+            REWRAP => (
+                REWRAP,
+                self.state.hsm.current_master_key().map(u64::from),
+                None,
+            ),
+            SET_MASTER_KEY_STATE => (
+                SET_MASTER_KEY_STATE,
+                a.params
+                    .iter()
+                    .find(|p| p.key == "version")
+                    .and_then(|p| p.value.parse().ok()),
+                None,
+            ),
             other => {
                 return Err(Error::Internal(format!("unknown operation {other}")));
             }

@@ -11,6 +11,7 @@ mod expiry;
 mod jobs;
 mod page_token;
 mod policies;
+pub mod rewrap;
 mod rollback;
 mod seal;
 mod secrets;
@@ -376,6 +377,8 @@ impl Server {
         // admin.approval_purge_interval_secs; nothing to do without an admin plane.
         let purge = tokio::spawn(approvals::purge_task(state.clone()));
         let reports = tokio::spawn(jobs::state_reports(state.clone()));
+        // A re-wrap recorded as running resumes here (rewrap.rs).
+        let rewraps = tokio::spawn(rewrap::supervise(state.clone()));
         // Losing the replica id to another process stops this one (see jobs::keep_replica).
         let (replica_lock, keeper) = match self.replica_lock {
             Some((lock, keeper)) => (Some(lock), Some(keeper)),
@@ -482,6 +485,7 @@ impl Server {
         epochs.abort();
         purge.abort();
         reports.abort();
+        rewraps.abort();
         if let Err(e) = rollback::record(&state).await {
             tracing::error!(error = %e, "cannot record the final store epoch in the token");
         }

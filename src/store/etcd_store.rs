@@ -1191,6 +1191,96 @@ impl Store for EtcdStore {
         ))
     }
 
+    fn replace_records(
+        &self,
+        lock: &Lock,
+        pairs: &[(SealedRecord, SealedRecord)],
+    ) -> Result<Result<Vec<bool>, Fenced>, StoreError> {
+        if pairs.len() > super::MAX_REPLACE_BATCH {
+            return Err(StoreError::Corrupt {
+                key: "replace_records".into(),
+                reason: format!(
+                    "{} pairs, more than {}",
+                    pairs.len(),
+                    super::MAX_REPLACE_BATCH
+                ),
+            });
+        }
+        let mut parts = Vec::with_capacity(pairs.len());
+        for (old, new) in pairs {
+            let name = SecretName::parse(&old.name, crate::secret::MAX_NAME_BYTES_CEILING)
+                .map_err(|e| corrupt(old.name.as_bytes(), e))?;
+            if new.name != old.name || new.version != old.version {
+                return Err(corrupt(
+                    old.name.as_bytes(),
+                    "a re-seal must keep the record's name and version",
+                ));
+            }
+            parts.push((
+                self.record_key(&name, old.version),
+                old.encode_to_vec(),
+                new.encode_to_vec(),
+            ));
+        }
+        let deadline = self.deadline();
+        let lock_key = self.lock_key(&lock.name);
+        // Which pairs may still be replaced: a record found changed drops out, and the rest
+        // are tried again (the transaction is all or nothing).
+        let mut live = vec![true; parts.len()];
+        let mut w = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        for _ in 0..EPOCH_RETRIES {
+            let idx: Vec<usize> = (0..parts.len()).filter(|&i| live[i]).collect();
+            if idx.is_empty() {
+                return Ok(Ok(live));
+            }
+            let base = self.current_frame(deadline, &w)?;
+            let mut compares = Vec::with_capacity(idx.len() + 1);
+            let mut ops = Vec::with_capacity(idx.len());
+            let mut changes = Vec::with_capacity(idx.len());
+            let mut watch = Vec::with_capacity(idx.len() + 1);
+            for &i in &idx {
+                let (key, old, new) = &parts[i];
+                // Byte for byte the record the caller opened.
+                compares.push(Compare::value(key.clone(), CompareOp::Equal, old.clone()));
+                ops.push(TxnOp::put(key.clone(), new.clone(), None));
+                changes.push(Change {
+                    key: key.clone(),
+                    old: Some(old.clone()),
+                    new: Some(new.clone()),
+                });
+                watch.push(key.clone());
+            }
+            compares.push(Compare::create_revision(
+                lock_key.clone(),
+                CompareOp::Equal,
+                lock.fence,
+            ));
+            watch.push(lock_key.clone());
+            match self.attempt(deadline, &mut w, base, compares, ops, &changes, &watch)? {
+                Attempt::Applied(_) => return Ok(Ok(live)),
+                Attempt::Refused(mut now) => {
+                    let holder = now.pop().flatten().map_or(0, |kv| kv.create_revision());
+                    if holder != lock.fence {
+                        return Ok(Err(Fenced {
+                            fence: lock.fence,
+                            now: holder,
+                        }));
+                    }
+                    for (j, &i) in idx.iter().enumerate() {
+                        let same = now
+                            .get(j)
+                            .and_then(|kv| kv.as_ref())
+                            .is_some_and(|kv| kv.value() == parts[i].1.as_slice());
+                        if !same {
+                            live[i] = false;
+                        }
+                    }
+                }
+            }
+        }
+        Err(busy())
+    }
+
     fn count_wraps(&self, mk: u32, n: u64) -> Result<u64, StoreError> {
         let key = self.key(b'w', format!("{mk:010}").as_bytes());
         let mut w = self.writer.lock().map_err(|_| StoreError::Poisoned)?;

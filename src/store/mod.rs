@@ -48,6 +48,10 @@ pub const DEFAULT_WATCH_HISTORY: u64 = 10_000;
 /// The most revisions of changes sled's change log may keep.
 pub const MAX_WATCH_HISTORY: u64 = 10_000_000;
 
+/// The most pairs one [`Store::replace_records`] call takes (etcd's default
+/// `--max-txn-ops` is 128: each pair is one compare and one put, plus the frame's).
+pub const MAX_REPLACE_BATCH: usize = 60;
+
 /// The etcd key namespace when the configuration names none.
 pub const DEFAULT_ETCD_PREFIX: &str = "strongroom/";
 
@@ -385,6 +389,18 @@ pub trait Store: Send + Sync + 'static {
     /// Destroys every version of `name`; returns how many. Durable on return. The head is
     /// kept ([`Head::deleted`]), so versions are never reused.
     fn delete(&self, name: &SecretName) -> Result<u64, StoreError>;
+
+    /// Replaces each pair's stored record `old` with `new` (the same name and version: a
+    /// re-seal) only where the stored record is still exactly `old`, in one atomic batch with
+    /// the state commitment and only while `lock` is the caller's (fenced as
+    /// [`aux_put_fenced`](Self::aux_put_fenced)). A record written, re-sealed or deleted since
+    /// it was read is left as it is: its entry in the answer is `false`. At most
+    /// [`MAX_REPLACE_BATCH`] pairs. Durable on return.
+    fn replace_records(
+        &self,
+        lock: &Lock,
+        pairs: &[(SealedRecord, SealedRecord)],
+    ) -> Result<Result<Vec<bool>, Fenced>, StoreError>;
 
     /// Counts `n` more data-key wraps under master key `mk`; returns the new total. Called
     /// before the wrap, so a crash can only over-count.

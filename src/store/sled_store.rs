@@ -591,6 +591,58 @@ impl Store for SledStore {
         Ok(destroyed.0)
     }
 
+    fn replace_records(
+        &self,
+        lock: &Lock,
+        pairs: &[(SealedRecord, SealedRecord)],
+    ) -> Result<Result<Vec<bool>, Fenced>, StoreError> {
+        if pairs.len() > super::MAX_REPLACE_BATCH {
+            return Err(StoreError::Corrupt {
+                key: "replace_records".into(),
+                reason: format!(
+                    "{} pairs, more than {}",
+                    pairs.len(),
+                    super::MAX_REPLACE_BATCH
+                ),
+            });
+        }
+        self.locks.fenced(lock, || {
+            let (replaced, epoch) = {
+                let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
+                let mut replaced = Vec::with_capacity(pairs.len());
+                let mut changes = Vec::new();
+                for (old, new) in pairs {
+                    let name = SecretName::parse(&old.name, crate::secret::MAX_NAME_BYTES_CEILING)
+                        .map_err(|e| corrupt(old.name.as_bytes(), e))?;
+                    if new.name != old.name || new.version != old.version {
+                        return Err(corrupt(
+                            old.name.as_bytes(),
+                            "a re-seal must keep the record's name and version",
+                        ));
+                    }
+                    let key = record_key(&name, old.version);
+                    let change = self.change(key, Some(new.encode_to_vec()))?;
+                    // Unchanged since it was read: byte for byte the record the caller opened.
+                    let same = change
+                        .old
+                        .as_ref()
+                        .is_some_and(|v| v.as_ref() == old.encode_to_vec().as_slice());
+                    replaced.push(same);
+                    if same {
+                        changes.push(change);
+                    }
+                }
+                if changes.is_empty() {
+                    return Ok(replaced);
+                }
+                (replaced, self.apply(&mut w, changes)?)
+            };
+            self.flush()?;
+            self.publish(epoch);
+            Ok(replaced)
+        })
+    }
+
     fn count_wraps(&self, mk: u32, n: u64) -> Result<u64, StoreError> {
         let mut key = vec![WRAPS];
         key.extend_from_slice(&mk.to_be_bytes());
@@ -1453,5 +1505,73 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         assert!(writer.join().unwrap() > 0);
         assert!(store.verify_state().unwrap().matches());
+    }
+
+    #[test]
+    fn replace_records_replaces_only_what_is_unchanged_and_keeps_the_commitment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), test_key()).unwrap();
+        let lock = store
+            .try_lock("job/rewrap", "test", Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        store.commit(&record("a/x", 1), None).unwrap().unwrap();
+        store.commit(&record("a/y", 1), None).unwrap().unwrap();
+        let resealed = |r: &SealedRecord| SealedRecord {
+            master_key_version: 2,
+            ..r.clone()
+        };
+        let x = store.get(&name("a/x"), 1).unwrap().unwrap();
+        // y as a reader saw it before someone else changed it.
+        let stale_y = SealedRecord {
+            ciphertext: vec![9; 20],
+            ..record("a/y", 1)
+        };
+        let done = store
+            .replace_records(
+                &lock,
+                &[
+                    (x.clone(), resealed(&x)),
+                    (stale_y.clone(), resealed(&stale_y)),
+                ],
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(done, vec![true, false]);
+        assert_eq!(
+            store
+                .get(&name("a/x"), 1)
+                .unwrap()
+                .unwrap()
+                .master_key_version,
+            2
+        );
+        assert_eq!(
+            store.get(&name("a/y"), 1).unwrap().unwrap(),
+            record("a/y", 1)
+        );
+        // A deleted record is not brought back.
+        let y = record("a/y", 1);
+        store.delete(&name("a/y")).unwrap();
+        let done = store
+            .replace_records(&lock, &[(y.clone(), resealed(&y))])
+            .unwrap()
+            .unwrap();
+        assert_eq!(done, vec![false]);
+        assert!(store.get(&name("a/y"), 1).unwrap().is_none());
+        assert!(store.verify_state().unwrap().matches());
+        // A record may not change identity, and a lock given up fences the write.
+        let moved = SealedRecord {
+            version: 2,
+            ..resealed(&x)
+        };
+        assert!(store.replace_records(&lock, &[(x.clone(), moved)]).is_err());
+        store.unlock(&lock).unwrap();
+        assert!(
+            store
+                .replace_records(&lock, &[(x.clone(), resealed(&x))])
+                .unwrap()
+                .is_err()
+        );
     }
 }

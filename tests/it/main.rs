@@ -37,6 +37,7 @@ mod python_client;
 mod refusals;
 mod replicas;
 mod restart;
+mod rewrap;
 mod rollback;
 mod service;
 mod strict;

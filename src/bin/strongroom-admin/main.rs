@@ -16,6 +16,7 @@ mod audit_cmd;
 mod migrate_cmd;
 mod online;
 mod report_cmd;
+mod rewrap;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -109,6 +110,9 @@ pub(crate) enum Command {
     /// Reports over the whole store: `report expiring --within 7d` (online).
     #[command(subcommand)]
     Report(report_cmd::ReportCmd),
+    /// Re-seal every record under an older master key version under the current one (online,
+    /// needs approval; `--dry-run` counts only), with a live progress bar.
+    Rewrap(rewrap::RewrapArgs),
     /// Write a development PKI (server, client and admin CAs and certificates).
     DevPki {
         /// Output directory.
@@ -140,13 +144,36 @@ pub(crate) enum KeyCmd {
     /// Generate the next master key version inside the token (offline, needs the PIN;
     /// also creates missing MAC keys).
     Generate,
-    /// Master key versions with the security attributes the token reports.
-    List,
+    /// Master key versions with the security attributes the token reports; with
+    /// `--online`, each version's state and how many records reference it (from the service).
+    List {
+        /// Ask the service (state and references) instead of the token.
+        #[arg(long)]
+        online: bool,
+    },
     /// Create the audit and store MAC keys if they are missing (offline).
     InitMac,
     /// Generate the next master key version through the service, under dual control
     /// (online); new writes use it.
     Rotate,
+    /// Stop sealing under a master key version; it still opens records (online, needs
+    /// approval).
+    DecryptOnly {
+        /// Master key version.
+        version: u32,
+    },
+    /// Stop using a decrypt-only version at all; refused while records reference it (online,
+    /// needs approval).
+    Disable {
+        /// Master key version.
+        version: u32,
+    },
+    /// Destroy a disabled version's key object in the token; refused while records reference
+    /// it (online, needs approval).
+    Destroy {
+        /// Master key version.
+        version: u32,
+    },
 }
 
 pub(crate) enum Failure {
@@ -257,6 +284,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         | Command::Report(_)
         | Command::Store(online::StoreCmd::Accept)
         | Command::Key(KeyCmd::Rotate)
+        | Command::Key(KeyCmd::List { online: true })
+        | Command::Key(KeyCmd::DecryptOnly { .. })
+        | Command::Key(KeyCmd::Disable { .. })
+        | Command::Key(KeyCmd::Destroy { .. })
+        | Command::Rewrap(_)
         | Command::Audit(audit_cmd::AuditCmd::Rotate { .. }) => {
             online::run(&cli.online, cli.format, &cli.command)
         }
@@ -326,7 +358,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let pkcs11 = hsm::load_module(&cli.module)?;
             let slot = hsm::find_token(&pkcs11, &selector(&cli)?)?;
             let session = match cmd {
-                KeyCmd::List => pkcs11.open_ro_session(slot),
+                KeyCmd::List { .. } => pkcs11.open_ro_session(slot),
                 _ => pkcs11.open_rw_session(slot),
             }
             .map_err(HsmError::from)?;
@@ -377,8 +409,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     }
                     Ok(())
                 }
-                KeyCmd::Rotate => Err(Failure::Local("key rotate is an online command".into())),
-                KeyCmd::List => {
+                KeyCmd::Rotate
+                | KeyCmd::DecryptOnly { .. }
+                | KeyCmd::Disable { .. }
+                | KeyCmd::Destroy { .. } => Err(Failure::Local(
+                    "this key command is an online command".into(),
+                )),
+                KeyCmd::List { .. } => {
                     let mut reports = Vec::new();
                     for (version, handle) in keys::find(&session)? {
                         reports.push(keys::report(&session, version, handle)?);

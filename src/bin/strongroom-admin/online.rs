@@ -439,6 +439,13 @@ async fn run_async(target: &Target, format: Format, command: &Command) -> Result
             print_operation(format, &r)
         }
         Command::Report(cmd) => crate::report_cmd::run(&mut c, format, cmd).await,
+        Command::Rewrap(args) => crate::rewrap::rewrap(&mut c, format, args).await,
+        Command::Key(
+            k @ (KeyCmd::List { .. }
+            | KeyCmd::DecryptOnly { .. }
+            | KeyCmd::Disable { .. }
+            | KeyCmd::Destroy { .. }),
+        ) => crate::rewrap::key(&mut c, format, k).await,
         _ => Err(Failure::Local("not an online command".into())),
     }
 }
@@ -617,7 +624,7 @@ fn print_approval_text(a: &Approval, full: bool, matches: bool) {
 }
 
 /// Prints the outcome of a guarded operation; an approved operation that failed is an error.
-fn print_operation(format: Format, r: &OperationResponse) -> Result<(), Failure> {
+pub(crate) fn print_operation(format: Format, r: &OperationResponse) -> Result<(), Failure> {
     let failed = r.approval.as_ref().is_some_and(|a| a.state == "failed");
     print_operation_text(format, r);
     if failed {
