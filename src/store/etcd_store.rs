@@ -630,10 +630,23 @@ impl EtcdStore {
             })?;
         let id = hex::encode(id);
         let [id_key, _, state_key] = self.frame_keys();
+        let deadline = self.deadline();
+        // A store with an identity (every start but the first) needs nothing. etcd evaluates
+        // a compare over a range by reading every key of it, values too, inside its apply
+        // loop: over a whole store of a million records that held every write back past
+        // etcd's request timeout, and strongroomd could not start on it.
+        if self.fetch(deadline, id_key.clone())?.is_some() {
+            return Ok(());
+        }
         let (start, end) = self.all_range();
+        let empty = self
+            .range_with(deadline, start.clone(), end.clone(), 1, None, true)?
+            .kvs()
+            .is_empty();
         let tag = self.key.frame_tag(&id, 0, &Commitment::EMPTY);
         // Created once, by whichever process gets there first: an empty range's keys all
-        // have create revision 0.
+        // have create revision 0 (compared only when the range was just seen empty, so the
+        // compare reads at most what was written since).
         let txn = Txn::new()
             .when([Compare::create_revision(start, CompareOp::Equal, 0).with_range(end)])
             .and_then([
@@ -641,9 +654,10 @@ impl EtcdStore {
                 TxnOp::put(state_key, frame_value(&Commitment::EMPTY, &tag), None),
             ]);
         let mut kv = self.kv.clone();
-        if self
-            .call(self.deadline(), async move { kv.txn(txn).await })?
-            .succeeded()
+        if empty
+            && self
+                .call(deadline, async move { kv.txn(txn).await })?
+                .succeeded()
         {
             return Ok(());
         }
