@@ -684,3 +684,33 @@ fn scans_cut_in_bounded_pages_read_every_key_once_as_on_sled() {
         assert!(small.verify_state().unwrap().matches());
     }
 }
+
+/// Opening a store that has its identity changes nothing (and sends etcd no compare over the
+/// whole store, which etcd would evaluate by reading every key); a filled store whose identity
+/// was removed gets a new one and no commitment, so the start check decides whether to trust
+/// it, as on sled.
+#[test]
+fn opening_keeps_an_identity_and_gives_a_filled_store_without_one_no_commitment() {
+    let (dir, etcd) = bare_etcd();
+    let a = open_store(dir.path(), &etcd);
+    assert_eq!(a.state().unwrap().frame, FrameStatus::Valid);
+    fill(&[&a], 3);
+    let before = a.state().unwrap();
+    drop(a);
+    let b = open_store(dir.path(), &etcd);
+    assert_eq!(b.state().unwrap(), before);
+    assert!(b.verify_state().unwrap().matches());
+    drop(b);
+
+    let raw = |k: &str| k.as_bytes().to_vec();
+    etcd.write_raw(&[
+        (raw("strongroom/m/store-id"), None),
+        (raw("strongroom/m/state"), None),
+    ]);
+    let c = open_store(dir.path(), &etcd);
+    let st = c.state().unwrap();
+    assert!(!st.store_id.is_empty());
+    assert_ne!(st.store_id, before.store_id);
+    assert_eq!(st.frame, FrameStatus::Missing);
+    assert_eq!(c.get(&name("b/0002"), 1).unwrap().unwrap().version, 1);
+}
