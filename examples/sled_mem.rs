@@ -4,8 +4,9 @@
 //! secret) and their heads in the service's key layout and commits to them;
 //! `sled_mem open DIR CACHE_MB GETS` opens the store, runs the start check's commitment scan
 //! (skipped with `SKIP_SCAN=1`) and GETS random reads on `THREADS` threads (`LOCK=1`
-//! serialises them, `RANGE` is how many names exist), printing VmRSS after each step. Run
-//! it with and without `MALLOC_ARENA_MAX`.
+//! serialises them, `RANGE` is how many names exist, `MODE` is what each read reads:
+//! `record` (default), `head`, or `both` as GetSecret does), printing VmRSS after each step.
+//! Run it with and without `MALLOC_ARENA_MAX`.
 
 // A measuring tool, not the service: any failure ends it with its message.
 #![allow(clippy::unwrap_used)]
@@ -82,10 +83,12 @@ fn main() {
             let threads: u64 = std::env::var("THREADS").map_or(1, |s| s.parse().unwrap());
             let lock = std::sync::Mutex::new(());
             let use_lock = std::env::var("LOCK").is_ok();
+            let mode = std::env::var("MODE").unwrap_or_else(|_| "record".into());
             std::thread::scope(|sc| {
                 for th in 0..threads {
                     let store = &store;
                     let lock = &lock;
+                    let mode = &mode;
                     sc.spawn(move || {
                         let mut x: u64 = 12345 + th;
                         for _ in 0..n / threads as usize {
@@ -101,7 +104,20 @@ fn main() {
                             } else {
                                 None
                             };
-                            let _ = store.get(&name, 1);
+                            match mode.as_str() {
+                                "head" => {
+                                    let _ = store.head(&name);
+                                }
+                                "record" => {
+                                    let _ = store.get(&name, 1);
+                                }
+                                // What GetSecret reads: the head, then the live version.
+                                _ => {
+                                    if let Ok(Some(h)) = store.head(&name) {
+                                        let _ = store.get(&name, h.live());
+                                    }
+                                }
+                            }
                         }
                     });
                 }

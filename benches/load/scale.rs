@@ -228,17 +228,22 @@ pub(crate) fn scale_populate(a: ScalePopulateArgs) -> Res<()> {
     std::process::exit(0)
 }
 
-/// A single-member etcd over mutual TLS, killed on drop.
+/// An etcd cluster (one member or more) over mutual TLS, killed on drop.
 struct Etcd {
+    /// The members' client URLs.
+    urls: Vec<String>,
+    /// The first member's client URL.
     url: String,
     pki: PathBuf,
-    child: Child,
+    children: Vec<Child>,
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -248,9 +253,11 @@ fn free_port() -> Res<u16> {
         .port())
 }
 
-fn start_etcd(root: &Path) -> Res<Etcd> {
+/// Starts `members` etcd members under `root/dir` (client mutual TLS from their own CA, peers
+/// over plain HTTP on loopback) and waits until each serves clients.
+fn start_etcd(root: &Path, dir: &str, members: usize) -> Res<Etcd> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = root.join("etcd");
+    let dir = root.join(dir);
     let pki = dir.join("pki");
     std::fs::create_dir_all(&pki)?;
     let ca = DevCa::new("bench etcd CA")?;
@@ -268,72 +275,107 @@ fn start_etcd(root: &Path) -> Res<Etcd> {
             std::fs::set_permissions(pki.join(name), std::fs::Permissions::from_mode(0o600))?;
         }
     }
-    let log = dir.join("etcd.log");
-    for _ in 0..5 {
-        let (cp, pp) = (free_port()?, free_port()?);
-        let url = format!("https://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
-        let p = |n: &str| pki.join(n);
-        let mut child = Command::new("etcd")
-            .arg("--name")
-            .arg("bench")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("bench={peer}")])
-            .arg("--cert-file")
-            .arg(p("etcd-server.pem"))
-            .arg("--key-file")
-            .arg(p("etcd-server-key.pem"))
-            .arg("--trusted-ca-file")
-            .arg(p("etcd-ca.pem"))
-            .arg("--client-cert-auth")
-            // A million 1 KiB records are ~1.4 GiB of values: above the default 2 GiB quota
-            // once etcd's own overhead is counted.
-            .args(["--quota-backend-bytes", "8589934592"])
-            .args(["--max-request-bytes", "33554432", "--logger", "zap"])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::OpenOptions::new().append(true).open(&log)?)
-            .spawn()
-            .map_err(|e| format!("spawn etcd (scripts/deps.sh installs etcd-server): {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+    'attempt: for _ in 0..5 {
+        let mut ports = Vec::new();
+        for _ in 0..members {
+            ports.push((free_port()?, free_port()?));
+        }
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, pp))| format!("m{i}=http://127.0.0.1:{pp}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Etcd {
+            urls: Vec::new(),
+            url: String::new(),
+            pki: pki.clone(),
+            children: Vec::new(),
+        };
+        let mut logs = Vec::new();
+        for (i, (cp, pp)) in ports.iter().enumerate() {
+            let url = format!("https://127.0.0.1:{cp}");
+            let peer = format!("http://127.0.0.1:{pp}");
+            let log = dir.join(format!("etcd-m{i}.log"));
+            let _ = std::fs::remove_dir_all(dir.join(format!("data-m{i}")));
+            let p = |n: &str| pki.join(n);
+            let child = Command::new("etcd")
+                .arg("--name")
+                .arg(format!("m{i}"))
+                .arg("--data-dir")
+                .arg(dir.join(format!("data-m{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                ])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &cluster])
+                .arg("--cert-file")
+                .arg(p("etcd-server.pem"))
+                .arg("--key-file")
+                .arg(p("etcd-server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(p("etcd-ca.pem"))
+                .arg("--client-cert-auth")
+                // A million 1 KiB records are ~1.4 GiB of values: above the default 2 GiB
+                // quota once etcd's own overhead is counted.
+                .args(["--quota-backend-bytes", "8589934592"])
+                .args(["--max-request-bytes", "33554432", "--logger", "zap"])
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&log)?)
+                .stderr(std::fs::OpenOptions::new().append(true).open(&log)?)
+                .spawn()
+                .map_err(|e| format!("spawn etcd (scripts/deps.sh installs etcd-server): {e}"))?;
+            etcd.children.push(child);
+            etcd.urls.push(url);
+            logs.push(log);
+        }
+        etcd.url = etcd.urls[0].clone();
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("serving client traffic securely")
-                || text.contains("ready to serve client requests")
-            {
-                eprintln!("  started etcd (1 member, mutual TLS) on {url}");
-                return Ok(Etcd { url, pki, child });
+            let ready = logs.iter().all(|log| {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                text.contains("serving client traffic securely")
+                    || text.contains("ready to serve client requests")
+            });
+            if ready {
+                eprintln!(
+                    "  started etcd ({members} member(s), mutual TLS) on {}",
+                    etcd.urls.join(",")
+                );
+                return Ok(etcd);
             }
-            if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = std::fs::remove_dir_all(dir.join("data"));
-                break;
+            let died = etcd
+                .children
+                .iter_mut()
+                .any(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if died || Instant::now() > deadline {
+                // Dropped: every member killed; try other ports.
+                continue 'attempt;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
     fail(format!(
         "etcd did not start:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        std::fs::read_to_string(dir.join("etcd-m0.log")).unwrap_or_default()
     ))
 }
 
 /// The `[store]` body of a strongroomd on `etcd` under `prefix`.
 fn etcd_section(etcd: &Etcd, prefix: &str) -> String {
     let pki = etcd.pki.display();
+    let endpoints = etcd
+        .urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "backend = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"{prefix}\"\nca = \"{pki}/etcd-ca.pem\"\ncert = \"{pki}/etcd-client.pem\"\nkey = \"{pki}/etcd-client-key.pem\"\netcd_timeout_ms = 10000",
-        etcd.url
+        "backend = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"{prefix}\"\nca = \"{pki}/etcd-ca.pem\"\ncert = \"{pki}/etcd-client.pem\"\nkey = \"{pki}/etcd-client-key.pem\"\netcd_timeout_ms = 10000"
     )
 }
 
@@ -378,7 +420,7 @@ pub(crate) async fn part_scale(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) 
                 format!("sled:{}", store.display())
             }
             "etcd" => {
-                let e = tokio::task::block_in_place(|| start_etcd(&lab.root))?;
+                let e = tokio::task::block_in_place(|| start_etcd(&lab.root, "etcd", 1))?;
                 lab.store_sections
                     .insert(small_name.clone(), etcd_section(&e, "small/"));
                 lab.store_sections
@@ -513,7 +555,20 @@ pub(crate) async fn part_scale(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) 
     ) else {
         return Ok(());
     };
-    eprintln!("\n== etcd (1 member) vs sled: GetSecret and PutSecret");
+    // The same on a 3-member cluster (STRONGROOM_BENCH_SCALE_ETCD_MEMBERS), whose writes are
+    // committed by a quorum: what a replica set pays.
+    let members: usize = std::env::var("STRONGROOM_BENCH_SCALE_ETCD_MEMBERS")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(3);
+    let cluster = tokio::task::block_in_place(|| start_etcd(&lab.root, "etcd-cluster", members))?;
+    let cluster_name = format!("etcd{members}-1k");
+    lab.store_sections
+        .insert(cluster_name.clone(), etcd_section(&cluster, "small/"));
+    let (cl_small, cl_names) = lab
+        .read_server(&cluster_name, true, &opts.server_log, None)
+        .await?;
+    eprintln!("\n== etcd (1 member, {members} members) vs sled: GetSecret and PutSecret");
     let put = |prefix: &str| Workload {
         read_pct: 0,
         write_prefix: prefix.into(),
@@ -526,6 +581,14 @@ pub(crate) async fn part_scale(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) 
             &lab.pki,
             opts.connections,
             reads(&et.small_names, &opts),
+        )
+        .await?,
+        Arm::new(
+            format!("etcd ({members}) GetSecret"),
+            &cl_small,
+            &lab.pki,
+            opts.connections,
+            reads(&cl_names, &opts),
         )
         .await?,
         Arm::new(
@@ -545,6 +608,14 @@ pub(crate) async fn part_scale(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) 
         )
         .await?,
         Arm::new(
+            format!("etcd ({members}) PutSecret"),
+            &cl_small,
+            &lab.pki,
+            opts.connections,
+            put("bench/w/etcd3"),
+        )
+        .await?,
+        Arm::new(
             "sled PutSecret",
             &sled.small,
             &lab.pki,
@@ -556,11 +627,21 @@ pub(crate) async fn part_scale(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) 
     let samples = interleave(&arms, plan).await?;
     let sums: Vec<Summary> = samples.iter().map(|s| summarize(s)).collect::<Res<_>>()?;
     for (what, e, s) in [
-        ("GetSecret", &sums[0], &sums[1]),
-        ("PutSecret", &sums[2], &sums[3]),
+        ("etcd (1 member) / sled: GetSecret", &sums[0], &sums[2]),
+        (
+            &format!("etcd ({members} members) / sled: GetSecret") as &str,
+            &sums[1],
+            &sums[2],
+        ),
+        ("etcd (1 member) / sled: PutSecret", &sums[3], &sums[5]),
+        (
+            &format!("etcd ({members} members) / sled: PutSecret"),
+            &sums[4],
+            &sums[5],
+        ),
     ] {
         rows.push(row(
-            format!("etcd (1 member) / sled: {what}, c={}", opts.concurrency),
+            format!("{what}, c={}", opts.concurrency),
             format!(
                 "throughput {}; p50 {:.2}×",
                 Ratio::of(&e.rates, &s.rates).show(),
@@ -571,6 +652,8 @@ pub(crate) async fn part_scale(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) 
             "",
         ));
     }
+    lab.procs.remove(&cluster_name);
+    drop(cluster);
     drop(etcd);
     Ok(())
 }

@@ -605,3 +605,117 @@ fn scans_and_rebases_on_etcd_count_writes_made_meanwhile_by_another_instance() {
     assert!(a.verify_state().unwrap().matches());
     assert_eq!(a.state().unwrap().frame, FrameStatus::Valid);
 }
+
+/// Scans longer than one keys-only page (small pages here, so a few hundred records cross
+/// many page bounds): every key is read once, at one revision, so the commitment, the record
+/// count, the secret count and the officers' records are those of the same writes on sled,
+/// and an edit made behind the store's back in any page shows.
+#[test]
+fn scans_cut_in_bounded_pages_read_every_key_once_as_on_sled() {
+    let (dir, etcd) = bare_etcd();
+    // 7 records per value call, 50 keys per keys-only call: a scan of the ~700 keys below
+    // takes 14 keys-only pages, most cut into 8 bounded value calls, the last one short.
+    let small = open_store(dir.path(), &etcd).with_scan_pages(7, 50);
+    let default = open_store(dir.path(), &etcd);
+    const N: usize = 330;
+    fill(&[&small, &default], N);
+    for i in 0..60 {
+        small
+            .aux_put(Aux::Policy, &format!("q{i:02}"), b"rule")
+            .unwrap();
+    }
+    // One name with more versions than a value call holds.
+    for v in 1..=20 {
+        let h = small.head(&name("many")).unwrap();
+        small.commit(&record("many", v), h).unwrap().unwrap();
+    }
+
+    let sled_dir = tempfile::tempdir().unwrap();
+    let sled = SledStore::open(sled_dir.path(), state_key(9)).unwrap();
+    fill(&[&sled], N);
+    for i in 0..60 {
+        sled.aux_put(Aux::Policy, &format!("q{i:02}"), b"rule")
+            .unwrap();
+    }
+    for v in 1..=20 {
+        let h = sled.head(&name("many")).unwrap();
+        sled.commit(&record("many", v), h).unwrap().unwrap();
+    }
+    let on_sled = sled.verify_state().unwrap();
+    assert!(on_sled.matches());
+
+    for s in [&small, &default] {
+        let check = s.verify_state().unwrap();
+        assert!(check.matches(), "{check:?}");
+        assert_eq!(check.computed, on_sled.computed);
+        assert_eq!(check.records, on_sled.records);
+        assert_eq!(s.secret_count().unwrap(), sled.secret_count().unwrap());
+        assert_eq!(
+            s.aux_list(Aux::Policy).unwrap(),
+            sled.aux_list(Aux::Policy).unwrap()
+        );
+        let versions: Vec<u64> = s
+            .versions(&name("many"))
+            .unwrap()
+            .iter()
+            .map(|r| r.version)
+            .collect();
+        assert_eq!(versions, (1..=20).collect::<Vec<u64>>());
+    }
+    assert_eq!(small.state().unwrap().commitment, on_sled.computed);
+
+    // A record changed, removed or added behind the store's back, in the first page, in the
+    // middle of the scan and in its last page: each shows, and putting it back heals it.
+    let raw = |k: &str| k.as_bytes().to_vec();
+    let mut cases: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    for n in ["b/0000", "b/0164", "b/0329"] {
+        let (k, v) = etcd
+            .read_prefix(&raw(&format!("strongroom/r/{n}\0")))
+            .remove(0);
+        let mut other = SealedRecord::decode(v.as_slice()).unwrap();
+        other.created_by = "someone else".into();
+        cases.push((k.clone(), Some(other.encode_to_vec())));
+        cases.push((k, None));
+        cases.push((raw(&format!("strongroom/h/{n}")), None));
+    }
+    cases.push((raw("strongroom/h/b/0164x"), Some(b"x".to_vec())));
+    cases.push((raw("strongroom/p/q59"), None));
+    for (key, tampered) in cases {
+        let before = etcd.read_prefix(&key).into_iter().find(|(k, _)| *k == key);
+        etcd.write_raw(&[(key.clone(), tampered)]);
+        let check = small.verify_state().unwrap();
+        assert!(!check.matches(), "{}", String::from_utf8_lossy(&key));
+        etcd.write_raw(&[(key.clone(), before.map(|(_, v)| v))]);
+        assert!(small.verify_state().unwrap().matches());
+    }
+}
+
+/// Opening a store that has its identity changes nothing (and sends etcd no compare over the
+/// whole store, which etcd would evaluate by reading every key); a filled store whose identity
+/// was removed gets a new one and no commitment, so the start check decides whether to trust
+/// it, as on sled.
+#[test]
+fn opening_keeps_an_identity_and_gives_a_filled_store_without_one_no_commitment() {
+    let (dir, etcd) = bare_etcd();
+    let a = open_store(dir.path(), &etcd);
+    assert_eq!(a.state().unwrap().frame, FrameStatus::Valid);
+    fill(&[&a], 3);
+    let before = a.state().unwrap();
+    drop(a);
+    let b = open_store(dir.path(), &etcd);
+    assert_eq!(b.state().unwrap(), before);
+    assert!(b.verify_state().unwrap().matches());
+    drop(b);
+
+    let raw = |k: &str| k.as_bytes().to_vec();
+    etcd.write_raw(&[
+        (raw("strongroom/m/store-id"), None),
+        (raw("strongroom/m/state"), None),
+    ]);
+    let c = open_store(dir.path(), &etcd);
+    let st = c.state().unwrap();
+    assert!(!st.store_id.is_empty());
+    assert_ne!(st.store_id, before.store_id);
+    assert_eq!(st.frame, FrameStatus::Missing);
+    assert_eq!(c.get(&name("b/0002"), 1).unwrap().unwrap().version, 1);
+}
