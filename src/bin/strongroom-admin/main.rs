@@ -449,7 +449,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 })?;
                 parsed.push((stem, identity));
             }
-            strongroom::tls::write_dev_pki(out, &parsed)
+            strongroom_devpki::write_dev_pki(out, &parsed)
                 .map_err(|e| Failure::Local(e.to_string()))?;
             println!("wrote a development PKI to {}", out.display());
             Ok(())
