@@ -211,15 +211,22 @@ pub const ADMIN_CA: &str = "admin-ca";
 /// Creates an admin CA in `dir` (`admin-ca.pem`, and `admin-ca-key.pem` with mode 0600); an
 /// existing CA is never replaced.
 pub fn init_admin_ca(dir: &Path, common_name: &str) -> Result<PathBuf, PkiError> {
+    init_ca(dir, ADMIN_CA, common_name)
+}
+
+/// Creates a CA in `dir` as `<stem>.pem` and `<stem>-key.pem` (mode 0600); an existing CA
+/// is never replaced.
+pub fn init_ca(dir: &Path, stem: &str, common_name: &str) -> Result<PathBuf, PkiError> {
+    check_stem(stem)?;
     create_dir(dir)?;
-    for file in [format!("{ADMIN_CA}.pem"), format!("{ADMIN_CA}-key.pem")] {
+    for file in [format!("{stem}.pem"), format!("{stem}-key.pem")] {
         let path = dir.join(file);
         if path.exists() {
             return Err(PkiError::Exists(path));
         }
     }
-    DevCa::new(common_name)?.write(dir, ADMIN_CA)?;
-    Ok(dir.join(format!("{ADMIN_CA}.pem")))
+    DevCa::new(common_name)?.write(dir, stem)?;
+    Ok(dir.join(format!("{stem}.pem")))
 }
 
 /// Issues an officer certificate from the admin CA in `dir`: the identity is `name` as a DNS

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 mod audit_cmd;
 mod migrate_cmd;
 mod online;
+mod pki_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -105,7 +106,12 @@ pub(crate) enum Command {
     /// for a lost file (offline).
     #[command(subcommand)]
     Audit(audit_cmd::AuditCmd),
-    /// Write a development PKI (server, client and admin CAs and certificates).
+    /// The officers' certificate authority: create it, issue officer certificates by name
+    /// (offline; no token needed).
+    #[command(subcommand)]
+    Pki(pki_cmd::PkiCmd),
+    /// Write a development PKI (server, client and admin CAs with their keys, and
+    /// certificates); more officers: `pki issue-officer NAME --dir OUT`.
     DevPki {
         /// Output directory.
         #[arg(long)]
@@ -259,6 +265,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             migrate_cmd::run(&cli, config, from, to)
         }
         Command::Audit(cmd) => audit_cmd::run(&cli, cmd),
+        Command::Pki(cmd) => pki_cmd::run(cli.format, cmd),
         Command::Token(TokenCmd::List) => {
             let pkcs11 = hsm::load_module(&cli.module)?;
             let tokens = admin::list_tokens(&pkcs11)?;
@@ -452,6 +459,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             strongroom_devpki::write_dev_pki(out, &parsed)
                 .map_err(|e| Failure::Local(e.to_string()))?;
             println!("wrote a development PKI to {}", out.display());
+            println!(
+                "its CA keys are kept there (mode 0600): more officers with `strongroom-admin pki issue-officer NAME --dir {}`",
+                out.display()
+            );
             Ok(())
         }
     }
