@@ -35,6 +35,7 @@
 //! - [`config`]: typed configuration; [`files`]: private files (PIN file, keys) closed to
 //!   group and others.
 //! - [`explain`]: TLS and connection failures in words, for the command-line tools.
+//! - [`when`]: times in RFC 3339 and durations, for the command-line tools.
 //! - [`client`]: a typed SecretService client over several endpoints that fails over
 //!   (idempotent calls on `UNAVAILABLE` and broken connections; writes only when not sent;
 //!   watches resume on the next endpoint from the last revision seen).
@@ -71,6 +72,7 @@ pub mod secret;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod when;
 
 /// Generated protobuf and gRPC types of `strongroom.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

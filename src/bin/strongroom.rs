@@ -20,6 +20,7 @@ use strongroom::client::{
     Attempt, AttemptFailure, Client, ClientError, ClientTls, PutOptions, WatchSpec,
 };
 use strongroom::secret::{Protection, SecretValue};
+use strongroom::when;
 
 /// Client for the strongroom secret service.
 #[derive(Parser)]
@@ -344,7 +345,11 @@ async fn execute(
                     emit(
                         &mut out,
                         cli.format,
-                        json!({"name": resp.name, "version": resp.version, "created_at_unix": resp.created_at_unix, "expires_at_unix": resp.expires_at_unix, "value": shown}),
+                        json!({"name": resp.name, "version": resp.version,
+                            "created_at": when::rfc3339(resp.created_at_unix),
+                            "created_at_unix": resp.created_at_unix,
+                            "expires_at": when::expiry_json(resp.expires_at_unix),
+                            "expires_at_unix": resp.expires_at_unix, "value": shown}),
                         &[
                             ("name", resp.name.clone()),
                             ("version", resp.version.to_string()),
@@ -363,8 +368,12 @@ async fn execute(
                     .iter()
                     .map(|v| {
                         json!({"version": v.version, "master_key_version": v.master_key_version,
-                        "mechanism": v.mechanism, "created_at_unix": v.created_at_unix,
-                        "created_by": v.created_by, "expires_at_unix": v.expires_at_unix,
+                        "mechanism": v.mechanism,
+                        "created_at": when::rfc3339(v.created_at_unix),
+                        "created_at_unix": v.created_at_unix,
+                        "created_by": v.created_by,
+                        "expires_at": when::expiry_json(v.expires_at_unix),
+                        "expires_at_unix": v.expires_at_unix,
                         "expired": v.expired})
                     })
                     .collect();
@@ -381,19 +390,25 @@ async fn execute(
             .map_err(io)?;
             writeln!(
                 out,
-                "{:>8}  {:>3}  {:<20}  {:>12}  {:<8}  CREATED BY",
-                "VERSION", "MK", "MECHANISM", "CREATED", "EXPIRED"
+                "{:>8}  {:>3}  {:<20}  {:<20}  {:<29}  CREATED BY",
+                "VERSION", "MK", "MECHANISM", "CREATED", "EXPIRES"
             )
             .map_err(io)?;
             for v in resp.versions {
+                let expires = when::expiry(v.expires_at_unix);
+                let expires = if v.expired {
+                    format!("{expires} (expired)")
+                } else {
+                    expires
+                };
                 writeln!(
                     out,
-                    "{:>8}  {:>3}  {:<20}  {:>12}  {:<8}  {}",
+                    "{:>8}  {:>3}  {:<20}  {:<20}  {:<29}  {}",
                     v.version,
                     v.master_key_version,
                     v.mechanism,
-                    v.created_at_unix,
-                    v.expired,
+                    when::rfc3339(v.created_at_unix),
+                    expires,
                     v.created_by
                 )
                 .map_err(io)?;
