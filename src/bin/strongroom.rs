@@ -182,11 +182,15 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Err(Failure::Server(status)) => {
-            eprintln!("error: {:?}: {}", status.code(), status.message());
+            eprintln!(
+                "error: {:?}: {}",
+                status.code(),
+                strongroom::explain::tidy(status.message())
+            );
             ExitCode::from(2)
         }
         Err(Failure::Remote(msg)) => {
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", strongroom::explain::tidy(&msg));
             ExitCode::from(2)
         }
         Err(Failure::Client(e)) => {
@@ -438,6 +442,13 @@ async fn execute(
                     &mut out,
                     json!({"names": names, "next_page_token": page_token}),
                 );
+            }
+            if names.is_empty() {
+                if prefix.is_empty() {
+                    eprintln!("no secrets that you may list");
+                } else {
+                    eprintln!("no secrets under '{prefix}' that you may list");
+                }
             }
             for n in &names {
                 writeln!(out, "{n}").map_err(io)?;

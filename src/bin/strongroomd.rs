@@ -99,7 +99,11 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("strongroomd: {e}");
+            // Each cause once, even where a message repeats its source's.
+            eprintln!(
+                "strongroomd: {}",
+                strongroom::explain::tidy(&strongroom::explain::chain_text(e.as_ref()))
+            );
             ExitCode::from(1)
         }
     }

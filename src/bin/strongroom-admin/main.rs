@@ -189,11 +189,15 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Err(Failure::Token(m)) => {
-            eprintln!("error: {m}");
+            eprintln!("error: {}", strongroom::explain::tidy(&m));
             ExitCode::from(2)
         }
         Err(Failure::Rpc(s)) => {
-            eprintln!("error: {:?}: {}", s.code(), s.message());
+            eprintln!(
+                "error: {:?}: {}",
+                s.code(),
+                strongroom::explain::tidy(s.message())
+            );
             ExitCode::from(2)
         }
     }
