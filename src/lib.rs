@@ -35,6 +35,7 @@
 //! - [`config`]: typed configuration; [`files`]: private files (PIN file, keys) closed to
 //!   group and others.
 //! - [`explain`]: TLS and connection failures in words, for the command-line tools.
+//! - [`clidoc`]: shell completions and man pages of the command-line tools.
 //! - [`when`]: times in RFC 3339 and durations, for the command-line tools.
 //! - [`client`]: a typed SecretService client over several endpoints that fails over
 //!   (idempotent calls on `UNAVAILABLE` and broken connections; writes only when not sent;
@@ -57,6 +58,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod clidoc;
 pub mod client;
 pub mod codec;
 pub mod config;

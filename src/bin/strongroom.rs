@@ -22,9 +22,12 @@ use strongroom::client::{
 use strongroom::secret::{Protection, SecretValue};
 use strongroom::when;
 
-/// Client for the strongroom secret service.
+/// strongroom: read and write secrets kept by strongroomd, over mutual TLS.
+///
+/// Values are read from stdin or `@FILE`, never from the command line. Exit codes: 0
+/// success, 1 local or usage error, 2 server-side error.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "strongroom", version)]
 struct Cli {
     /// Service addresses, comma-separated (replicas): idempotent calls move to the next
     /// when one is unavailable.
@@ -32,20 +35,21 @@ struct Cli {
         long,
         env = "STRONGROOM_ADDR",
         default_value = "https://localhost:7443",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     addr: String,
     /// CA certificate the server must chain to (PEM).
-    #[arg(long, env = "STRONGROOM_CACERT", global = true)]
+    #[arg(long, env = "STRONGROOM_CACERT", global = true, help_heading = GLOBAL)]
     cacert: Option<PathBuf>,
     /// Client certificate (PEM).
-    #[arg(long, env = "STRONGROOM_CLIENT_CERT", global = true)]
+    #[arg(long, env = "STRONGROOM_CLIENT_CERT", global = true, help_heading = GLOBAL)]
     cert: Option<PathBuf>,
     /// Client private key (PEM).
-    #[arg(long, env = "STRONGROOM_CLIENT_KEY", global = true)]
+    #[arg(long, env = "STRONGROOM_CLIENT_KEY", global = true, help_heading = GLOBAL)]
     key: Option<PathBuf>,
     /// Name to verify in the server certificate (default: the address's host).
-    #[arg(long, env = "STRONGROOM_SERVER_NAME", global = true)]
+    #[arg(long, env = "STRONGROOM_SERVER_NAME", global = true, help_heading = GLOBAL)]
     server_name: Option<String>,
     /// Output format.
     #[arg(
@@ -53,15 +57,19 @@ struct Cli {
         value_enum,
         default_value = "table",
         env = "STRONGROOM_FORMAT",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     format: Format,
     /// Request deadline in seconds.
-    #[arg(long, default_value_t = 10, env = "STRONGROOM_TIMEOUT", global = true)]
+    #[arg(long, default_value_t = 10, env = "STRONGROOM_TIMEOUT", global = true, help_heading = GLOBAL)]
     timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
+
+/// The help section of the flags every subcommand takes.
+const GLOBAL: &str = "Global options";
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -138,6 +146,17 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         after_revision: u64,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: strongroom::clidoc::Shell,
+    },
+    /// Write man pages (this command and each subcommand) into a directory.
+    Man {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// A failure and its exit code.
@@ -165,6 +184,37 @@ fn main() -> ExitCode {
             };
         }
     };
+    match &cli.command {
+        Command::Completions { shell } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            return match strongroom::clidoc::completions(cmd, *shell, &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the completions: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Man { out } => {
+            return match strongroom::clidoc::man_pages(
+                <Cli as clap::CommandFactory>::command(),
+                out,
+            ) {
+                Ok(files) => {
+                    eprintln!("wrote {} man pages to {}", files.len(), out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot write the man pages to {}: {e}",
+                        out.display()
+                    );
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -493,6 +543,7 @@ async fn execute(
                 out.flush().map_err(io)?;
             }
         }
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Delete { name } => {
             let resp = client.delete(&name).await.map_err(Failure::Client)?;
             emit(

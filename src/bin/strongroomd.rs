@@ -18,13 +18,27 @@ use strongroom::config::Config;
 use strongroom::hsm::pin::read_pin;
 use strongroom::service::Server;
 
-/// The strongroom secret service.
+/// strongroomd: the strongroom secret service.
+///
+/// Serves secrets over mutual TLS with master keys in a PKCS#11 token, and the officers'
+/// admin plane on its own listener. Stops on SIGTERM or SIGINT, draining in-flight requests.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "strongroomd", version)]
 struct Args {
     /// Configuration file (TOML).
-    #[arg(long, short, env = "STRONGROOM_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        short,
+        env = "STRONGROOM_CONFIG",
+        required_unless_present_any = ["completions", "man"]
+    )]
+    config: Option<PathBuf>,
+    /// Print the shell completion script for SHELL (bash, zsh, fish, …) and exit.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    completions: Option<strongroom::clidoc::Shell>,
+    /// Write the man page into DIR and exit.
+    #[arg(long, value_name = "DIR", exclusive = true)]
+    man: Option<PathBuf>,
     /// Listen address, overriding the file and STRONGROOM_LISTEN.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -84,6 +98,29 @@ enum LogFormat {
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let args = Args::parse();
+    if let Some(shell) = args.completions {
+        let cmd = <Args as clap::CommandFactory>::command();
+        return match strongroom::clidoc::completions(cmd, shell, &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strongroomd: cannot write the completions: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if let Some(dir) = &args.man {
+        let cmd = <Args as clap::CommandFactory>::command();
+        return match strongroom::clidoc::man_pages(cmd, dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "strongroomd: cannot write the man page to {}: {e}",
+                    dir.display()
+                );
+                ExitCode::from(1)
+            }
+        };
+    }
     let filter =
         EnvFilter::try_from_env("STRONGROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: in a file or a journal they are noise, and formatting them
@@ -110,7 +147,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = Config::load(&args.config)?;
+    let path = args
+        .config
+        .ok_or("--config (or STRONGROOM_CONFIG) is required")?;
+    let mut config = Config::load(&path)?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }

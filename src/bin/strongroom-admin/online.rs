@@ -18,7 +18,7 @@ use strongroom::proto::{
 use strongroom::when;
 
 use crate::audit_cmd::AuditCmd;
-use crate::{Command, Failure, Format, KeyCmd};
+use crate::{Command, Failure, Format, GLOBAL, KeyCmd};
 
 /// How to reach the admin listener.
 #[derive(Args)]
@@ -28,23 +28,24 @@ pub(crate) struct Connection {
         long,
         env = "STRONGROOM_ADMIN_ADDR",
         default_value = "https://localhost:7444",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     admin_addr: String,
     /// CA certificate the admin listener must chain to (PEM).
-    #[arg(long, env = "STRONGROOM_ADMIN_CACERT", global = true)]
+    #[arg(long, env = "STRONGROOM_ADMIN_CACERT", global = true, help_heading = GLOBAL)]
     admin_cacert: Option<PathBuf>,
     /// The officer's certificate from the admin CA (PEM).
-    #[arg(long, env = "STRONGROOM_ADMIN_CERT", global = true)]
+    #[arg(long, env = "STRONGROOM_ADMIN_CERT", global = true, help_heading = GLOBAL)]
     admin_cert: Option<PathBuf>,
     /// The officer's private key (PEM).
-    #[arg(long, env = "STRONGROOM_ADMIN_KEY", global = true)]
+    #[arg(long, env = "STRONGROOM_ADMIN_KEY", global = true, help_heading = GLOBAL)]
     admin_key: Option<PathBuf>,
     /// Name to verify in the admin listener's certificate (default: the address's host).
-    #[arg(long, env = "STRONGROOM_ADMIN_SERVER_NAME", global = true)]
+    #[arg(long, env = "STRONGROOM_ADMIN_SERVER_NAME", global = true, help_heading = GLOBAL)]
     admin_server_name: Option<String>,
     /// Request deadline in seconds.
-    #[arg(long, default_value_t = 30, env = "STRONGROOM_TIMEOUT", global = true)]
+    #[arg(long, default_value_t = 30, env = "STRONGROOM_TIMEOUT", global = true, help_heading = GLOBAL)]
     timeout: u64,
 }
 
