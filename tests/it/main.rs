@@ -13,6 +13,7 @@ mod auditlog;
 mod auth;
 mod badinput;
 mod cli;
+mod clihelp;
 mod corruption;
 mod crash;
 mod etcdstore;
