@@ -14,7 +14,7 @@ use crate::{Failure, Format};
 
 #[derive(Subcommand)]
 pub(crate) enum PkiCmd {
-    /// Create a CA in --dir: `<kind>-ca.pem` and its key `<kind>-ca-key.pem` (mode 0600).
+    /// Create a CA in --dir: `KIND-ca.pem` and its key `KIND-ca-key.pem` (mode 0600).
     /// An existing CA is never replaced.
     InitCa {
         /// Directory of the PKI (created if missing).
@@ -23,7 +23,7 @@ pub(crate) enum PkiCmd {
         /// Which CA: admin (officers' certificates), client or server.
         #[arg(long, value_enum, default_value = "admin")]
         kind: CaKind,
-        /// The CA's common name (default: "strongroom <kind> CA").
+        /// The CA's common name (default: "strongroom KIND CA").
         #[arg(long)]
         common_name: Option<String>,
     },
