@@ -16,6 +16,10 @@ pub enum Error {
     /// The secret does not exist, or the caller may not learn that it does.
     #[error("secret not found")]
     NotFound,
+    /// An officers' object (an approval, a policy) does not exist; the message names it and
+    /// says what to do. Only on the admin plane, whose callers may know what exists.
+    #[error("{0}")]
+    Absent(String),
     /// The caller may not do this (only where the caller may know the name exists, or the
     /// decision is made before the store is touched).
     #[error("permission denied")]
@@ -70,7 +74,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::NotFound => Code::NotFound,
+            Error::NotFound | Error::Absent(_) => Code::NotFound,
             Error::PermissionDenied => Code::PermissionDenied,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::VersionConflict { .. } | Error::Contention => Code::Aborted,

@@ -447,6 +447,19 @@ pub fn chain_text(err: &(dyn Error + 'static)) -> String {
     text
 }
 
+/// A message with any link said twice in a row said once (`tcp connect error: tcp connect
+/// error: refused` becomes `tcp connect error: refused`): messages built from error chains
+/// elsewhere (a peer's, a library's) repeat their sources.
+pub fn tidy(message: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in message.split(": ") {
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+    }
+    parts.join(": ")
+}
+
 /// Connects to the target afresh with the tool's TLS settings, sends the HTTP/2 preface and
 /// reads the server's first answer: `None` if data comes (the server accepts this
 /// certificate) or if the probe cannot tell; the cause if an error or alert comes.
@@ -661,6 +674,16 @@ mod tests {
         fn source(&self) -> Option<&(dyn Error + 'static)> {
             self.1.as_deref().map(|l| l as _)
         }
+    }
+
+    #[test]
+    fn repeated_links_are_said_once() {
+        assert_eq!(
+            tidy("transport error: tcp connect error: tcp connect error: Connection refused"),
+            "transport error: tcp connect error: Connection refused"
+        );
+        assert_eq!(tidy("a: b: a"), "a: b: a");
+        assert_eq!(tidy(""), "");
     }
 
     #[test]

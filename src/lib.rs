@@ -41,6 +41,7 @@
 //!   `Type=notify` readiness and stopping, and the non-dumpable process.
 //! - [`explain`]: TLS and connection failures in words, for the command-line tools;
 //!   [`when`]: RFC 3339 times and durations (`90d`) as the tools take and show them.
+//! - [`clidoc`]: shell completions and man pages of the command-line tools.
 //! - [`client`]: a typed SecretService client over several endpoints that fails over
 //!   (idempotent calls on `UNAVAILABLE` and broken connections; writes only when not sent;
 //!   watches resume on the next endpoint from the last revision seen).
@@ -65,6 +66,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod clidoc;
 pub mod client;
 pub mod codec;
 pub mod config;

@@ -1,5 +1,6 @@
 //! Mutual TLS: the server's TLS settings, the client's, the caller's identity as read from
-//! its verified certificate, and a development PKI.
+//! its verified certificate. (Certificates are made by `strongroom-admin` with the
+//! `strongroom-devpki` crate, which the service never links.)
 //!
 //! rustls (through tonic) verifies that the client's chain ends at the configured client CA
 //! and that the leaf is valid for client authentication; a connection without such a
@@ -10,10 +11,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
 use tonic::transport::{Certificate, ClientTlsConfig, ServerTlsConfig};
 use x509_parser::extensions::GeneralName;
 
@@ -147,9 +144,6 @@ pub enum TlsError {
         /// What is wrong.
         reason: String,
     },
-    /// Generating a development certificate failed.
-    #[error("cannot generate a certificate: {0}")]
-    Generate(#[from] rcgen::Error),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -432,163 +426,10 @@ pub async fn connect(
     }
 }
 
-/// A certificate authority for development and tests.
-pub struct DevCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and its private key, PEM-encoded.
-pub struct DevCert {
-    /// The certificate.
-    pub cert_pem: String,
-    /// The private key (PKCS#8).
-    pub key_pem: String,
-}
-
-impl DevCa {
-    /// A new self-signed CA named `common_name`.
-    pub fn new(common_name: &str) -> Result<Self, TlsError> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
-        Ok(Self { issuer })
-    }
-
-    /// The CA certificate, PEM.
-    pub fn cert_pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A revocation list of this CA naming the given certificates (PEM) as revoked; `number`
-    /// is the CRL number (newer lists carry larger ones).
-    pub fn crl_pem(&self, revoked: &[&str], number: u64) -> Result<String, TlsError> {
-        let mut revoked_certs = Vec::with_capacity(revoked.len());
-        for pem in revoked {
-            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-                .map_err(|e| TlsError::Certificate(e.to_string()))?;
-            let cert = pem
-                .parse_x509()
-                .map_err(|e| TlsError::Certificate(e.to_string()))?;
-            revoked_certs.push(rcgen::RevokedCertParams {
-                serial_number: rcgen::SerialNumber::from_slice(cert.raw_serial()),
-                revocation_time: rcgen::date_time_ymd(2025, 1, 1),
-                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                invalidity_date: None,
-            });
-        }
-        let params = rcgen::CertificateRevocationListParams {
-            this_update: rcgen::date_time_ymd(2025, 1, 1),
-            next_update: rcgen::date_time_ymd(2099, 1, 1),
-            crl_number: rcgen::SerialNumber::from(number),
-            issuing_distribution_point: None,
-            revoked_certs,
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        };
-        Ok(params.signed_by(&self.issuer)?.pem()?)
-    }
-
-    /// A server certificate for the given DNS names and IP addresses.
-    pub fn issue_server(&self, names: &[&str]) -> Result<DevCert, TlsError> {
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params, names.first().copied().unwrap_or("server"))
-    }
-
-    /// A client certificate whose identity is `identity`: a URI SAN when it contains `://`,
-    /// else a DNS SAN.
-    pub fn issue_client(&self, identity: &str) -> Result<DevCert, TlsError> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let ia5 = identity.try_into()?;
-        params.subject_alt_names = vec![if identity.contains("://") {
-            SanType::URI(ia5)
-        } else {
-            SanType::DnsName(ia5)
-        }];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign(params, identity)
-    }
-
-    /// Signs arbitrary parameters (tests use this for unusual certificates).
-    pub fn sign(
-        &self,
-        mut params: CertificateParams,
-        common_name: &str,
-    ) -> Result<DevCert, TlsError> {
-        let key = KeyPair::generate()?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(DevCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
-    }
-}
-
-/// Writes a development PKI into `dir`: separate server, client and admin CAs; a server
-/// certificate for `localhost`/127.0.0.1/::1; one client certificate per identity in
-/// `clients` (`<stem>.pem`, `<stem>-key.pem`), and an officer certificate from the admin CA.
-/// Private keys are written with mode 0600.
-pub fn write_dev_pki(dir: &Path, clients: &[(&str, &str)]) -> Result<(), DevPkiError> {
-    std::fs::create_dir_all(dir)?;
-    let server_ca = DevCa::new("strongroom dev server CA")?;
-    let client_ca = DevCa::new("strongroom dev client CA")?;
-    let admin_ca = DevCa::new("strongroom dev admin CA")?;
-    write_pem(dir, "server-ca.pem", &server_ca.cert_pem(), false)?;
-    write_pem(dir, "client-ca.pem", &client_ca.cert_pem(), false)?;
-    write_pem(dir, "admin-ca.pem", &admin_ca.cert_pem(), false)?;
-    let server = server_ca.issue_server(&["localhost", "127.0.0.1", "::1"])?;
-    write_pair(dir, "server", &server)?;
-    for (stem, identity) in clients {
-        write_pair(dir, stem, &client_ca.issue_client(identity)?)?;
-    }
-    write_pair(dir, "officer", &admin_ca.issue_client(DEV_OFFICER)?)?;
-    Ok(())
-}
-
-/// The identity of the development PKI's officer certificate: a plain host name, as the
-/// admin plane's identity rules require of a DNS SAN.
-pub const DEV_OFFICER: &str = "officer.strongroom.dev";
-
-/// Errors writing the development PKI.
-#[derive(Debug, thiserror::Error)]
-pub enum DevPkiError {
-    /// Certificate generation failed.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// Certificate generation failed.
-    #[error("cannot generate a certificate: {0}")]
-    Generate(#[from] rcgen::Error),
-    /// Writing a file failed.
-    #[error("cannot write the PKI: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-fn write_pair(dir: &Path, stem: &str, cert: &DevCert) -> Result<(), std::io::Error> {
-    write_pem(dir, &format!("{stem}.pem"), &cert.cert_pem, false)?;
-    write_pem(dir, &format!("{stem}-key.pem"), &cert.key_pem, true)
-}
-
-fn write_pem(dir: &Path, file: &str, pem: &str, private: bool) -> Result<(), std::io::Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    if private {
-        options.mode(0o600);
-    }
-    options.open(dir.join(file))?.write_all(pem.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
+    use strongroom_devpki::{DEV_OFFICER, DevCa, write_dev_pki};
+
     use super::*;
 
     fn der(pem: &str) -> Vec<u8> {
@@ -608,11 +449,15 @@ mod tests {
     }
 
     #[test]
-    fn the_dev_pki_officer_certificate_passes_the_identity_rules() {
+    fn the_dev_pki_officer_certificates_pass_the_identity_rules() {
         let dir = tempfile::tempdir().unwrap();
         write_dev_pki(dir.path(), &[]).unwrap();
         let pem = std::fs::read_to_string(dir.path().join("officer.pem")).unwrap();
         let id = Identity::from_certificate(&der(&pem)).unwrap();
         assert_eq!(id.as_str(), DEV_OFFICER);
+        let (name, path) = strongroom_devpki::issue_officer(dir.path(), "alice").unwrap();
+        let pem = std::fs::read_to_string(path).unwrap();
+        let id = Identity::from_certificate(&der(&pem)).unwrap();
+        assert_eq!(id.as_str(), name);
     }
 }

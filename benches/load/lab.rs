@@ -13,7 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use strongroom::proto::PutSecretRequest;
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::tls::DevCa;
+use strongroom_devpki::DevCa;
 
 use crate::cli::Opts;
 use crate::util::random_bytes;

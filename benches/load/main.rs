@@ -2,7 +2,7 @@
 //!
 //! `cargo bench --bench load -- [OPTIONS]` (release build) provisions, in a temporary
 //! directory, fresh SoftHSM2 tokens (`strongroom-admin token init` + `key generate`), a PKI
-//! from [`strongroom::tls::DevCa`] and `strongroomd` children, then measures. Every figure is
+//! from [`strongroom_devpki::DevCa`] and `strongroomd` children, then measures. Every figure is
 //! reported as a ratio against a baseline measured in the same run, and the two sides of every
 //! ratio are measured alternately, round after round (the order rotating), so that the noise
 //! of a shared machine falls on both sides alike. Per-round ratios are paired; the table shows

@@ -38,13 +38,13 @@ pub(crate) async fn part_rewrap(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>)
     );
     let admin_pki = lab.root.join("admin-pki");
     std::fs::create_dir_all(&admin_pki)?;
-    strongroom::tls::write_dev_pki(&admin_pki, &[])?;
+    strongroom_devpki::write_dev_pki(&admin_pki, &[])?;
     let lines = format!(
         "\n[admin]\nlisten = \"127.0.0.1:0\"\ncert = \"{pki}/server.pem\"\nkey = \"{pki}/server-key.pem\"\n\
          ca = \"{a}/admin-ca.pem\"\nofficers = [\"{o}\"]\nquorum = 1\ndangerous_single_officer = true\n",
         pki = lab.pki.display(),
         a = admin_pki.display(),
-        o = strongroom::tls::DEV_OFFICER,
+        o = strongroom_devpki::DEV_OFFICER,
     );
     let server = lab.strongroomd_with(NAME, true, &opts.server_log, None, &lines)?;
     let admin_addr = {

@@ -26,7 +26,7 @@ use strongroom::hsm::{Hsm, HsmOptions, TokenSelector};
 use strongroom::proto::HeadV1;
 use strongroom::secret::{Mechanism as RecordMechanism, SealedRecord, SecretName};
 use strongroom::store::{EtcdOptions, EtcdStore, STATE_KEY_DOMAIN, SledStore, StateKey, Store};
-use strongroom::tls::DevCa;
+use strongroom_devpki::DevCa;
 
 use crate::generator::{Arm, Plan, Ratio, Summary, Workload, interleave, run_load, summarize};
 use crate::lab::{Lab, Target, connect, run_child};

@@ -20,10 +20,14 @@ use strongroom::client::{
     Attempt, AttemptFailure, Client, ClientError, ClientTls, PutOptions, WatchSpec,
 };
 use strongroom::secret::{Protection, SecretValue};
+use strongroom::when;
 
-/// Client for the strongroom secret service.
+/// strongroom: read and write secrets kept by strongroomd, over mutual TLS.
+///
+/// Values are read from stdin or `@FILE`, never from the command line. Exit codes: 0
+/// success, 1 local or usage error, 2 server-side error.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "strongroom", version)]
 struct Cli {
     /// Service addresses, comma-separated (replicas): idempotent calls move to the next
     /// when one is unavailable.
@@ -31,20 +35,21 @@ struct Cli {
         long,
         env = "STRONGROOM_ADDR",
         default_value = "https://localhost:7443",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     addr: String,
     /// CA certificate the server must chain to (PEM).
-    #[arg(long, env = "STRONGROOM_CACERT", global = true)]
+    #[arg(long, env = "STRONGROOM_CACERT", global = true, help_heading = GLOBAL)]
     cacert: Option<PathBuf>,
     /// Client certificate (PEM).
-    #[arg(long, env = "STRONGROOM_CLIENT_CERT", global = true)]
+    #[arg(long, env = "STRONGROOM_CLIENT_CERT", global = true, help_heading = GLOBAL)]
     cert: Option<PathBuf>,
     /// Client private key (PEM).
-    #[arg(long, env = "STRONGROOM_CLIENT_KEY", global = true)]
+    #[arg(long, env = "STRONGROOM_CLIENT_KEY", global = true, help_heading = GLOBAL)]
     key: Option<PathBuf>,
     /// Name to verify in the server certificate (default: the address's host).
-    #[arg(long, env = "STRONGROOM_SERVER_NAME", global = true)]
+    #[arg(long, env = "STRONGROOM_SERVER_NAME", global = true, help_heading = GLOBAL)]
     server_name: Option<String>,
     /// Output format.
     #[arg(
@@ -52,15 +57,19 @@ struct Cli {
         value_enum,
         default_value = "table",
         env = "STRONGROOM_FORMAT",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     format: Format,
     /// Request deadline in seconds.
-    #[arg(long, default_value_t = 10, env = "STRONGROOM_TIMEOUT", global = true)]
+    #[arg(long, default_value_t = 10, env = "STRONGROOM_TIMEOUT", global = true, help_heading = GLOBAL)]
     timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
+
+/// The help section of the flags every subcommand takes.
+const GLOBAL: &str = "Global options";
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -151,6 +160,17 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         after_revision: u64,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: strongroom::clidoc::Shell,
+    },
+    /// Write man pages (this command and each subcommand) into a directory.
+    Man {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// A failure and its exit code.
@@ -178,6 +198,37 @@ fn main() -> ExitCode {
             };
         }
     };
+    match &cli.command {
+        Command::Completions { shell } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            return match strongroom::clidoc::completions(cmd, *shell, &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the completions: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Man { out } => {
+            return match strongroom::clidoc::man_pages(
+                <Cli as clap::CommandFactory>::command(),
+                out,
+            ) {
+                Ok(files) => {
+                    eprintln!("wrote {} man pages to {}", files.len(), out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot write the man pages to {}: {e}",
+                        out.display()
+                    );
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -195,11 +246,15 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Err(Failure::Server(status)) => {
-            eprintln!("error: {:?}: {}", status.code(), status.message());
+            eprintln!(
+                "error: {:?}: {}",
+                status.code(),
+                strongroom::explain::tidy(status.message())
+            );
             ExitCode::from(2)
         }
         Err(Failure::Remote(msg)) => {
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", strongroom::explain::tidy(&msg));
             ExitCode::from(2)
         }
         Err(Failure::Client(e)) => {
@@ -371,7 +426,11 @@ async fn execute(
                     emit(
                         &mut out,
                         cli.format,
-                        json!({"name": resp.name, "version": resp.version, "created_at_unix": resp.created_at_unix, "expires_at_unix": resp.expires_at_unix, "value": shown}),
+                        json!({"name": resp.name, "version": resp.version,
+                            "created_at": when::rfc3339(resp.created_at_unix),
+                            "created_at_unix": resp.created_at_unix,
+                            "expires_at": when::expiry_json(resp.expires_at_unix),
+                            "expires_at_unix": resp.expires_at_unix, "value": shown}),
                         &[
                             ("name", resp.name.clone()),
                             ("version", resp.version.to_string()),
@@ -390,10 +449,17 @@ async fn execute(
                     .iter()
                     .map(|v| {
                         json!({"version": v.version, "master_key_version": v.master_key_version,
-                        "mechanism": v.mechanism, "created_at_unix": v.created_at_unix,
-                        "created_by": v.created_by, "expires_at_unix": v.expires_at_unix,
-                        "expired": v.expired, "not_before_unix": v.not_before_unix,
-                        "not_yet_valid": v.not_yet_valid, "record_format": v.record_format})
+                        "mechanism": v.mechanism,
+                        "created_at": when::rfc3339(v.created_at_unix),
+                        "created_at_unix": v.created_at_unix,
+                        "created_by": v.created_by,
+                        "expires_at": when::expiry_json(v.expires_at_unix),
+                        "expires_at_unix": v.expires_at_unix,
+                        "expired": v.expired,
+                        "not_before": when::expiry_json(v.not_before_unix),
+                        "not_before_unix": v.not_before_unix,
+                        "not_yet_valid": v.not_yet_valid,
+                        "record_format": v.record_format})
                     })
                     .collect();
                 return print_json(
@@ -409,19 +475,25 @@ async fn execute(
             .map_err(io)?;
             writeln!(
                 out,
-                "{:>8}  {:>3}  {:<20}  {:>12}  {:<8}  CREATED BY",
-                "VERSION", "MK", "MECHANISM", "CREATED", "EXPIRED"
+                "{:>8}  {:>3}  {:<20}  {:<20}  {:<29}  CREATED BY",
+                "VERSION", "MK", "MECHANISM", "CREATED", "EXPIRES"
             )
             .map_err(io)?;
             for v in resp.versions {
+                let expires = when::expiry(v.expires_at_unix);
+                let expires = if v.expired {
+                    format!("{expires} (expired)")
+                } else {
+                    expires
+                };
                 writeln!(
                     out,
-                    "{:>8}  {:>3}  {:<20}  {:>12}  {:<8}  {}",
+                    "{:>8}  {:>3}  {:<20}  {:<20}  {:<29}  {}",
                     v.version,
                     v.master_key_version,
                     v.mechanism,
-                    v.created_at_unix,
-                    v.expired,
+                    when::rfc3339(v.created_at_unix),
+                    expires,
                     v.created_by
                 )
                 .map_err(io)?;
@@ -475,6 +547,23 @@ async fn execute(
                     json!({"names": names, "next_page_token": page_token}),
                 );
             }
+            let empty = if within.is_some() {
+                expiring.is_empty()
+            } else {
+                names.is_empty()
+            };
+            if empty {
+                let what = if within.is_some() {
+                    "no secrets expiring in that window"
+                } else {
+                    "no secrets"
+                };
+                if prefix.is_empty() {
+                    eprintln!("{what} that you may list");
+                } else {
+                    eprintln!("{what} under '{prefix}' that you may list");
+                }
+            }
             for n in names.iter().filter(|_| within.is_none()) {
                 writeln!(out, "{n}").map_err(io)?;
             }
@@ -518,6 +607,7 @@ async fn execute(
                 out.flush().map_err(io)?;
             }
         }
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Delete { name } => {
             let resp = client.delete(&name).await.map_err(Failure::Client)?;
             emit(

@@ -22,18 +22,27 @@ use strongroom::hsm::pin::read_pin;
 use strongroom::metrics::MetricsListen;
 use strongroom::service::Server;
 
-/// The strongroom secret service.
+/// strongroomd: the strongroom secret service.
+///
+/// Serves secrets over mutual TLS with master keys in a PKCS#11 token, and the officers'
+/// admin plane on its own listener. Stops on SIGTERM or SIGINT, draining in-flight requests.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "strongroomd", version)]
 struct Args {
     /// Configuration file (TOML).
     #[arg(
         long,
         short,
         env = "STRONGROOM_CONFIG",
-        required_unless_present_any = ["check_config", "print_config"]
+        required_unless_present_any = ["check_config", "print_config", "completions", "man"]
     )]
     config: Option<PathBuf>,
+    /// Print the shell completion script for SHELL (bash, zsh, fish, …) and exit.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    completions: Option<strongroom::clidoc::Shell>,
+    /// Write the man page into DIR and exit.
+    #[arg(long, value_name = "DIR", exclusive = true)]
+    man: Option<PathBuf>,
     /// Listen address, overriding the file and STRONGROOM_LISTEN.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -99,6 +108,29 @@ fn main() -> ExitCode {
     // read: no core dumps, no ptrace or /proc/PID/mem from other processes of this user.
     let dumpable = strongroom::systemd::make_non_dumpable();
     let args = Args::parse();
+    if let Some(shell) = args.completions {
+        let cmd = <Args as clap::CommandFactory>::command();
+        return match strongroom::clidoc::completions(cmd, shell, &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strongroomd: cannot write the completions: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if let Some(dir) = &args.man {
+        let cmd = <Args as clap::CommandFactory>::command();
+        return match strongroom::clidoc::man_pages(cmd, dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "strongroomd: cannot write the man page to {}: {e}",
+                    dir.display()
+                );
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Some(file) = &args.check_config {
         return check_config(file.as_ref().or(args.config.as_ref()));
     }
@@ -144,7 +176,11 @@ fn main() -> ExitCode {
     match run(args, config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("strongroomd: {e}");
+            // Each cause once, even where a message repeats its source's.
+            eprintln!(
+                "strongroomd: {}",
+                strongroom::explain::tidy(&strongroom::explain::chain_text(e.as_ref()))
+            );
             ExitCode::from(1)
         }
     }

@@ -149,7 +149,7 @@ impl AdminService for AdminApi {
                     .into_iter()
                     .find(|(r, _)| r.name == name)
                     .map(|(r, ok)| policy_info(r, ok))
-                    .ok_or(Error::NotFound)
+                    .ok_or_else(|| no_policy(&req.name))
             }
             .await;
             this.finish(&officer, "GetPolicy", Some(&req.name), result, None)
@@ -192,7 +192,7 @@ impl AdminService for AdminApi {
                 let key = name.clone();
                 blocking(&this.state, move |s| s.aux_get(Aux::Policy, &key))
                     .await?
-                    .ok_or(Error::NotFound)?;
+                    .ok_or_else(|| no_policy(&req.name))?;
                 this.request_guarded(&officer, DELETE_POLICY, vec![("name", name)])
                     .await
             }
@@ -920,9 +920,12 @@ impl AdminApiInner {
             // after it was (the next start reconciles an unknown outcome).
             let ended = match &outcome {
                 Ok(_) => Outcome::Committed,
-                Err(Error::InvalidArgument(_) | Error::FailedPrecondition(_) | Error::NotFound) => {
-                    Outcome::Failed
-                }
+                Err(
+                    Error::InvalidArgument(_)
+                    | Error::FailedPrecondition(_)
+                    | Error::NotFound
+                    | Error::Absent(_),
+                ) => Outcome::Failed,
                 Err(_) => Outcome::Unknown,
             };
             let detail = format!(
@@ -1228,4 +1231,11 @@ fn policy_info(r: crate::proto::PolicyRecordV1, authentic: bool) -> PolicyInfo {
         approval_id: r.approval_id,
         authentic,
     }
+}
+
+/// A stored policy that does not exist, in words.
+fn no_policy(name: &str) -> Error {
+    Error::Absent(format!(
+        "policy '{name}' does not exist: see `strongroom-admin policy list`"
+    ))
 }

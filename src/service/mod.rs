@@ -59,6 +59,15 @@ pub enum StartError {
     /// The token could not be opened.
     #[error("HSM: {0}")]
     Hsm(#[from] HsmError),
+    /// No token matches a selector the environment gave (not the file).
+    #[error("HSM: {error} (the token was chosen by {origin})")]
+    Token {
+        /// The token's error.
+        #[source]
+        error: HsmError,
+        /// Where the selector came from.
+        origin: String,
+    },
     /// The store could not be opened.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -183,6 +192,26 @@ impl Server {
     /// Opens the token (logging in with `pin`), the store and the audit log, and loads TLS
     /// material and the policies.
     pub async fn start(config: &Config, pin: AuthPin) -> Result<Self, StartError> {
+        // A sled store this start creates is removed again if the start fails, so a failed
+        // start leaves no empty store behind to puzzle the next one.
+        let created = config.store.backend == crate::config::StoreBackend::Sled
+            && !config.store.path.as_os_str().is_empty()
+            && !config.store.path.exists();
+        let started = Self::start_inner(config, pin).await;
+        if started.is_err() && created && config.store.path.exists() {
+            match std::fs::remove_dir_all(&config.store.path) {
+                Ok(()) => {
+                    tracing::info!(path = %config.store.path.display(), "removed the store this failed start created")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %config.store.path.display(), error = %e, "cannot remove the store this failed start created")
+                }
+            }
+        }
+        started
+    }
+
+    async fn start_inner(config: &Config, pin: AuthPin) -> Result<Self, StartError> {
         let tls = Arc::new(crate::tls::ServerTls::load(crate::tls::ServerTlsFiles {
             cert: config.server.cert.clone(),
             key: config.server.key.clone(),
@@ -211,7 +240,17 @@ impl Server {
             queue_depth: config.hsm.queue_depth,
             key_copy: config.hsm.key_copy,
         };
-        let hsm = Arc::new(Hsm::open(pkcs11, &config.token_selector()?, pin, &options)?);
+        let hsm = Arc::new(
+            Hsm::open(pkcs11, &config.token_selector()?, pin, &options).map_err(|e| {
+                match (&e, config.origin("hsm.token")) {
+                    (HsmError::TokenNotFound(_), Some(origin)) => StartError::Token {
+                        error: e,
+                        origin: origin.to_string(),
+                    },
+                    _ => StartError::Hsm(e),
+                }
+            })?,
+        );
         let hsm_timeout = Duration::from_millis(config.hsm.request_timeout_ms);
         // The store commits its records under a key only the token can give (rollback.rs).
         let state_key = rollback::state_key(&hsm, hsm_timeout).await?;

@@ -109,7 +109,11 @@ pub(crate) async fn load_approval(state: &State, id: &str) -> Result<ApprovalV1,
     let key = id.to_owned();
     let bytes = blocking(state, move |s| s.aux_get(Aux::Approval, &key))
         .await?
-        .ok_or(Error::NotFound)?;
+        .ok_or_else(|| {
+            Error::Absent(format!(
+                "approval {id} does not exist (finished ones are purged after a while): see `strongroom-admin approval list --all`"
+            ))
+        })?;
     let rec = ApprovalV1::decode(bytes.as_slice())
         .map_err(|e| Error::DataLoss(format!("approval {id} does not decode: {e}")))?;
     if !approval_authentic(state, id, &rec).await? {

@@ -1014,7 +1014,9 @@ fn classify(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     use tonic::Code;
     match e {
-        E::TransportError(_) | E::IoError(_) => StoreError::Unreachable(e.to_string()),
+        E::TransportError(_) | E::IoError(_) => {
+            StoreError::Unreachable(crate::explain::tidy(&crate::explain::chain_text(&e)))
+        }
         E::GRpcStatus(ref s)
             if matches!(
                 s.code(),

@@ -904,9 +904,15 @@ fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     std::panic::set_hook(previous_hook);
     match opened {
         Ok(Ok(db)) => Ok(db),
-        Ok(Err(sled::Error::Io(e))) if e.kind() == std::io::ErrorKind::WouldBlock => Err(fail(
-            format!("{e}; is another strongroomd using the same store.path?"),
-        )),
+        Ok(Err(sled::Error::Io(e)))
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.to_string().contains("could not acquire lock") =>
+        {
+            Err(fail(format!(
+                "another process holds the store (the lock on {} is taken): most likely another strongroomd with the same store.path, or strongroom-admin migrate/reconcile; stop it, or give this one its own store.path",
+                path.join("db").display()
+            )))
+        }
         Ok(Err(e @ sled::Error::Corruption { .. })) => Err(fail(format!(
             "{e}: the store's files are damaged; restore them from a backup (the rollback check will ask officers to accept it)"
         ))),

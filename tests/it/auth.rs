@@ -58,7 +58,7 @@ async fn a_certificate_without_an_identity_is_unauthenticated() {
     let env = TestEnv::new();
     // A client certificate from the right CA, but with no SAN: re-issue it from the client CA
     // the fixture wrote, which needs the CA key; build a fresh PKI instead.
-    let ca = strongroom::tls::DevCa::new("client CA with anonymous client").unwrap();
+    let ca = strongroom_devpki::DevCa::new("client CA with anonymous client").unwrap();
     std::fs::write(env.pki.join("client-ca.pem"), ca.cert_pem()).unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, SanType};
 use strongroom::proto::StatusRequest;
-use strongroom::tls::{DevCa, DevCert};
+use strongroom_devpki::{DevCa, DevCert};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tonic::Code;

@@ -14,6 +14,7 @@ mod auditlog;
 mod auth;
 mod badinput;
 mod cli;
+mod clihelp;
 mod corruption;
 mod crash;
 mod etcdstore;

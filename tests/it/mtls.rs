@@ -41,7 +41,7 @@ fn client_params(cn: &str) -> CertificateParams {
     params
 }
 
-/// The test's own client CA, made with rcgen directly: `strongroom::tls::DevCa` keeps its
+/// The test's own client CA, made with rcgen directly: `strongroom_devpki::DevCa` keeps its
 /// key private (the CA-as-client case must present the CA certificate with its key) and
 /// overwrites the key usages of what it signs (the key-usage cases need others).
 struct ClientCa {

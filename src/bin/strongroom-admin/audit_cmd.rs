@@ -90,9 +90,13 @@ pub(crate) enum AuditCmd {
         /// its SHA-256).
         #[arg(long)]
         name: Option<String>,
-        /// Only entries at or after this time (Unix seconds).
+        /// Only entries at or after this time: RFC 3339 (2026-12-07T05:56:10Z), a duration
+        /// back from now (2h, 7d) or Unix seconds.
         #[arg(long)]
-        since: Option<u64>,
+        since: Option<String>,
+        /// Only entries before this time (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
     },
 }
 
@@ -287,8 +291,20 @@ pub(crate) fn run(cli: &Cli, cmd: &AuditCmd) -> Result<(), Failure> {
             identity,
             name,
             since,
+            until,
         } => {
-            let since_ms = since.map(|s| s.saturating_mul(1000));
+            let now = std::time::SystemTime::now();
+            let ms = |flag: &str, v: &Option<String>| -> Result<Option<u64>, Failure> {
+                v.as_deref()
+                    .map(|t| {
+                        strongroom::when::parse_instant(t, now)
+                            .map(|s| (s.max(0) as u64).saturating_mul(1000))
+                            .map_err(|e| Failure::Local(format!("{flag}: {e}")))
+                    })
+                    .transpose()
+            };
+            let since_ms = ms("--since", since)?;
+            let until_ms = ms("--until", until)?;
             let found: Vec<Entry> = audit::read_entries(open(file)?)
                 .filter(|e| {
                     identity
@@ -297,7 +313,11 @@ pub(crate) fn run(cli: &Cli, cmd: &AuditCmd) -> Result<(), Failure> {
                 })
                 .filter(|e| name.as_ref().is_none_or(|n| e.is_about(n)))
                 .filter(|e| since_ms.is_none_or(|s| e.ts_ms >= s))
+                .filter(|e| until_ms.is_none_or(|u| e.ts_ms < u))
                 .collect();
+            if found.is_empty() {
+                eprintln!("no entry matches");
+            }
             print_entries(cli.format, &found);
             Ok(())
         }
@@ -377,12 +397,16 @@ fn open_store(
 fn print_entries(format: Format, entries: &[Entry]) {
     for e in entries {
         if format == Format::Json {
-            println!("{}", json!(e));
+            let mut v = json!(e);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("ts".into(), json!(strongroom::when::rfc3339_ms(e.ts_ms)));
+            }
+            println!("{v}");
         } else {
             println!(
-                "{:>6} {:>13} {:<6} {:<9} {:<16} {:<40} {:<6} {}",
+                "{:>6} {:<24} {:<6} {:<9} {:<16} {:<40} {:<6} {}",
                 e.seq,
-                e.ts_ms,
+                strongroom::when::rfc3339_ms(e.ts_ms),
                 e.plane,
                 e.decision,
                 e.operation,

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 mod audit_cmd;
 mod migrate_cmd;
 mod online;
+mod pki_cmd;
 mod report_cmd;
 mod rewrap;
 
@@ -25,16 +26,23 @@ use strongroom::hsm::admin::{self, InitError};
 use strongroom::hsm::pin::read_pin;
 use strongroom::hsm::{self, HsmError, TokenSelector, keys};
 
-/// Security officers' tool for strongroom.
+/// strongroom-admin: the security officers' tool for strongroom.
+///
+/// Offline commands use the PKCS#11 token on this host (tokens, master keys, doctor, audit
+/// verification) or files (pki); online commands use an officer's certificate against
+/// strongroomd's admin listener (status, policies, approvals). PINs come from files, the
+/// environment or a prompt, never from argv. Exit codes: 0 success, 1 local or usage error,
+/// 2 server- or token-side error.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "strongroom-admin", version)]
 pub(crate) struct Cli {
     /// PKCS#11 module.
     #[arg(
         long,
         env = "STRONGROOM_PKCS11_MODULE",
         default_value = "/usr/lib/softhsm/libsofthsm2.so",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     pub(crate) module: PathBuf,
     /// Token: label, `serial:<serial>` or an RFC 7512 `pkcs11:` URI.
@@ -42,11 +50,12 @@ pub(crate) struct Cli {
         long,
         env = "STRONGROOM_TOKEN",
         default_value = "strongroom",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     pub(crate) token: String,
     /// File holding the user PIN (else STRONGROOM_USER_PIN, else a prompt).
-    #[arg(long, env = "STRONGROOM_USER_PIN_FILE", global = true)]
+    #[arg(long, env = "STRONGROOM_USER_PIN_FILE", global = true, help_heading = GLOBAL)]
     pub(crate) user_pin_file: Option<PathBuf>,
     /// Output format.
     #[arg(
@@ -54,7 +63,8 @@ pub(crate) struct Cli {
         value_enum,
         default_value = "table",
         env = "STRONGROOM_FORMAT",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     pub(crate) format: Format,
     #[command(flatten)]
@@ -62,6 +72,9 @@ pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// The help section of the flags every subcommand takes.
+pub(crate) const GLOBAL: &str = "Global options";
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Format {
@@ -113,7 +126,12 @@ pub(crate) enum Command {
     /// Re-seal every record under an older master key version under the current one (online,
     /// needs approval; `--dry-run` counts only), with a live progress bar.
     Rewrap(rewrap::RewrapArgs),
-    /// Write a development PKI (server, client and admin CAs and certificates).
+    /// The officers' certificate authority: create it, issue officer certificates by name
+    /// (offline; no token needed).
+    #[command(subcommand)]
+    Pki(pki_cmd::PkiCmd),
+    /// Write a development PKI (server, client and admin CAs with their keys, and
+    /// certificates); more officers: `pki issue-officer NAME --dir OUT`.
     DevPki {
         /// Output directory.
         #[arg(long)]
@@ -121,6 +139,17 @@ pub(crate) enum Command {
         /// Client certificates to issue, as STEM=IDENTITY (e.g. client=spiffe://strongroom.dev/demo).
         #[arg(long = "client", default_value = "client=spiffe://strongroom.dev/demo")]
         clients: Vec<String>,
+    },
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: strongroom::clidoc::Shell,
+    },
+    /// Write man pages (this command and each subcommand) into a directory.
+    Man {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -214,11 +243,15 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Err(Failure::Token(m)) => {
-            eprintln!("error: {m}");
+            eprintln!("error: {}", strongroom::explain::tidy(&m));
             ExitCode::from(2)
         }
         Err(Failure::Rpc(s)) => {
-            eprintln!("error: {:?}: {}", s.code(), s.message());
+            eprintln!(
+                "error: {:?}: {}",
+                s.code(),
+                strongroom::explain::tidy(s.message())
+            );
             ExitCode::from(2)
         }
     }
@@ -296,6 +329,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
             migrate_cmd::run(&cli, config, from, to)
         }
         Command::Audit(cmd) => audit_cmd::run(&cli, cmd),
+        Command::Pki(cmd) => pki_cmd::run(cli.format, cmd),
+        Command::Completions { shell } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            strongroom::clidoc::completions(cmd, *shell, &mut std::io::stdout())
+                .map_err(|e| Failure::Local(format!("cannot write the completions: {e}")))
+        }
+        Command::Man { out } => {
+            let files =
+                strongroom::clidoc::man_pages(<Cli as clap::CommandFactory>::command(), out)
+                    .map_err(|e| {
+                        Failure::Local(format!(
+                            "cannot write the man pages to {}: {e}",
+                            out.display()
+                        ))
+                    })?;
+            eprintln!("wrote {} man pages to {}", files.len(), out.display());
+            Ok(())
+        }
         Command::Token(TokenCmd::List) => {
             let pkcs11 = hsm::load_module(&cli.module)?;
             let tokens = admin::list_tokens(&pkcs11)?;
@@ -491,9 +542,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 })?;
                 parsed.push((stem, identity));
             }
-            strongroom::tls::write_dev_pki(out, &parsed)
+            strongroom_devpki::write_dev_pki(out, &parsed)
                 .map_err(|e| Failure::Local(e.to_string()))?;
             println!("wrote a development PKI to {}", out.display());
+            println!(
+                "its CA keys are kept there (mode 0600): more officers with `strongroom-admin pki issue-officer NAME --dir {}`",
+                out.display()
+            );
             Ok(())
         }
     }

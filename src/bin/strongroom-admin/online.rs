@@ -15,9 +15,10 @@ use strongroom::proto::{
     ListPoliciesRequest, OperationResponse, PolicyInfo, PutPolicyRequest, RejectRequest,
     RotateAuditLogRequest, RotateMasterKeyRequest, StatusRequest,
 };
+use strongroom::when;
 
 use crate::audit_cmd::AuditCmd;
-use crate::{Command, Failure, Format, KeyCmd};
+use crate::{Command, Failure, Format, GLOBAL, KeyCmd};
 
 /// How to reach the admin listener.
 #[derive(Args)]
@@ -27,23 +28,24 @@ pub(crate) struct Connection {
         long,
         env = "STRONGROOM_ADMIN_ADDR",
         default_value = "https://localhost:7444",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     admin_addr: String,
     /// CA certificate the admin listener must chain to (PEM).
-    #[arg(long, env = "STRONGROOM_ADMIN_CACERT", global = true)]
+    #[arg(long, env = "STRONGROOM_ADMIN_CACERT", global = true, help_heading = GLOBAL)]
     admin_cacert: Option<PathBuf>,
     /// The officer's certificate from the admin CA (PEM).
-    #[arg(long, env = "STRONGROOM_ADMIN_CERT", global = true)]
+    #[arg(long, env = "STRONGROOM_ADMIN_CERT", global = true, help_heading = GLOBAL)]
     admin_cert: Option<PathBuf>,
     /// The officer's private key (PEM).
-    #[arg(long, env = "STRONGROOM_ADMIN_KEY", global = true)]
+    #[arg(long, env = "STRONGROOM_ADMIN_KEY", global = true, help_heading = GLOBAL)]
     admin_key: Option<PathBuf>,
     /// Name to verify in the admin listener's certificate (default: the address's host).
-    #[arg(long, env = "STRONGROOM_ADMIN_SERVER_NAME", global = true)]
+    #[arg(long, env = "STRONGROOM_ADMIN_SERVER_NAME", global = true, help_heading = GLOBAL)]
     admin_server_name: Option<String>,
     /// Request deadline in seconds.
-    #[arg(long, default_value_t = 30, env = "STRONGROOM_TIMEOUT", global = true)]
+    #[arg(long, default_value_t = 30, env = "STRONGROOM_TIMEOUT", global = true, help_heading = GLOBAL)]
     timeout: u64,
 }
 
@@ -272,9 +274,10 @@ async fn run_async(target: &Target, format: Format, command: &Command) -> Result
                 println!("{}", policy_json(&p));
             } else {
                 println!(
-                    "# policy '{}' revision {} by {} (approval {}){}",
+                    "# policy '{}' revision {} at {} by {} (approval {}){}",
                     p.name,
                     p.revision,
+                    when::rfc3339(p.updated_at_unix),
                     p.updated_by,
                     if p.approval_id.is_empty() {
                         "-"
@@ -302,14 +305,22 @@ async fn run_async(target: &Target, format: Format, command: &Command) -> Result
                 let v: Vec<_> = list.iter().map(policy_json).collect();
                 println!("{}", json!(v));
             } else {
+                if list.is_empty() {
+                    eprintln!("no policies stored");
+                    return Ok(());
+                }
                 println!(
-                    "{:<24} {:>8}  {:<10}  UPDATED BY",
-                    "NAME", "REVISION", "AUTHENTIC"
+                    "{:<24} {:>8}  {:<10}  {:<20}  UPDATED BY",
+                    "NAME", "REVISION", "AUTHENTIC", "UPDATED"
                 );
                 for p in list {
                     println!(
-                        "{:<24} {:>8}  {:<10}  {}",
-                        p.name, p.revision, p.authentic, p.updated_by
+                        "{:<24} {:>8}  {:<10}  {:<20}  {}",
+                        p.name,
+                        p.revision,
+                        p.authentic,
+                        when::rfc3339(p.updated_at_unix),
+                        p.updated_by
                     );
                 }
             }
@@ -362,17 +373,29 @@ async fn run_async(target: &Target, format: Format, command: &Command) -> Result
                 let v: Vec<_> = list.iter().map(approval_json).collect();
                 println!("{}", json!(v));
             } else {
+                if list.is_empty() {
+                    eprintln!(
+                        "{}",
+                        if *all {
+                            "no approvals"
+                        } else {
+                            "no pending approvals (--all shows past ones)"
+                        }
+                    );
+                    return Ok(());
+                }
                 println!(
-                    "{:<16}  {:<16}  {:<9}  {:<9}  {:<40}  NOTE",
-                    "ID", "OPERATION", "STATE", "APPROVALS", "REQUESTER"
+                    "{:<16}  {:<16}  {:<9}  {:<9}  {:<20}  {:<40}  NOTE",
+                    "ID", "OPERATION", "STATE", "APPROVALS", "EXPIRES", "REQUESTER"
                 );
                 for a in list {
                     println!(
-                        "{:<16}  {:<16}  {:<9}  {:<9}  {:<40}  {}",
+                        "{:<16}  {:<16}  {:<9}  {:<9}  {:<20}  {:<40}  {}",
                         a.id,
                         a.operation,
                         a.state,
                         format!("{}/{}", a.counted, a.quorum),
+                        when::rfc3339(a.expires_at_unix),
                         a.requester,
                         list_note(&a)
                     );
@@ -495,7 +518,9 @@ fn approval_json(a: &Approval) -> serde_json::Value {
             "officer": s.officer, "counts": s.counts, "reason": s.reason,
         })).collect::<Vec<_>>(),
         "blocked": a.blocked,
-        "created_at_unix": a.created_at_unix, "expires_at_unix": a.expires_at_unix,
+        "created_at": when::rfc3339(a.created_at_unix), "created_at_unix": a.created_at_unix,
+        "expires_at": when::rfc3339(a.expires_at_unix), "expires_at_unix": a.expires_at_unix,
+        "finished_at": (a.finished_at_unix > 0).then(|| when::rfc3339(a.finished_at_unix)),
         "finished_at_unix": a.finished_at_unix,
         "state": a.state, "result": a.result, "rejected_by": a.rejected_by,
     })
@@ -530,9 +555,19 @@ const SHOWN_WHOLE: usize = 200;
 fn policy_json(p: &PolicyInfo) -> serde_json::Value {
     json!({
         "name": p.name, "document": p.document, "revision": p.revision,
-        "updated_by": p.updated_by, "updated_at_unix": p.updated_at_unix,
+        "updated_by": officers(&p.updated_by),
+        "updated_at": when::rfc3339(p.updated_at_unix), "updated_at_unix": p.updated_at_unix,
         "approval_id": p.approval_id, "authentic": p.authentic,
     })
+}
+
+/// The officers who approved a policy change, as the service joins them (`a, b`).
+fn officers(joined: &str) -> Vec<&str> {
+    joined
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// Prints an approval; its parameter digest is recomputed from the parameters shown, and a
@@ -559,7 +594,7 @@ fn print_approval(format: Format, a: &Approval, full: bool) -> Result<(), Failur
 }
 
 fn print_approval_text(a: &Approval, full: bool, matches: bool) {
-    let when = strongroom::service::approvals::utc;
+    let when = when::rfc3339;
     println!("approval   {}", a.id);
     println!("operation  {}", a.operation);
     let mut params: Vec<_> = a.parameters.iter().collect();

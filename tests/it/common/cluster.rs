@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strongroom::tls::DevCa;
+use strongroom_devpki::DevCa;
 
 use super::{Etcd, free_port};
 

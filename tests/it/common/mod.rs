@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::tls::DevCa;
+use strongroom_devpki::DevCa;
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
