@@ -3,8 +3,10 @@
 //!
 //! Whatever decodes must re-encode to bytes that decode to the same message, with a stable
 //! encoding and a truthful `encoded_len`. A decoded sealed record whose name is valid must
-//! give an AAD that encodes (name, version, master key version) unambiguously, must never
-//! open under a key it was not sealed with, and sealing under its AAD must round-trip.
+//! give a v1 AAD that encodes (name, version, master key version) unambiguously; its v2 AAD
+//! (every field that drives a decision) must change when any bound field changes; it must
+//! never open under a key it was not sealed with, and sealing under its AAD must round-trip
+//! only under that AAD.
 
 #![no_main]
 
@@ -12,10 +14,10 @@ use std::fmt::Debug;
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use strongroom::envelope::{self, DataKey, record_aad};
+use strongroom::envelope::{self, DataKey, record_aad_v1};
 use strongroom::policy::PolicyDocument;
 use strongroom::proto::{ApprovalV1, HeadV1, PolicyRecordV1, SealedRecordV1};
-use strongroom::secret::{MAX_NAME_BYTES_CEILING, Mechanism, SecretName};
+use strongroom::secret::{MAX_NAME_BYTES_CEILING, Mechanism, RecordFormat, RecordMeta, SecretName};
 
 const AAD_DOMAIN: &[u8] = b"strongroom/record/v1";
 
@@ -38,7 +40,7 @@ fn check_sealed(record: &SealedRecordV1) {
     let Ok(name) = SecretName::parse(&record.name, MAX_NAME_BYTES_CEILING) else {
         return;
     };
-    let aad = record_aad(&name, record.version, record.master_key_version);
+    let aad = record_aad_v1(&name, record.version, record.master_key_version);
     // The AAD parses back into exactly the identity it binds.
     let n = name.as_str().len();
     assert_eq!(aad.len(), AAD_DOMAIN.len() + 2 + n + 8 + 4);
@@ -62,12 +64,54 @@ fn check_sealed(record: &SealedRecordV1) {
     let sealed = envelope::seal(&dek, &aad, &record.ciphertext).expect("seal");
     let opened = envelope::open(&dek, &sealed.nonce, &aad, &sealed.ciphertext).expect("open");
     assert_eq!(opened.expose(), record.ciphertext.as_slice());
-    let moved = record_aad(
+    let moved = record_aad_v1(
         &name,
         record.version.wrapping_add(1),
         record.master_key_version,
     );
     assert!(envelope::open(&dek, &sealed.nonce, &moved, &sealed.ciphertext).is_err());
+    check_v2(record, &name, &dek);
+}
+
+/// The v2 AAD of the record read from its own slot differs from the v1 AAD and from the AAD
+/// of the same record with any one bound field changed, and a value sealed under it opens
+/// under no such variant.
+fn check_v2(record: &SealedRecordV1, name: &SecretName, dek: &DataKey) {
+    let Ok((meta, _)) = RecordMeta::of_slot(record, name, record.version) else {
+        return;
+    };
+    let aad = meta.aad(RecordFormat::V2);
+    assert_ne!(aad, meta.aad(RecordFormat::V1));
+    let sealed = envelope::seal(dek, &aad, b"v").expect("seal");
+    let mut variants: Vec<RecordMeta> = Vec::new();
+    let mut push = |f: &dyn Fn(&mut RecordMeta)| {
+        let mut m = meta.clone();
+        f(&mut m);
+        variants.push(m);
+    };
+    push(&|m| m.version = m.version.wrapping_add(1));
+    push(&|m| m.master_key_version = m.master_key_version.wrapping_add(1));
+    push(&|m| {
+        m.mechanism = match m.mechanism {
+            Mechanism::AesGcmEnvelopeV1 => Mechanism::AesKwHsmOnlyV1,
+            Mechanism::AesKwHsmOnlyV1 => Mechanism::AesGcmEnvelopeV1,
+        }
+    });
+    push(&|m| m.created_at_unix = m.created_at_unix.wrapping_add(1));
+    push(&|m| m.created_by.push('x'));
+    push(&|m| m.not_before_unix = Some(m.not_before_unix.map_or(0, |t| t.wrapping_add(1))));
+    push(&|m| m.not_before_unix = m.not_before_unix.xor(Some(0)));
+    push(&|m| m.expires_at_unix = Some(m.expires_at_unix.map_or(0, |t| t.wrapping_add(1))));
+    push(&|m| m.expires_at_unix = m.expires_at_unix.xor(Some(0)));
+    for v in &variants {
+        // Every variant changes one bound field (the `xor`s flip presence).
+        let other = v.aad(RecordFormat::V2);
+        assert_ne!(
+            other, aad,
+            "a changed field left the v2 AAD unchanged: {v:?}"
+        );
+        assert!(envelope::open(dek, &sealed.nonce, &other, &sealed.ciphertext).is_err());
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -47,6 +47,7 @@ fn check_put(req: &PutSecretRequest, limits: &Limits) {
         value: req.value.clone(),
         created_at_unix: 0,
         expires_at_unix: req.expires_at_unix,
+        not_before_unix: req.not_before_unix,
     };
     let blank = GetSecretResponse {
         value: vec![0; req.value.len()],
