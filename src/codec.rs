@@ -255,7 +255,7 @@ mod tests {
     #[test]
     fn every_request_of_both_services_has_a_limit() {
         let requests = request_types();
-        assert_eq!(requests.len(), 6 + 15, "{requests:?}");
+        assert_eq!(requests.len(), 6 + 19, "{requests:?}");
         for r in &requests {
             let limit = LIMITS.iter().find(|(n, _)| n == r).map(|(_, l)| *l);
             assert!(
