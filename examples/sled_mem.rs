@@ -16,10 +16,6 @@ use std::time::Instant;
 use strongroom::secret::SecretName;
 use strongroom::store::{SledStore, StateKey, Store};
 
-/// The allocator strongroomd uses (src/bin/strongroomd.rs).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn rss() -> String {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let f = |k: &str| {

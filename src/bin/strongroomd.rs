@@ -22,17 +22,6 @@ use strongroom::hsm::pin::read_pin;
 use strongroom::metrics::MetricsListen;
 use strongroom::service::Server;
 
-/// mimalloc, not glibc's malloc, for everything strongroomd allocates in Rust.
-///
-/// At a million secrets on sled nearly every GetSecret pages tree nodes in and evicts others:
-/// buffers are allocated on one thread and freed on another. glibc's per-thread arenas kept
-/// those frees resident (585 MiB at a 16 MiB cache), and one arena (`MALLOC_ARENA_MAX=1`)
-/// bounded the memory but serialised every malloc and free on its lock (~28 % of a 1M read's
-/// samples). mimalloc frees into the owning thread's pages and returns empty ones to the OS
-/// (BENCHMARKS.md, *Scale*).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// strongroomd: the strongroom secret service.
 ///
 /// Serves secrets over mutual TLS with master keys in a PKCS#11 token, and the officers'
