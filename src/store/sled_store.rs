@@ -1355,6 +1355,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_expiry_notice_is_one_logged_committed_event_and_its_removal_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), test_key()).unwrap();
+        let mut feed = store.watch(0).unwrap();
+        store.commit(&record("a", 1), None).unwrap().unwrap();
+        let created = feed.next().await.unwrap().unwrap();
+        let key = crate::store::notice_key(&name("a"), 1);
+        store
+            .aux_put(Aux::Notice, &key, &7i64.to_be_bytes())
+            .unwrap();
+        let e = feed.next().await.unwrap().unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.version, e.kind),
+            ("a", 1, ChangeKind::ExpiringSoon)
+        );
+        assert!(e.revision > created.revision);
+        // In the commitment like any record: a full scan agrees with the kept value.
+        assert!(store.verify_state().unwrap().matches());
+        // Its removal, and a later write that is no notice, log nothing; the next head
+        // change comes next.
+        assert!(store.aux_delete(Aux::Notice, &key).unwrap());
+        store.aux_put(Aux::Meta, "other", b"x").unwrap();
+        let h = store.head(&name("a")).unwrap();
+        store.commit(&record("a", 2), h).unwrap().unwrap();
+        let next = feed.next().await.unwrap().unwrap();
+        assert_eq!((next.version, next.kind), (2, ChangeKind::Updated));
+        // A resumed reader replays the notice at its revision.
+        let mut again = store.watch(created.revision).unwrap();
+        assert_eq!(again.next().await.unwrap().unwrap(), e);
+        assert!(store.verify_state().unwrap().matches());
+    }
+
+    #[tokio::test]
     async fn the_change_log_keeps_its_history_and_says_when_a_reader_is_too_far_behind() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), test_key())
