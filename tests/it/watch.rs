@@ -587,6 +587,30 @@ async fn expiring_soon_arrives_once_per_version_in_the_window_only_to_readers_an
             ("payments/app/d-later".into(), 1, "expiring-soon"),
         ]
     );
+    // `strongroom watch` prints the kind.
+    let mut cmd = env.cli(&server, "payments");
+    cmd.args([
+        "watch",
+        "--name",
+        "payments/app/c-cert",
+        "--after-revision",
+        &cert_created.to_string(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        line,
+        format!("{cert_notice} expiring-soon payments/app/c-cert 1")
+    );
+
     write_expiring(&server, "payments/app/e-after", Some(unix_now() + 600)).await;
     let seen: Vec<_> = next_events(&mut stream, 2)
         .await
