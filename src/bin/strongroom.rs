@@ -146,7 +146,7 @@ enum Command {
         /// Secret name.
         name: String,
     },
-    /// Print one line per change (created, updated, deleted) under the prefixes, never
+    /// Print one line per change (created, updated, deleted, expiring-soon) under the prefixes, never
     /// values: `REVISION KIND NAME VERSION`. Runs until interrupted; resumes on another
     /// endpoint of --addr from the last revision printed when one fails.
     Watch {
@@ -593,6 +593,7 @@ async fn execute(
                             strongroom::proto::watch_event::Kind::Created => "created",
                             strongroom::proto::watch_event::Kind::Updated => "updated",
                             strongroom::proto::watch_event::Kind::Deleted => "deleted",
+                            strongroom::proto::watch_event::Kind::ExpiringSoon => "expiring-soon",
                             strongroom::proto::watch_event::Kind::Unspecified => "unknown",
                         }
                     });

@@ -86,6 +86,13 @@ pub struct JobsConfig {
     /// Seconds between the officer-visible state reports (`m/state-report` in the store),
     /// written by whichever replica holds the `state-report` job lock. 0: no reports.
     pub state_report_interval_secs: u64,
+    /// Seconds between the `expiry-notice` job's sweeps, which record one notice (a
+    /// WatchSecrets EXPIRING_SOON event) per latest version that entered the window.
+    /// 0: no notices.
+    pub expiry_notice_interval_secs: u64,
+    /// The expiry-notice window: a latest version expiring within this many seconds gets
+    /// its notice.
+    pub expiry_notice_window_secs: u64,
 }
 
 impl Default for JobsConfig {
@@ -94,6 +101,8 @@ impl Default for JobsConfig {
             lease_ttl_secs: 10,
             renew_interval_ms: 3000,
             state_report_interval_secs: 60,
+            expiry_notice_interval_secs: 300,
+            expiry_notice_window_secs: 7 * 86_400,
         }
     }
 }
@@ -113,6 +122,14 @@ impl JobsConfig {
         }
         if self.state_report_interval_secs > 86_400 {
             return invalid("jobs.state_report_interval_secs must be 0..=86400 (0: off)");
+        }
+        if self.expiry_notice_interval_secs > 86_400 {
+            return invalid("jobs.expiry_notice_interval_secs must be 0..=86400 (0: off)");
+        }
+        if self.expiry_notice_window_secs == 0 || self.expiry_notice_window_secs > 366 * 86_400 {
+            return invalid(
+                "jobs.expiry_notice_window_secs must be 1..=31622400 (at most 366 days)",
+            );
         }
         Ok(())
     }
@@ -1042,6 +1059,10 @@ mod tests {
         let j = parse("").unwrap().jobs;
         assert_eq!((j.lease_ttl_secs, j.renew_interval_ms), (10, 3000));
         assert_eq!(j.state_report_interval_secs, 60);
+        assert_eq!(
+            (j.expiry_notice_interval_secs, j.expiry_notice_window_secs),
+            (300, 604_800)
+        );
         let jobs = |t: &str| parse(&format!("[jobs]\n{t}"));
         assert!(jobs("lease_ttl_secs = 2\nrenew_interval_ms = 1000").is_ok());
         for bad in [
@@ -1049,6 +1070,8 @@ mod tests {
             "lease_ttl_secs = 2\nrenew_interval_ms = 1001",
             "renew_interval_ms = 99",
             "state_report_interval_secs = 86401",
+            "expiry_notice_interval_secs = 86401",
+            "expiry_notice_window_secs = 0",
         ] {
             let e = jobs(bad).unwrap_err().to_string();
             assert!(e.contains("jobs."), "{bad}: {e}");

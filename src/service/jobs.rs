@@ -17,7 +17,8 @@
 //! store verification stays per replica (it only reads). The approvals purge
 //! (`approvals::purge_task`) runs the same way, as job `approval-purge`: one replica at a time,
 //! every removal fenced ([`Store::aux_delete_fenced`](crate::store::Store::aux_delete_fenced),
-//! errors through [`lost_lock`]).
+//! errors through [`lost_lock`]). So does the expiry-notice sweep (`expiry::notices`), as job
+//! `expiry-notice`: every notice written and removed fenced.
 //!
 //! [`register_replica`] holds `replica/<id>` for the life of the process, so a replica id
 //! is live in at most one process: a second process with the same id is refused at start.

@@ -136,6 +136,10 @@ pub(crate) struct JobTimes {
     pub(crate) renew: Duration,
     /// Between state reports (zero: none).
     pub(crate) report: Duration,
+    /// Between expiry-notice sweeps (zero: none).
+    pub(crate) expiry_notice: Duration,
+    /// The expiry-notice window, in seconds.
+    pub(crate) expiry_window: u64,
 }
 
 impl State {
@@ -263,6 +267,8 @@ impl Server {
             ttl: Duration::from_secs(config.jobs.lease_ttl_secs),
             renew: Duration::from_millis(config.jobs.renew_interval_ms),
             report: Duration::from_secs(config.jobs.state_report_interval_secs),
+            expiry_notice: Duration::from_secs(config.jobs.expiry_notice_interval_secs),
+            expiry_window: config.jobs.expiry_notice_window_secs,
         };
         // Before any token object of the replica is read or written: one live process per id.
         let replica_lock = if replica_id.is_empty() {
@@ -416,6 +422,7 @@ impl Server {
         // admin.approval_purge_interval_secs; nothing to do without an admin plane.
         let purge = tokio::spawn(approvals::purge_task(state.clone()));
         let reports = tokio::spawn(jobs::state_reports(state.clone()));
+        let notices = tokio::spawn(expiry::notices(state.clone()));
         // A re-wrap recorded as running resumes here (rewrap.rs).
         let rewraps = tokio::spawn(rewrap::supervise(state.clone()));
         // Losing the replica id to another process stops this one (see jobs::keep_replica).
@@ -524,6 +531,7 @@ impl Server {
         epochs.abort();
         purge.abort();
         reports.abort();
+        notices.abort();
         rewraps.abort();
         if let Err(e) = rollback::record(&state).await {
             tracing::error!(error = %e, "cannot record the final store epoch in the token");

@@ -202,6 +202,7 @@ fn to_proto(e: ChangeEvent) -> WatchEvent {
         ChangeKind::Created => Kind::Created,
         ChangeKind::Updated => Kind::Updated,
         ChangeKind::Deleted => Kind::Deleted,
+        ChangeKind::ExpiringSoon => Kind::ExpiringSoon,
     };
     WatchEvent {
         name: e.name.as_str().to_owned(),

@@ -9,6 +9,7 @@
 //! | `P r/` name `\0` version (20 decimal digits) | [`SealedRecordV1`](crate::proto::SealedRecordV1) |
 //! | `P w/` master key version (10 decimal digits) | wrap count, 8 bytes big-endian |
 //! | `P p/` key, `P a/` key, `P m/` key | policies, approvals, bookkeeping (as officers wrote them) |
+//! | `P e/` name `\0` version (20 decimal digits) | an expiry notice: the version's expiry, 8 bytes big-endian |
 //! | `P m/store-id` | the store's random identity (hex) |
 //! | `P m/epoch` | the write counter, 8 bytes big-endian |
 //! | `P m/state` | the state commitment and its tag (see [`StateKey`]) |
@@ -38,9 +39,10 @@
 //! scan reads the frame and then every key under the prefix at that one revision: etcd's MVCC
 //! makes it consistent without holding any writer back.
 //!
-//! WatchSecrets reads etcd's own history: a watch on the heads' range from the revision after
+//! WatchSecrets reads etcd's own history: a watch on the heads' and expiry notices' range
+//! (`P e/` to `P h/`, adjacent: no other kind sorts between them) from the revision after
 //! the watcher's last (`start_revision`), with each head's previous value to tell a creation
-//! from an update; an event's revision is the head's mod revision, the same on every
+//! from an update, and each notice's creation as an expiring-soon event; an event's revision is the head's mod revision, the same on every
 //! replica, so a watcher may resume on any of them. etcd's compaction of that history is
 //! [`FeedError::Compacted`]. Nothing is stored for it beside the records.
 //!
@@ -396,7 +398,7 @@ impl EtcdStore {
         let mut k = Vec::with_capacity(body.len() + 1);
         k.push(kind);
         match kind {
-            b'h' | b'p' | b'a' | b'm' => k.extend_from_slice(body),
+            b'h' | b'p' | b'a' | b'm' | b'e' => k.extend_from_slice(body),
             b'r' => {
                 let Some(nul) = body.iter().rposition(|&b| b == 0) else {
                     return foreign();
@@ -429,7 +431,7 @@ impl EtcdStore {
                 k.extend_from_slice(body);
                 k
             }
-            b'h' | b'p' | b'a' | b'm' => self.key(kind, body),
+            b'h' | b'p' | b'a' | b'm' | b'e' => self.key(kind, body),
             b'r' => {
                 let at = body.len().checked_sub(8).ok_or_else(bad)?;
                 let (name, version) = body.split_at(at);
@@ -1639,7 +1641,9 @@ impl Store for EtcdStore {
     }
 
     fn watch(&self, after: u64) -> Result<ChangeFeed, FeedError> {
-        let (start, end) = self.kind_range(b'h');
+        // Notices (`e/`) and heads (`h/`): no kind sorts between them.
+        let (start, _) = self.kind_range(b'e');
+        let (_, end) = self.kind_range(b'h');
         let mut from = 0;
         if after > 0 {
             let next = i64::try_from(after).ok().and_then(|a| a.checked_add(1));
@@ -1958,7 +1962,11 @@ async fn forward_watch(
         }
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
-            let change = head_change(kv, event.event_type(), event.prev_kv(), prefix_len(&target));
+            let change = if kv.key().get(prefix_len(&target) - 2) == Some(&b'e') {
+                notice_change(kv, event.event_type(), event.prev_kv(), prefix_len(&target))
+            } else {
+                head_change(kv, event.event_type(), event.prev_kv(), prefix_len(&target))
+            };
             match change {
                 Ok(Some(c)) => {
                     last = c.revision;
@@ -1976,9 +1984,38 @@ async fn forward_watch(
     }
 }
 
-/// The length of the heads' prefix, which an event's key starts with.
+/// The length of the kind's prefix (`P e/` or `P h/`, the same), which an event's key
+/// starts with.
 fn prefix_len(target: &WatchTarget) -> usize {
     target.key.len()
+}
+
+/// The expiring-soon event of a notice's creation; `None` for its removal or rewrite (the
+/// job never rewrites one) and for a key that names no notice.
+fn notice_change(
+    kv: &KeyValue,
+    kind: EventType,
+    prev: Option<&KeyValue>,
+    prefix_len: usize,
+) -> Result<Option<ChangeEvent>, StoreError> {
+    if kind != EventType::Put || prev.is_some() {
+        return Ok(None);
+    }
+    let parsed = kv
+        .key()
+        .get(prefix_len..)
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .and_then(|k| super::parse_notice_key(k, crate::secret::MAX_NAME_BYTES_CEILING));
+    let Some((name, version)) = parsed else {
+        tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "a notice's key names no version; no event");
+        return Ok(None);
+    };
+    Ok(Some(ChangeEvent {
+        revision: u64::try_from(kv.mod_revision()).unwrap_or(0),
+        name,
+        version,
+        kind: ChangeKind::ExpiringSoon,
+    }))
 }
 
 /// Opens a watch that broke (`why`) again from the revision after `last`, on whichever
@@ -2080,6 +2117,7 @@ fn aux_tag(ns: Aux) -> u8 {
         Aux::Policy => b'p',
         Aux::Approval => b'a',
         Aux::Meta => b'm',
+        Aux::Notice => b'e',
     }
 }
 

@@ -1,4 +1,5 @@
 //! The change feed: one event per change to a secret's head (created, updated, deleted),
+//! and one per expiry notice the `expiry-notice` job records ([`Aux::Notice`](super::Aux::Notice)),
 //! each at a revision of the store, read by watchers ([`Store::watch`](super::Store::watch)).
 //!
 //! A feed is a bounded channel: the backend's producer waits while it is full (sled reads
@@ -22,6 +23,10 @@ pub enum ChangeKind {
     Updated,
     /// Every version was destroyed.
     Deleted,
+    /// The version, the name's latest, entered the expiry-notice window: the creation of
+    /// its notice ([`Aux::Notice`](super::Aux::Notice)), a store write like the others, so it
+    /// has a revision, is seen by every replica's watchers and is replayed on resume.
+    ExpiringSoon,
 }
 
 impl ChangeKind {
@@ -42,6 +47,7 @@ impl ChangeKind {
             ChangeKind::Created => b'c',
             ChangeKind::Updated => b'u',
             ChangeKind::Deleted => b'd',
+            ChangeKind::ExpiringSoon => b'e',
         }
     }
 
@@ -51,6 +57,7 @@ impl ChangeKind {
             b'c' => ChangeKind::Created,
             b'u' => ChangeKind::Updated,
             b'd' => ChangeKind::Deleted,
+            b'e' => ChangeKind::ExpiringSoon,
             _ => return None,
         })
     }

@@ -290,6 +290,26 @@ pub enum Aux {
     Approval,
     /// Bookkeeping flags.
     Meta,
+    /// Expiry notices: one per `(name, version)` that entered the expiry-notice window,
+    /// keyed [`notice_key`], written once by the `expiry-notice` job. Each one's creation
+    /// is a change-feed event ([`ChangeKind::ExpiringSoon`]).
+    Notice,
+}
+
+/// The key of the expiry notice of `name`'s `version` in [`Aux::Notice`]: the name, `\0`
+/// and the version in 20 decimal digits (names never contain `\0`).
+pub fn notice_key(name: &SecretName, version: u64) -> String {
+    format!("{}\0{version:020}", name.as_str())
+}
+
+/// The name and version an expiry notice's key names; `None` for any other key.
+pub fn parse_notice_key(key: &str, max_name: usize) -> Option<(SecretName, u64)> {
+    let (name, version) = key.rsplit_once('\0')?;
+    if version.len() != 20 {
+        return None;
+    }
+    let version = version.parse().ok()?;
+    Some((SecretName::parse(name, max_name).ok()?, version))
 }
 
 /// Whether the store's commitment and epoch carry a valid tag under the state key.

@@ -3,7 +3,8 @@
 //! Keys: `h` + name → [`HeadV1`](crate::proto::HeadV1); `r` + name + `\0` + version (8 bytes
 //! big-endian) → [`SealedRecordV1`](crate::proto::SealedRecordV1); `w` + master key version
 //! (4 bytes big-endian) → wrap count (8 bytes big-endian); `p`, `a`, `m` + key → policies,
-//! approvals and bookkeeping that officers manage; `c` + revision (8 bytes big-endian) → one
+//! approvals and bookkeeping that officers manage; `e` + name + `\0` + version (20 decimal
+//! digits) → an expiry notice (its expiry, 8 bytes big-endian); `c` + revision (8 bytes big-endian) → one
 //! entry of the change log WatchSecrets reads (see below). Names never contain `\0`, so a
 //! name's records are exactly the keys under `r` + name + `\0`.
 //!
@@ -17,7 +18,8 @@
 //! (a store from before commitments, or an edited frame), writes keep a zero tag, so the
 //! fault stays visible until officers accept the state ([`Store::rebase_state`]).
 //!
-//! The change log: a batch that changes a head also writes `c` + its epoch → the revision of
+//! The change log: a batch that changes a head, or creates an expiry notice (kind `e`), also
+//! writes `c` + its epoch → the revision of
 //! the previous entry (8 bytes big-endian), the kind (`c`, `u`, `d`), the version (8 bytes
 //! big-endian) and the name, and removes entries older than `store.watch_history` revisions.
 //! The log is written in the same batch as the head it describes, so a crash never keeps one
@@ -54,6 +56,7 @@ const WRAPS: u8 = b'w';
 const POLICY: u8 = b'p';
 const APPROVAL: u8 = b'a';
 const META: u8 = b'm';
+const NOTICE: u8 = b'e';
 const CHANGES: u8 = b'c';
 /// Change-log entries a batch removes at most while trimming (a batch adds at most one).
 const TRIM_STEP: usize = 4;
@@ -202,23 +205,36 @@ impl SledStore {
         changes: &[Change],
     ) -> Result<Vec<Change>, StoreError> {
         let mut out = Vec::new();
-        for ch in changes.iter().filter(|c| c.key.first() == Some(&HEAD)) {
+        let logged = |c: &&Change| {
+            c.key.first() == Some(&HEAD) || (c.key.first() == Some(&NOTICE) && c.old.is_none())
+        };
+        for ch in changes.iter().filter(logged) {
             let Some(new) = &ch.new else { continue };
             if out.iter().any(|c: &Change| c.new.is_some()) {
-                // One head per batch is what every writer does; a second one in the same
-                // batch would share the revision, so it is refused rather than lost.
-                return Err(corrupt(&ch.key, "two heads changed in one batch"));
+                // One head (or notice) per batch is what every writer does; a second one in
+                // the same batch would share the revision, so it is refused rather than lost.
+                return Err(corrupt(&ch.key, "two logged changes in one batch"));
             }
-            let text = std::str::from_utf8(&ch.key[1..]).map_err(|e| corrupt(&ch.key, e))?;
-            let name = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING)
-                .map_err(|e| corrupt(&ch.key, e))?;
-            let old = ch.old.as_ref().map(|v| decode_head(&name, v)).transpose()?;
-            let new = decode_head(&name, &IVec::from(new.as_slice()))?;
-            let kind = super::ChangeKind::of(old, new);
+            let (text, kind, version) = if ch.key[0] == NOTICE {
+                // A notice's creation: `e` + name + `\0` + version (see `notice_key`).
+                let key = std::str::from_utf8(&ch.key[1..]).map_err(|e| corrupt(&ch.key, e))?;
+                let (name, version) =
+                    super::parse_notice_key(key, crate::secret::MAX_NAME_BYTES_CEILING)
+                        .ok_or_else(|| corrupt(&ch.key, "not an expiry notice's key"))?;
+                let text = &key[..name.as_str().len()];
+                (text, super::ChangeKind::ExpiringSoon, version)
+            } else {
+                let text = std::str::from_utf8(&ch.key[1..]).map_err(|e| corrupt(&ch.key, e))?;
+                let name = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING)
+                    .map_err(|e| corrupt(&ch.key, e))?;
+                let old = ch.old.as_ref().map(|v| decode_head(&name, v)).transpose()?;
+                let new = decode_head(&name, &IVec::from(new.as_slice()))?;
+                (text, super::ChangeKind::of(old, new), new.latest)
+            };
             let mut value = Vec::with_capacity(17 + text.len());
             value.extend_from_slice(&w.last_change.to_be_bytes());
             value.push(kind.byte());
-            value.extend_from_slice(&new.latest.to_be_bytes());
+            value.extend_from_slice(&version.to_be_bytes());
             value.extend_from_slice(text.as_bytes());
             out.push(self.change(change_key(epoch), Some(value))?);
             w.last_change = epoch;
@@ -671,12 +687,14 @@ impl Store for SledStore {
     }
 
     fn aux_put(&self, ns: Aux, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        {
+        let epoch = {
             let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
             let change = self.change(aux_key(ns, key), Some(value.to_vec()))?;
-            self.apply(&mut w, vec![change])?;
-        }
+            self.apply(&mut w, vec![change])?
+        };
         self.flush()?;
+        // An expiry notice's creation is a change-log entry: watchers may read it now.
+        self.publish(epoch);
         Ok(())
     }
 
@@ -717,14 +735,14 @@ impl Store for SledStore {
     }
 
     fn aux_delete(&self, ns: Aux, key: &str) -> Result<bool, StoreError> {
-        let existed = {
+        let (existed, epoch) = {
             let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
             let change = self.change(aux_key(ns, key), None)?;
             let existed = change.old.is_some();
-            self.apply(&mut w, vec![change])?;
-            existed
+            (existed, self.apply(&mut w, vec![change])?)
         };
         self.flush()?;
+        self.publish(epoch);
         Ok(existed)
     }
 
@@ -1035,6 +1053,7 @@ fn aux_tag(ns: Aux) -> u8 {
         Aux::Policy => POLICY,
         Aux::Approval => APPROVAL,
         Aux::Meta => META,
+        Aux::Notice => NOTICE,
     }
 }
 
@@ -1333,6 +1352,39 @@ mod tests {
         let page = store.list(&all, None, 4, 1, &visible).unwrap();
         assert_eq!(page.examined, 1);
         assert_eq!(page.next_after.as_deref(), Some("s/00"));
+    }
+
+    #[tokio::test]
+    async fn an_expiry_notice_is_one_logged_committed_event_and_its_removal_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), test_key()).unwrap();
+        let mut feed = store.watch(0).unwrap();
+        store.commit(&record("a", 1), None).unwrap().unwrap();
+        let created = feed.next().await.unwrap().unwrap();
+        let key = crate::store::notice_key(&name("a"), 1);
+        store
+            .aux_put(Aux::Notice, &key, &7i64.to_be_bytes())
+            .unwrap();
+        let e = feed.next().await.unwrap().unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.version, e.kind),
+            ("a", 1, ChangeKind::ExpiringSoon)
+        );
+        assert!(e.revision > created.revision);
+        // In the commitment like any record: a full scan agrees with the kept value.
+        assert!(store.verify_state().unwrap().matches());
+        // Its removal, and a later write that is no notice, log nothing; the next head
+        // change comes next.
+        assert!(store.aux_delete(Aux::Notice, &key).unwrap());
+        store.aux_put(Aux::Meta, "other", b"x").unwrap();
+        let h = store.head(&name("a")).unwrap();
+        store.commit(&record("a", 2), h).unwrap().unwrap();
+        let next = feed.next().await.unwrap().unwrap();
+        assert_eq!((next.version, next.kind), (2, ChangeKind::Updated));
+        // A resumed reader replays the notice at its revision.
+        let mut again = store.watch(created.revision).unwrap();
+        assert_eq!(again.next().await.unwrap().unwrap(), e);
+        assert!(store.verify_state().unwrap().matches());
     }
 
     #[tokio::test]

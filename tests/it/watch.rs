@@ -1,6 +1,7 @@
 //! WatchSecrets: events for every change in order with revisions, per-event policy, resuming
 //! from the last revision after a disconnect, a restart and (on etcd) the loss of a replica,
-//! the too-far-behind status, the subscription caps, and `strongroom watch`.
+//! the too-far-behind status, the subscription caps, `strongroom watch`, and the
+//! expiring-soon events of the `expiry-notice` job.
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
@@ -459,4 +460,169 @@ async fn the_sled_change_log_drives_no_security_decision() {
     write(&server, "payments/db/b", b"v").await;
     let e = next_events(&mut stream, 1).await;
     assert_eq!(e[0].name, "payments/db/b", "the forged entry was not sent");
+}
+
+/// `[jobs]` for the expiry-notice tests: a sweep every second, a window of an hour.
+const NOTICES: &str =
+    "\n[jobs]\nexpiry_notice_interval_secs = 1\nexpiry_notice_window_secs = 3600\n";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn write_expiring(server: &Server, name: &str, expires_at: Option<i64>) -> u64 {
+    let mut c = server.client("payments").await;
+    let mut req = put(name, b"value");
+    req.expires_at_unix = expires_at;
+    c.put_secret(req).await.unwrap().into_inner().version
+}
+
+#[tokio::test]
+async fn expiring_soon_arrives_once_per_version_in_the_window_only_to_readers_and_replays() {
+    let env = TestEnv::new();
+    let config = env.config(&format!("{NOTICES}\n{POLICY}"));
+    let server = env.start_with(&config, &[]);
+    let mut w = server.client("payments").await;
+    let mut stream = w
+        .watch_secrets(watch(&["payments/app"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    // `reader` may read payments/db only; it watches everything it may read.
+    let mut r = server.client("reader").await;
+    let mut reader = r.watch_secrets(watch(&[""], 0)).await.unwrap().into_inner();
+    let now = unix_now();
+    // Outside the window (30 days) and without an expiry: no notice, ever.
+    write_expiring(&server, "payments/app/a-far", Some(now + 30 * 86_400)).await;
+    write_expiring(&server, "payments/app/b-none", None).await;
+    // Inside the window (10 minutes of an hour's).
+    write_expiring(&server, "payments/app/c-cert", Some(now + 600)).await;
+    let events = next_events(&mut stream, 4).await;
+    let seen: Vec<_> = events.iter().map(event_text).collect();
+    assert_eq!(
+        seen,
+        [
+            ("payments/app/a-far".into(), 1, "created"),
+            ("payments/app/b-none".into(), 1, "created"),
+            ("payments/app/c-cert".into(), 1, "created"),
+            ("payments/app/c-cert".into(), 1, "expiring-soon"),
+        ]
+    );
+    let (cert_created, cert_notice) = (events[2].revision, events[3].revision);
+
+    // A later version entering the window after more sweeps: its notice is the next event,
+    // with none again for c-cert (or a-far, b-none) in between, though every sweep since
+    // saw c-cert in the window (names sort before d-later, so a repeat would come first).
+    write_expiring(&server, "payments/db/d-later", Some(now + 900)).await;
+    write_expiring(&server, "payments/app/d-later", Some(now + 900)).await;
+    let seen: Vec<_> = next_events(&mut stream, 2)
+        .await
+        .iter()
+        .map(event_text)
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("payments/app/d-later".into(), 1, "created"),
+            ("payments/app/d-later".into(), 1, "expiring-soon"),
+        ]
+    );
+
+    // The reader sees payments/db/d-later's events and nothing of payments/app, whose
+    // notices came before (c-cert's) and in the same sweep (d-later's, after db's in order).
+    let got: Vec<_> = next_events(&mut reader, 2)
+        .await
+        .iter()
+        .map(event_text)
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("payments/db/d-later".into(), 1, "created"),
+            ("payments/db/d-later".into(), 1, "expiring-soon"),
+        ]
+    );
+
+    // A watch resumed from before the notice replays it, at the same revision.
+    let mut resumed = w
+        .watch_secrets(strongroom::proto::WatchSecretsRequest {
+            names: vec!["payments/app/c-cert".into()],
+            prefixes: Vec::new(),
+            after_revision: cert_created,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = next_events(&mut resumed, 1).await.remove(0);
+    assert_eq!(
+        (event_text(&e), e.revision),
+        (
+            ("payments/app/c-cert".into(), 1, "expiring-soon"),
+            cert_notice
+        )
+    );
+
+    // After a restart (on sled: a new lock holder, no memory of past sweeps), still none again.
+    drop((stream, resumed, reader));
+    server.stop();
+    let server = env.start_with(&config, &[]);
+    let mut w = server.client("payments").await;
+    let mut stream = w
+        .watch_secrets(watch(&["payments/app"], cert_notice))
+        .await
+        .unwrap()
+        .into_inner();
+    let seen: Vec<_> = next_events(&mut stream, 2)
+        .await
+        .iter()
+        .map(event_text)
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("payments/app/d-later".into(), 1, "created"),
+            ("payments/app/d-later".into(), 1, "expiring-soon"),
+        ]
+    );
+    // `strongroom watch` prints the kind.
+    let mut cmd = env.cli(&server, "payments");
+    cmd.args([
+        "watch",
+        "--name",
+        "payments/app/c-cert",
+        "--after-revision",
+        &cert_created.to_string(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        line,
+        format!("{cert_notice} expiring-soon payments/app/c-cert 1")
+    );
+
+    write_expiring(&server, "payments/app/e-after", Some(unix_now() + 600)).await;
+    let seen: Vec<_> = next_events(&mut stream, 2)
+        .await
+        .iter()
+        .map(event_text)
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("payments/app/e-after".into(), 1, "created"),
+            ("payments/app/e-after".into(), 1, "expiring-soon"),
+        ]
+    );
+    server.stop();
 }

@@ -1210,13 +1210,15 @@ pub fn watch(prefixes: &[&str], after: u64) -> strongroom::proto::WatchSecretsRe
     }
 }
 
-/// An event as `(name, version, kind)`, kind as `created`, `updated` or `deleted`.
+/// An event as `(name, version, kind)`, kind as `created`, `updated`, `deleted` or
+/// `expiring-soon`.
 pub fn event_text(e: &strongroom::proto::WatchEvent) -> (String, u64, &'static str) {
     use strongroom::proto::watch_event::Kind;
     let kind = match Kind::try_from(e.kind) {
         Ok(Kind::Created) => "created",
         Ok(Kind::Updated) => "updated",
         Ok(Kind::Deleted) => "deleted",
+        Ok(Kind::ExpiringSoon) => "expiring-soon",
         _ => "unknown",
     };
     (e.name.clone(), e.version, kind)
