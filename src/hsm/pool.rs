@@ -64,6 +64,45 @@ impl Default for HsmOptions {
 /// A wrapped data key as the envelope mechanism stores it: IV || ciphertext || tag.
 pub type WrappedDek = Vec<u8>;
 
+/// How a record to re-wrap is sealed (see [`Hsm::rewrap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewrapKind {
+    /// Envelope: data key wrapped by C_Encrypt AES-GCM, value sealed in process.
+    Envelope,
+    /// Strict (hsm-only): data key wrapped with AES-KW, value sealed in the token.
+    Strict,
+}
+
+/// One record to re-wrap: its sealed parts, the AAD it was sealed under (with its master
+/// key version) and the AAD to seal it under the new one.
+pub struct RewrapItem {
+    /// How it is sealed.
+    pub kind: RewrapKind,
+    /// The master key version that wraps its data key now.
+    pub from_mk: u32,
+    /// The AAD it was sealed under.
+    pub old_aad: Vec<u8>,
+    /// The AAD to seal it under (binds the new master key version).
+    pub new_aad: Vec<u8>,
+    /// The wrapped data key.
+    pub wrapped_dek: Vec<u8>,
+    /// The value's AES-GCM nonce.
+    pub nonce: Vec<u8>,
+    /// The value's ciphertext and tag.
+    pub ciphertext: Vec<u8>,
+}
+
+/// A record re-sealed by [`Hsm::rewrap`]: a fresh data key wrapped under the new master
+/// key and the value sealed under it with the new AAD.
+pub struct Rewrapped {
+    /// The new wrapped data key.
+    pub wrapped_dek: Vec<u8>,
+    /// The value's new nonce.
+    pub nonce: Vec<u8>,
+    /// The value's new ciphertext and tag.
+    pub ciphertext: Vec<u8>,
+}
+
 /// The token, as the service uses it.
 pub struct Hsm {
     jobs: async_channel::Sender<Job>,
@@ -128,6 +167,12 @@ enum Op {
         aad: Vec<u8>,
         ciphertext: Vec<u8>,
     },
+    /// Re-wrap: open each record under its master key and seal it again under `to`, in
+    /// one job.
+    Rewrap {
+        to: u32,
+        items: Vec<RewrapItem>,
+    },
     /// A chain of MACs: m_0 = prev, m_i = HMAC(m_{i-1} || body_i).
     MacChain {
         kind: MacKey,
@@ -149,6 +194,7 @@ impl Op {
             Op::Unwrap { .. } => "unwrap_data_key",
             Op::StrictSeal { .. } => "strict_seal",
             Op::StrictOpen { .. } => "strict_open",
+            Op::Rewrap { .. } => "rewrap",
             Op::MacChain { .. } => "mac_chain",
             Op::Verify { .. } => "mac_verify",
         }
@@ -160,6 +206,7 @@ enum Reply {
     Dek(DataKey),
     StrictSealed(StrictSealed),
     Plaintext(Zeroizing<Vec<u8>>),
+    Rewrapped(Vec<Result<Rewrapped, HsmError>>),
     Macs(Vec<Vec<u8>>),
     Verified(bool),
 }
@@ -366,6 +413,33 @@ impl Hsm {
         };
         match self.submit(op, deadline).await? {
             Reply::Plaintext(p) => Ok(p),
+            _ => Err(HsmError::Closed),
+        }
+    }
+
+    /// Re-wraps `items` under master key `to` in one job (one trip to a worker): for each,
+    /// opens it under its own master key and AAD and seals it again under `to` and its new
+    /// AAD with a fresh data key. Envelope records: the old data key is unwrapped
+    /// (C_Decrypt), the value opened and sealed again in the worker under a new data key
+    /// from the token's RNG, which is wrapped under `to` (C_Encrypt); every host copy (old
+    /// key, new key, value) is zeroized when the record is done. Strict records never leave
+    /// the token's keys: the old data key is unwrapped into a sensitive, non-extractable
+    /// session object and the value decrypted in the token, then sealed in the token under
+    /// a new data key wrapped with AES-KW under `to` (as [`strict::open`] then
+    /// [`strict::seal`]); only the value passes through host memory, zeroized at once.
+    ///
+    /// Each answer is the item's: a record that does not authenticate is
+    /// [`HsmError::UnwrapAuthentication`] and the others are still done. Any other fault
+    /// fails the whole job (after the pool's usual repair and retry).
+    pub async fn rewrap(
+        &self,
+        to: u32,
+        items: Vec<RewrapItem>,
+        deadline: Duration,
+    ) -> Result<Vec<Result<Rewrapped, HsmError>>, HsmError> {
+        let n = items.len();
+        match self.submit(Op::Rewrap { to, items }, deadline).await? {
+            Reply::Rewrapped(out) if out.len() == n => Ok(out),
             _ => Err(HsmError::Closed),
         }
     }
@@ -917,6 +991,20 @@ impl Worker {
                 let plain = strict::open(&self.session, key, wrapped, nonce, aad, ciphertext)?;
                 Ok(Reply::Plaintext(plain))
             }
+            Op::Rewrap { to, items } => {
+                let new_key = self.shared.key(*to)?;
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    match self.rewrap_one(new_key, item) {
+                        Ok(r) => out.push(Ok(r)),
+                        // This record does not open: answered as such, the rest go on.
+                        Err(e) if e.class() == FaultClass::Authentication => out.push(Err(e)),
+                        // A token fault: the whole job is repaired and retried, or fails.
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Reply::Rewrapped(out))
+            }
             Op::MacChain { kind, prev, bodies } => {
                 let key = self.shared.mac_key(*kind)?;
                 let mut macs = Vec::with_capacity(bodies.len());
@@ -939,6 +1027,72 @@ impl Worker {
                     data,
                     tag,
                 )?))
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Re-wraps one record of an [`Op::Rewrap`] under `new_key` (see [`Hsm::rewrap`]).
+    fn rewrap_one(&self, new_key: ObjectHandle, item: &RewrapItem) -> Result<Rewrapped, HsmError> {
+        const TAG_BITS: u64 = GCM_TAG_LEN as u64 * 8;
+        let old_key = self.shared.key(item.from_mk)?;
+        match item.kind {
+            RewrapKind::Strict => {
+                let plain = strict::open(
+                    &self.session,
+                    old_key,
+                    &item.wrapped_dek,
+                    &item.nonce,
+                    &item.old_aad,
+                    &item.ciphertext,
+                )?;
+                let sealed = strict::seal(&self.session, new_key, &item.new_aad, &plain)?;
+                drop(plain);
+                Ok(Rewrapped {
+                    wrapped_dek: sealed.wrapped_dek,
+                    nonce: sealed.nonce,
+                    ciphertext: sealed.ciphertext,
+                })
+            }
+            RewrapKind::Envelope => {
+                if item.wrapped_dek.len() != GCM_NONCE_LEN + DEK_LEN + GCM_TAG_LEN {
+                    return Err(HsmError::UnwrapAuthentication);
+                }
+                let (iv, ct) = item.wrapped_dek.split_at(GCM_NONCE_LEN);
+                let old = gcm::decrypt(&self.session, old_key, iv, &item.old_aad, TAG_BITS, ct)?;
+                let old = DataKey::from_slice(&old).ok_or(HsmError::BadKeyLength)?;
+                let value =
+                    crate::envelope::open(&old, &item.nonce, &item.old_aad, &item.ciphertext)
+                        .map_err(|_| HsmError::UnwrapAuthentication)?;
+                drop(old);
+                // The new data key and its wrapping IV in one call to the token's RNG.
+                let mut fresh = Zeroizing::new([0u8; DEK_LEN + GCM_NONCE_LEN]);
+                self.session.generate_random_slice(fresh.as_mut())?;
+                let (dek, iv) = fresh.split_at(DEK_LEN);
+                let new = DataKey::from_slice(dek).ok_or(HsmError::BadKeyLength)?;
+                let sealed =
+                    crate::envelope::seal(&new, &item.new_aad, value.expose()).map_err(|_| {
+                        HsmError::InvalidParameter("the system random generator failed")
+                    })?;
+                drop(value);
+                let wrapped = gcm::encrypt(
+                    &self.session,
+                    new_key,
+                    iv,
+                    &item.new_aad,
+                    TAG_BITS,
+                    new.expose(),
+                )?;
+                drop(new);
+                let mut wrapped_dek = Vec::with_capacity(GCM_NONCE_LEN + wrapped.len());
+                wrapped_dek.extend_from_slice(iv);
+                wrapped_dek.extend_from_slice(&wrapped);
+                Ok(Rewrapped {
+                    wrapped_dek,
+                    nonce: sealed.nonce.to_vec(),
+                    ciphertext: sealed.ciphertext,
+                })
             }
         }
     }

@@ -7,12 +7,16 @@
 //! parameters, a cursor (the store's export position) and counters — is kept in the store's
 //! bookkeeping (`m/rewrap`), written under the lock's fence after every page, so a crash or
 //! `kill -9` leaves it `running` and the next start (or another replica) resumes at the
-//! cursor. Each record is re-sealed by `reseal`: opened through the service's own open path
-//! and sealed again as the same version with the same metadata under the current key. The
-//! new record replaces the old only if the stored one is still byte for byte what was read
-//! ([`Store::replace_records`], in the state
-//! commitment's batch), so a concurrent write or delete loses nothing. The rate is limited
-//! (records/s); `WatchRewrap` streams the progress.
+//! cursor. Records are re-sealed a batch at a time by `seal::reseal_batch`: each
+//! authenticated against its slot as the service's open path does and sealed again as the
+//! same version with the same metadata under the current key, with a fresh data key and the
+//! value's ciphertext made again under the new AAD (format v2 binds the master key version),
+//! the token doing both for a record in one job (one queue trip per job of records, not two
+//! per record). The new record replaces the old only if the stored one is still byte for
+//! byte what was read ([`Store::replace_records`], in the state commitment's batch), so a
+//! concurrent write or delete loses nothing; a batch's store write runs while the token
+//! re-seals the next batch, and a page's writes are durable before its cursor is saved. The
+//! rate is limited (records/s); `WatchRewrap` streams the progress.
 //!
 //! A forged progress record can only make the job skip records: retirement counts the
 //! references by scanning every record, never from the progress.
@@ -99,28 +103,6 @@ impl Progress {
             approval_id: self.approval_id.clone(),
         }
     }
-}
-
-/// Re-seals `record` (stored as `name`) under master key `mk`: opens it through the
-/// service's open path ([`super::seal::open`], which authenticates every bound field
-/// against the slot it was read from) and seals it again as the same version with the same
-/// mechanism and metadata through [`super::seal::seal`], so a re-sealed record is written in
-/// the current format (v1 records are upgraded to v2). The host copy of the value is
-/// zeroized as soon as it is sealed again; an envelope data key lives only for the value's
-/// encryption; strict (hsm-only) records are opened and sealed in the token, so their data
-/// keys never leave it.
-pub(crate) async fn reseal(
-    state: &State,
-    name: &SecretName,
-    record: &SealedRecord,
-    mk: u32,
-    deadline: Duration,
-) -> Result<SealedRecord, Error> {
-    let (value, mut meta) =
-        super::seal::open(state, record, name, record.version, deadline).await?;
-    meta.master_key_version = mk;
-    let value = value.into_inner();
-    super::seal::seal(state, meta, &value, deadline).await
 }
 
 /// The records of one export page (other keys are skipped).
@@ -334,12 +316,10 @@ async fn run(state: Arc<State>, held: Arc<jobs::Held>) -> Result<(), Error> {
             .into_iter()
             .filter(|r| moves(r.master_key_version, p.from_version, to))
             .collect();
-        for chunk in todo.chunks(BATCH) {
-            // Pace: the records done so far may not run ahead of the rate.
-            paced += chunk.len() as u64;
-            let due = began + Duration::from_secs_f64(paced as f64 / rate);
-            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
-            let n = chunk.len() as u64;
+        // The page's wraps are counted before any of them is made (a crash can only
+        // over-count), in one store write rather than one per batch.
+        if !todo.is_empty() {
+            let n = todo.len() as u64;
             let wraps = blocking(&state, move |s| s.count_wraps(to, n)).await?;
             if wraps > state.max_wraps {
                 return Err(Error::FailedPrecondition(format!(
@@ -347,22 +327,32 @@ async fn run(state: Arc<State>, held: Arc<jobs::Held>) -> Result<(), Error> {
                     state.max_wraps
                 )));
             }
-            let mut tasks = tokio::task::JoinSet::new();
-            for (i, r) in chunk.iter().cloned().enumerate() {
-                let s = state.clone();
-                tasks.spawn(async move {
-                    let out = match SecretName::parse(&r.name, s.limits.max_name_bytes) {
-                        Ok(name) => reseal(&s, &name, &r, to, s.hsm_timeout).await,
-                        Err(e) => Err(Error::DataLoss(format!("stored name {}: {e}", r.name))),
-                    };
-                    (i, r, out)
-                });
+        }
+        // The store write of one batch runs while the token re-seals the next; the page's
+        // last write is durable before its cursor is saved.
+        let mut writing: Option<tokio::task::JoinHandle<Result<Vec<bool>, Error>>> = None;
+        for chunk in todo.chunks(BATCH) {
+            // Pace: the records done so far may not run ahead of the rate.
+            paced += chunk.len() as u64;
+            let due = began + Duration::from_secs_f64(paced as f64 / rate);
+            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+            let mut named = Vec::with_capacity(chunk.len());
+            let mut unnamed = Vec::new();
+            for r in chunk {
+                match SecretName::parse(&r.name, state.limits.max_name_bytes) {
+                    Ok(name) => named.push((name, r)),
+                    Err(e) => unnamed.push((r, e)),
+                }
             }
-            let mut pairs = Vec::with_capacity(chunk.len());
-            while let Some(done) = tasks.join_next().await {
-                let (i, old, out) = done.map_err(|e| Error::Internal(e.to_string()))?;
-                match out {
-                    Ok(new) => pairs.push((i, old, new)),
+            for (r, e) in unnamed {
+                tracing::warn!(name = %r.name, version = r.version, error = %format!("stored name {}: {e}", r.name), "re-wrap leaves a record it cannot open");
+                p.failed += 1;
+            }
+            let out = super::seal::reseal_batch(&state, &named, to, state.hsm_timeout).await?;
+            let mut pairs = Vec::with_capacity(named.len());
+            for ((_, old), new) in named.into_iter().zip(out) {
+                match new {
+                    Ok(new) => pairs.push((old.clone(), new)),
                     // Refused as tampered or unreadable: left as it is, counted.
                     Err(
                         e @ (Error::DataLoss(_)
@@ -375,16 +365,25 @@ async fn run(state: Arc<State>, held: Arc<jobs::Held>) -> Result<(), Error> {
                     Err(e) => return Err(e),
                 }
             }
-            pairs.sort_by_key(|(i, _, _)| *i);
-            let pairs: Vec<(SealedRecord, SealedRecord)> =
-                pairs.into_iter().map(|(_, o, n)| (o, n)).collect();
+            if let Some(w) = writing.take() {
+                tally(
+                    &mut p,
+                    w.await.map_err(|e| Error::Internal(e.to_string()))??,
+                );
+            }
             let lock = held.lock.clone();
-            let replaced = blocking(&state, move |s| s.replace_records(&lock, &pairs))
-                .await?
-                .map_err(jobs::lost_lock)?;
-            let done = replaced.iter().filter(|r| **r).count() as u64;
-            p.rewrapped += done;
-            p.changed += replaced.len() as u64 - done;
+            let s = state.clone();
+            writing = Some(tokio::spawn(async move {
+                blocking(&s, move |s| s.replace_records(&lock, &pairs))
+                    .await?
+                    .map_err(jobs::lost_lock)
+            }));
+        }
+        if let Some(w) = writing.take() {
+            tally(
+                &mut p,
+                w.await.map_err(|e| Error::Internal(e.to_string()))??,
+            );
         }
         crate::audit::reconcile::halt_point("rewrap-after-page").await;
         cursor = next;
@@ -424,6 +423,13 @@ async fn run(state: Arc<State>, held: Arc<jobs::Held>) -> Result<(), Error> {
         tracing::error!(error = %e, "cannot audit the end of the re-wrap");
     }
     Ok(())
+}
+
+/// Counts the answer of one [`Store::replace_records`]: replaced, or changed since read.
+fn tally(p: &mut Progress, replaced: Vec<bool>) {
+    let done = replaced.iter().filter(|r| **r).count() as u64;
+    p.rewrapped += done;
+    p.changed += replaced.len() as u64 - done;
 }
 
 /// Every master key version the token holds or has a state for, with its state and

@@ -97,6 +97,91 @@ pub(crate) async fn open(
     Ok((value, meta))
 }
 
+/// Re-seals records under master key `to`, each as the same version with the same mechanism
+/// and metadata, in the current format (v1 records are upgraded to v2): the re-wrap's path.
+/// Each `(name, record)` is authenticated against its slot exactly as [`open`] does (the
+/// name asked for and the version the record is stored as), and sealed again exactly as
+/// [`seal`] would seal it, but the token does both for a record in one job
+/// ([`crate::hsm::Hsm::rewrap`]), and the records are sent in jobs of up to
+/// [`REWRAP_JOB`]: one trip to a worker per job instead of two per record. The answer holds
+/// one result per record, in order: a record that does not parse or authenticate is
+/// `DATA_LOSS` (or the token's authentication failure); an unavailable token fails the
+/// whole call.
+pub(crate) async fn reseal_batch(
+    state: &State,
+    records: &[(SecretName, &SealedRecord)],
+    to: u32,
+    deadline: Duration,
+) -> Result<Vec<Result<SealedRecord, Error>>, Error> {
+    use crate::hsm::pool::{RewrapItem, RewrapKind};
+    let format = written_format();
+    // Per record: its new metadata (or why it cannot be re-sealed) and its index among the
+    // items sent to the token.
+    let mut metas: Vec<Result<RecordMeta, Error>> = Vec::with_capacity(records.len());
+    let mut items = Vec::with_capacity(records.len());
+    for (name, record) in records {
+        let version = record.version;
+        match RecordMeta::of_slot(record, name, version) {
+            Err(why) => metas.push(Err(Error::DataLoss(format!(
+                "record {name} v{version}: {why}"
+            )))),
+            Ok((meta, stored)) => {
+                let old_aad = meta.aad(stored);
+                let from_mk = meta.master_key_version;
+                let mut meta = meta;
+                meta.master_key_version = to;
+                items.push(RewrapItem {
+                    kind: match meta.mechanism {
+                        Mechanism::AesGcmEnvelopeV1 => RewrapKind::Envelope,
+                        Mechanism::AesKwHsmOnlyV1 => RewrapKind::Strict,
+                    },
+                    from_mk,
+                    old_aad,
+                    new_aad: meta.aad(format),
+                    wrapped_dek: record.wrapped_dek.clone(),
+                    nonce: record.nonce.clone(),
+                    ciphertext: record.ciphertext.clone(),
+                });
+                metas.push(Ok(meta));
+            }
+        }
+    }
+    // The jobs go to the queue together, so several workers (a network HSM) share them.
+    let mut jobs = Vec::new();
+    while !items.is_empty() {
+        let rest = items.split_off(items.len().min(REWRAP_JOB));
+        let job = std::mem::replace(&mut items, rest);
+        let hsm = state.hsm.clone();
+        jobs.push(tokio::spawn(
+            async move { hsm.rewrap(to, job, deadline).await },
+        ));
+    }
+    let mut sealed = Vec::with_capacity(metas.len());
+    for job in jobs {
+        sealed.extend(job.await.map_err(|e| Error::Internal(e.to_string()))??);
+    }
+    let mut sealed = sealed.into_iter();
+    let mut out = Vec::with_capacity(metas.len());
+    for meta in metas {
+        out.push(match meta {
+            Err(e) => Err(e),
+            Ok(meta) => match sealed.next() {
+                Some(Ok(r)) => Ok(meta.into_record(format, r.wrapped_dek, r.nonce, r.ciphertext)),
+                Some(Err(e)) => Err(Error::Hsm(e)),
+                None => Err(Error::Internal(
+                    "the token answered fewer records than sent".into(),
+                )),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Records re-sealed per token job by [`reseal_batch`]: small enough that a job holds the
+/// worker for well under a millisecond on SoftHSM2, so client requests queued behind it
+/// wait little, large enough that the queue hop is paid once for many records.
+pub(crate) const REWRAP_JOB: usize = 16;
+
 /// The format new records are written in: v2, or v1 where a debug build's test sets
 /// `STRONGROOM_DEBUG_RECORD_FORMAT=v1` to make records as older versions of the service
 /// did (release builds ignore it).
