@@ -91,16 +91,12 @@ pub(crate) async fn report(
     state: &State,
     req: &ReportExpiringRequest,
 ) -> Result<ReportExpiringResponse, Error> {
-    let limit = match req.limit as usize {
-        0 => DEFAULT_REPORT_PAGE.min(state.limits.max_page_size),
-        n if n > state.limits.max_page_size => {
-            return Err(Error::InvalidArgument(format!(
-                "limit {n} is larger than max_page_size ({})",
-                state.limits.max_page_size
-            )));
-        }
-        n => n,
-    };
+    let limit = super::secrets::page_size(
+        "limit",
+        req.limit,
+        DEFAULT_REPORT_PAGE,
+        state.limits.max_page_size,
+    )?;
     let after = match req.after.as_str() {
         "" => None,
         a => Some(

@@ -625,16 +625,12 @@ async fn list(
     let max_name = state.limits.max_name_bytes;
     let prefix = NamePrefix::parse(&req.prefix, max_name)
         .map_err(|e| Error::InvalidArgument(format!("prefix: {e}")))?;
-    let page_size = match req.page_size as usize {
-        0 => DEFAULT_PAGE_SIZE.min(state.limits.max_page_size),
-        n if n > state.limits.max_page_size => {
-            return Err(Error::InvalidArgument(format!(
-                "page_size {n} is larger than max_page_size ({})",
-                state.limits.max_page_size
-            )));
-        }
-        n => n,
-    };
+    let page_size = page_size(
+        "page_size",
+        req.page_size,
+        DEFAULT_PAGE_SIZE,
+        state.limits.max_page_size,
+    )?;
     let after = match req.page_token.as_str() {
         "" => None,
         token => Some(
@@ -850,6 +846,23 @@ pub(crate) fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Du
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// A page size asked for (`what`: the request's field): 0 takes `default` (at most `max`);
+/// more than `max` is refused, naming both.
+pub(crate) fn page_size(
+    what: &str,
+    asked: u32,
+    default: usize,
+    max: usize,
+) -> Result<usize, Error> {
+    match asked as usize {
+        0 => Ok(default.min(max)),
+        n if n > max => Err(Error::InvalidArgument(format!(
+            "{what} {n} is larger than max_page_size ({max})"
+        ))),
+        n => Ok(n),
+    }
 }
 
 #[cfg(test)]

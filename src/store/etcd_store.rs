@@ -1318,16 +1318,7 @@ impl Store for EtcdStore {
         lock: &Lock,
         pairs: &[(SealedRecord, SealedRecord)],
     ) -> Result<Result<Vec<bool>, Fenced>, StoreError> {
-        if pairs.len() > super::MAX_REPLACE_BATCH {
-            return Err(StoreError::Corrupt {
-                key: "replace_records".into(),
-                reason: format!(
-                    "{} pairs, more than {}",
-                    pairs.len(),
-                    super::MAX_REPLACE_BATCH
-                ),
-            });
-        }
+        super::check_replace_batch(pairs.len())?;
         let mut parts = Vec::with_capacity(pairs.len());
         for (old, new) in pairs {
             let name = SecretName::parse(&old.name, crate::secret::MAX_NAME_BYTES_CEILING)

@@ -52,6 +52,18 @@ pub const MAX_WATCH_HISTORY: u64 = 10_000_000;
 /// `--max-txn-ops` is 128: each pair is one compare and one put, plus the frame's).
 pub const MAX_REPLACE_BATCH: usize = 60;
 
+/// Refuses a `replace_records` batch of more than [`MAX_REPLACE_BATCH`] pairs (either
+/// backend).
+fn check_replace_batch(pairs: usize) -> Result<(), StoreError> {
+    if pairs > MAX_REPLACE_BATCH {
+        return Err(StoreError::Corrupt {
+            key: "replace_records".into(),
+            reason: format!("{pairs} pairs, more than {MAX_REPLACE_BATCH}"),
+        });
+    }
+    Ok(())
+}
+
 /// The etcd key namespace when the configuration names none.
 pub const DEFAULT_ETCD_PREFIX: &str = "strongroom/";
 

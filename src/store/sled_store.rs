@@ -612,16 +612,7 @@ impl Store for SledStore {
         lock: &Lock,
         pairs: &[(SealedRecord, SealedRecord)],
     ) -> Result<Result<Vec<bool>, Fenced>, StoreError> {
-        if pairs.len() > super::MAX_REPLACE_BATCH {
-            return Err(StoreError::Corrupt {
-                key: "replace_records".into(),
-                reason: format!(
-                    "{} pairs, more than {}",
-                    pairs.len(),
-                    super::MAX_REPLACE_BATCH
-                ),
-            });
-        }
+        super::check_replace_batch(pairs.len())?;
         self.locks.fenced(lock, || {
             let (replaced, epoch) = {
                 let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
