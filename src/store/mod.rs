@@ -9,8 +9,8 @@
 
 mod commitment;
 mod durable;
+mod etcd;
 mod etcd_endpoints;
-mod etcd_store;
 mod feed;
 mod lease;
 pub mod migrate;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use commitment::{Commitment, STATE_KEY_DOMAIN, StateKey};
-pub use etcd_store::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use feed::{ChangeEvent, ChangeFeed, ChangeKind, FEED_CAPACITY, FeedError};
 pub use lease::{Fenced, LocalLocks, Lock, LockHeld, LockKind, lock_name, lock_namespace};
 pub use sled_store::SledStore;

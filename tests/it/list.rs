@@ -50,7 +50,7 @@ fn fill(env: &TestEnv, names: impl IntoIterator<Item = (String, bool)>) {
         (name, head.encode_to_vec())
     });
     if let Some(etcd) = &env.etcd {
-        // The etcd backend's head keys (src/store/etcd_store.rs).
+        // The etcd backend's head keys (src/store/etcd/keys.rs).
         etcd.put_all(heads.map(|(name, head)| (format!("strongroom/h/{name}").into_bytes(), head)));
         return;
     }
