@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use faultpkcs11::Control;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -26,29 +25,6 @@ fn get(name: &str, deadline: Duration) -> tonic::Request<GetSecretRequest> {
     });
     r.set_timeout(deadline);
     r
-}
-
-/// A service whose PKCS#11 module is the fault module in front of the test's SoftHSM2 token.
-fn start_behind_faults(env: &TestEnv, extra: &str) -> (Server, Control) {
-    let lib = faultpkcs11::library_path().expect("libfaultpkcs11.so is built with the tests");
-    let control = Control::new(env.dir.path().join("faults.ctl"));
-    control.clear().unwrap();
-    let config = env.config(&format!("{extra}\n{POLICY}"));
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        &format!("module = \"{}\"", env.module.display()),
-        &format!("module = \"{}\"", lib.display()),
-    );
-    std::fs::write(&config, text).unwrap();
-    let server = env.start_with(
-        &config,
-        &[
-            // The fixture points STRONGROOM_PKCS11_MODULE at SoftHSM2; point it at the shim.
-            ("STRONGROOM_PKCS11_MODULE", lib.to_str().unwrap()),
-            (faultpkcs11::ENV_MODULE, env.module.to_str().unwrap()),
-            (faultpkcs11::ENV_CONTROL, control.path().to_str().unwrap()),
-        ],
-    );
-    (server, control)
 }
 
 async fn seed(c: &mut Client, n: usize) -> HashMap<String, Vec<u8>> {
@@ -80,7 +56,7 @@ async fn recovered(c: &mut Client, name: &str, within: Duration) -> Duration {
 #[tokio::test]
 async fn token_removed_and_restored_under_load_never_gives_wrong_data() {
     let env = TestEnv::new();
-    let (server, control) = start_behind_faults(&env, "");
+    let (server, control) = env.start_behind_faults(POLICY);
     let mut c = server.client("payments").await;
     let values = Arc::new(seed(&mut c, 16).await);
 
@@ -219,7 +195,7 @@ async fn health(server: &Server) -> String {
 #[tokio::test]
 async fn lost_sessions_dropped_logins_and_device_errors_are_repaired() {
     let env = TestEnv::new();
-    let (server, control) = start_behind_faults(&env, "");
+    let (server, control) = env.start_behind_faults(POLICY);
     let mut c = server.client("payments").await;
     let values = seed(&mut c, 4).await;
     let read_all = async |c: &mut Client| {
@@ -283,7 +259,7 @@ async fn lost_sessions_dropped_logins_and_device_errors_are_repaired() {
 #[tokio::test]
 async fn the_session_cap_answers_resource_exhausted_and_lifts() {
     let env = TestEnv::new();
-    let (server, control) = start_behind_faults(&env, "");
+    let (server, control) = env.start_behind_faults(POLICY);
     let mut c = server.client("payments").await;
     let values = seed(&mut c, 2).await;
 
@@ -312,7 +288,7 @@ async fn the_session_cap_answers_resource_exhausted_and_lifts() {
 #[tokio::test]
 async fn a_slow_token_is_answered_within_the_deadline() {
     let env = TestEnv::new();
-    let (server, control) = start_behind_faults(&env, "");
+    let (server, control) = env.start_behind_faults(POLICY);
     let mut c = server.client("payments").await;
     seed(&mut c, 1).await;
     control.latency(Duration::from_millis(800)).unwrap();

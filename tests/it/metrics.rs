@@ -315,24 +315,9 @@ async fn scrape_until(addr: &str, what: &str, ok: impl Fn(&str) -> bool) -> Stri
 #[tokio::test]
 async fn a_lost_token_shows_in_the_hsm_metrics_and_its_return_too() {
     let env = TestEnv::new();
-    // The fault module in front of the test's token (as in faults.rs).
-    let lib = faultpkcs11::library_path().expect("libfaultpkcs11.so is built with the tests");
-    let control = faultpkcs11::Control::new(env.dir.path().join("faults.ctl"));
-    control.clear().unwrap();
-    let config = env.config(&format!("{POLICY}\n[metrics]\nlisten = \"127.0.0.1:0\"\n"));
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        &format!("module = \"{}\"", env.module.display()),
-        &format!("module = \"{}\"", lib.display()),
-    );
-    std::fs::write(&config, text).unwrap();
-    let server = env.start_with(
-        &config,
-        &[
-            ("STRONGROOM_PKCS11_MODULE", lib.to_str().unwrap()),
-            (faultpkcs11::ENV_MODULE, env.module.to_str().unwrap()),
-            (faultpkcs11::ENV_CONTROL, control.path().to_str().unwrap()),
-        ],
-    );
+    // The fault module in front of the test's token.
+    let (server, control) =
+        env.start_behind_faults(&format!("{POLICY}\n[metrics]\nlisten = \"127.0.0.1:0\"\n"));
     let addr = metrics_addr(&server);
     let mut client = server.client("payments").await;
     client.put_secret(put("payments/f", b"v")).await.unwrap();

@@ -35,18 +35,8 @@ fn python() -> Result<PathBuf, String> {
 fn example(py: &Path, env: &TestEnv, server: &Server, stem: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(py);
     cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/strongroom_client.py"))
-        .args(args)
-        .env("STRONGROOM_ADDR", format!("https://{}", server.addr))
-        .env("STRONGROOM_CACERT", env.pki.join("server-ca.pem"))
-        .env(
-            "STRONGROOM_CLIENT_CERT",
-            env.pki.join(format!("{stem}.pem")),
-        )
-        .env(
-            "STRONGROOM_CLIENT_KEY",
-            env.pki.join(format!("{stem}-key.pem")),
-        )
-        .env("STRONGROOM_SERVER_NAME", "localhost");
+        .args(args);
+    env.client_env(&mut cmd, server, stem);
     cmd
 }
 

@@ -8,7 +8,6 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::Attribute;
 use cryptoki::types::AuthPin;
-use faultpkcs11::Control;
 use tonic::Code;
 
 use crate::common::{POLICY, Server, TestEnv, Token, get, put};
@@ -138,23 +137,7 @@ async fn a_failing_device_is_unavailable_not_data_loss() {
         return;
     }
     let env = TestEnv::new();
-    let lib = faultpkcs11::library_path().expect("libfaultpkcs11.so is built with the tests");
-    let control = Control::new(env.dir.path().join("faults.ctl"));
-    control.clear().unwrap();
-    let config = env.config(POLICY);
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        &format!("module = \"{}\"", env.module.display()),
-        &format!("module = \"{}\"", lib.display()),
-    );
-    std::fs::write(&config, text).unwrap();
-    let server = env.start_with(
-        &config,
-        &[
-            ("STRONGROOM_PKCS11_MODULE", lib.to_str().unwrap()),
-            (faultpkcs11::ENV_MODULE, env.module.to_str().unwrap()),
-            (faultpkcs11::ENV_CONTROL, control.path().to_str().unwrap()),
-        ],
-    );
+    let (server, control) = env.start_behind_faults(POLICY);
     let mut c = server.client("payments").await;
     c.put_secret(strongroom::proto::PutSecretRequest {
         protection: Protection::HsmOnly as i32,

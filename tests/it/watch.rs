@@ -13,7 +13,8 @@ use strongroom::client::{Client, ClientTls, WatchSpec};
 use strongroom::proto::DeleteSecretRequest;
 
 use crate::common::{
-    POLICY, Server, TestEnv, event_text, next_events, put, skip_on_etcd, store_is_etcd, watch,
+    POLICY, Server, TestEnv, event_text, next_event_texts, next_events, open_watch, put,
+    skip_on_etcd, store_is_etcd, watch,
 };
 
 fn tls(env: &TestEnv, stem: &str) -> ClientTls {
@@ -46,11 +47,7 @@ async fn put_overwrite_and_delete_arrive_in_order_with_revisions_and_no_values()
     let env = TestEnv::new();
     let server = env.start();
     let mut w = server.client("payments").await;
-    let mut stream = w
-        .watch_secrets(watch(&["payments/app"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut w, &["payments/app"], 0).await;
     write(&server, "payments/app/db", b"first-value").await;
     write(&server, "payments/app/db", b"second-value").await;
     write(&server, "payments/elsewhere", b"x").await;
@@ -86,19 +83,11 @@ async fn no_event_for_a_name_outside_the_callers_grants() {
     let server = env.start();
     // reader may read under payments/db only; it watches all of payments.
     let mut r = server.client("reader").await;
-    let mut stream = r
-        .watch_secrets(watch(&["payments"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut r, &["payments"], 0).await;
     // stranger may read nothing: its watch opens (as ListSecrets answers an empty page)
     // and never carries an event.
     let mut s = server.client("stranger").await;
-    let mut nothing = s
-        .watch_secrets(watch(&["payments"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut nothing = open_watch(&mut s, &["payments"], 0).await;
     write(&server, "payments/other", b"hidden").await;
     write(&server, "payments/dbx", b"hidden").await;
     write(&server, "payments/db/x", b"seen").await;
@@ -134,11 +123,7 @@ async fn resuming_from_the_last_revision_misses_none_and_repeats_none() {
     let env = TestEnv::new();
     let server = env.start();
     let mut w = server.client("payments").await;
-    let mut stream = w
-        .watch_secrets(watch(&["payments"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut w, &["payments"], 0).await;
     for i in 0..3 {
         write(&server, &format!("payments/r{i}"), b"v").await;
     }
@@ -149,11 +134,7 @@ async fn resuming_from_the_last_revision_misses_none_and_repeats_none() {
         write(&server, &format!("payments/r{i}"), b"v").await;
     }
     let mut w = server.client("payments").await;
-    let mut stream = w
-        .watch_secrets(watch(&["payments"], last))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut w, &["payments"], last).await;
     let rest = next_events(&mut stream, 4).await;
     let names: Vec<_> = first.iter().chain(&rest).map(|e| e.name.clone()).collect();
     assert_eq!(
@@ -172,11 +153,7 @@ async fn a_watch_resumes_across_a_restart_of_the_service() {
     let env = TestEnv::new();
     let server = env.start();
     let mut w = server.client("payments").await;
-    let mut stream = w
-        .watch_secrets(watch(&["payments"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut w, &["payments"], 0).await;
     write(&server, "payments/a", b"v").await;
     write(&server, "payments/b", b"v").await;
     let seen = next_events(&mut stream, 1).await;
@@ -186,11 +163,7 @@ async fn a_watch_resumes_across_a_restart_of_the_service() {
     let server = env.start();
     write(&server, "payments/c", b"v").await;
     let mut w = server.client("payments").await;
-    let mut stream = w
-        .watch_secrets(watch(&["payments"], seen[0].revision))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut w, &["payments"], seen[0].revision).await;
     let rest = next_events(&mut stream, 2).await;
     let names: Vec<_> = rest.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, ["payments/b", "payments/c"]);
@@ -202,11 +175,7 @@ async fn a_watcher_too_far_behind_is_told_to_list_again() {
     // sled keeps 4 revisions of changes; etcd's history is compacted below.
     let server = env.start_with(&env.config(&format!("watch_history = 4\n{POLICY}")), &[]);
     let mut w = server.client("payments").await;
-    let mut stream = w
-        .watch_secrets(watch(&["payments"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut w, &["payments"], 0).await;
     write(&server, "payments/old", b"v").await;
     let old = next_events(&mut stream, 1).await[0].revision;
     drop(stream);
@@ -251,11 +220,7 @@ async fn a_watcher_too_far_behind_is_told_to_list_again() {
         "{status:?}"
     );
     // Watching from now works.
-    let mut stream = w
-        .watch_secrets(watch(&["payments"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut w, &["payments"], 0).await;
     write(&server, "payments/new", b"v").await;
     assert_eq!(next_events(&mut stream, 1).await[0].name, "payments/new");
 }
@@ -302,11 +267,7 @@ fn strongroom_watch_prints_one_line_per_event_and_takes_after_revision() {
     // The revision of a first write, learnt from a watch opened before it.
     let created = rt.block_on(async {
         let mut w = server.client("payments").await;
-        let mut stream = w
-            .watch_secrets(watch(&["payments/cli"], 0))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = open_watch(&mut w, &["payments/cli"], 0).await;
         write(&server, "payments/cli/a", b"v").await;
         next_events(&mut stream, 1).await.remove(0)
     });
@@ -368,11 +329,7 @@ async fn on_etcd_watches_reach_every_replica_and_survive_losing_one() {
     let b = env.start_with(&env.replica_config("b", POLICY), &[]);
     // A watcher on b sees a write made through a.
     let mut on_b = b.client("payments").await;
-    let mut stream = on_b
-        .watch_secrets(watch(&["payments"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut on_b, &["payments"], 0).await;
     write(&a, "payments/through-a", b"v").await;
     let e = next_events(&mut stream, 1).await;
     assert_eq!(
@@ -432,7 +389,7 @@ async fn the_sled_change_log_drives_no_security_decision() {
     let env = TestEnv::new();
     let server = env.start();
     let mut w = server.client("reader").await;
-    let mut stream = w.watch_secrets(watch(&[""], 0)).await.unwrap().into_inner();
+    let mut stream = open_watch(&mut w, &[""], 0).await;
     write(&server, "payments/db/a", b"v").await;
     let before = next_events(&mut stream, 1).await[0].revision - 1;
     drop((stream, w));
@@ -452,11 +409,7 @@ async fn the_sled_change_log_drives_no_security_decision() {
         .await
         .expect("not flagged: the log is outside the commitment");
     let mut w = server.client("reader").await;
-    let mut stream = w
-        .watch_secrets(watch(&[""], before))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut w, &[""], before).await;
     write(&server, "payments/db/b", b"v").await;
     let e = next_events(&mut stream, 1).await;
     assert_eq!(e[0].name, "payments/db/b", "the forged entry was not sent");
@@ -486,14 +439,10 @@ async fn expiring_soon_arrives_once_per_version_in_the_window_only_to_readers_an
     let config = env.config(&format!("{NOTICES}\n{POLICY}"));
     let server = env.start_with(&config, &[]);
     let mut w = server.client("payments").await;
-    let mut stream = w
-        .watch_secrets(watch(&["payments/app"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_watch(&mut w, &["payments/app"], 0).await;
     // `reader` may read payments/db only; it watches everything it may read.
     let mut r = server.client("reader").await;
-    let mut reader = r.watch_secrets(watch(&[""], 0)).await.unwrap().into_inner();
+    let mut reader = open_watch(&mut r, &[""], 0).await;
     let now = unix_now();
     // Outside the window (30 days) and without an expiry: no notice, ever.
     write_expiring(&server, "payments/app/a-far", Some(now + 30 * 86_400)).await;
@@ -518,11 +467,7 @@ async fn expiring_soon_arrives_once_per_version_in_the_window_only_to_readers_an
     // saw c-cert in the window (names sort before d-later, so a repeat would come first).
     write_expiring(&server, "payments/db/d-later", Some(now + 900)).await;
     write_expiring(&server, "payments/app/d-later", Some(now + 900)).await;
-    let seen: Vec<_> = next_events(&mut stream, 2)
-        .await
-        .iter()
-        .map(event_text)
-        .collect();
+    let seen: Vec<_> = next_event_texts(&mut stream, 2).await;
     assert_eq!(
         seen,
         [
@@ -533,11 +478,7 @@ async fn expiring_soon_arrives_once_per_version_in_the_window_only_to_readers_an
 
     // The reader sees payments/db/d-later's events and nothing of payments/app, whose
     // notices came before (c-cert's) and in the same sweep (d-later's, after db's in order).
-    let got: Vec<_> = next_events(&mut reader, 2)
-        .await
-        .iter()
-        .map(event_text)
-        .collect();
+    let got: Vec<_> = next_event_texts(&mut reader, 2).await;
     assert_eq!(
         got,
         [
@@ -570,16 +511,8 @@ async fn expiring_soon_arrives_once_per_version_in_the_window_only_to_readers_an
     server.stop();
     let server = env.start_with(&config, &[]);
     let mut w = server.client("payments").await;
-    let mut stream = w
-        .watch_secrets(watch(&["payments/app"], cert_notice))
-        .await
-        .unwrap()
-        .into_inner();
-    let seen: Vec<_> = next_events(&mut stream, 2)
-        .await
-        .iter()
-        .map(event_text)
-        .collect();
+    let mut stream = open_watch(&mut w, &["payments/app"], cert_notice).await;
+    let seen: Vec<_> = next_event_texts(&mut stream, 2).await;
     assert_eq!(
         seen,
         [
@@ -612,11 +545,7 @@ async fn expiring_soon_arrives_once_per_version_in_the_window_only_to_readers_an
     );
 
     write_expiring(&server, "payments/app/e-after", Some(unix_now() + 600)).await;
-    let seen: Vec<_> = next_events(&mut stream, 2)
-        .await
-        .iter()
-        .map(event_text)
-        .collect();
+    let seen: Vec<_> = next_event_texts(&mut stream, 2).await;
     assert_eq!(
         seen,
         [

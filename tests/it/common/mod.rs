@@ -20,7 +20,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+mod faults;
 pub mod officers;
+mod watching;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -34,6 +36,7 @@ use tonic::transport::{Channel, Endpoint};
 
 mod cluster;
 pub use cluster::*;
+pub use watching::*;
 
 /// Points this process's token module at the test's own token (read at C_Initialize):
 /// `SOFTHSM2_CONF` or `KRYOPTIC_CONF`.
@@ -577,6 +580,19 @@ request_timeout_ms = 5000
     /// A `strongroom` CLI command for `server`, as the client `stem`.
     pub fn cli(&self, server: &Server, stem: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom"));
+        self.client_env(&mut cmd, server, stem)
+            .env_remove("STRONGROOM_FORMAT");
+        cmd
+    }
+
+    /// The client environment of the `strongroom` tool and the examples, on `cmd`: `server`'s
+    /// address, the test PKI's server CA, and the client certificate `stem`.
+    pub fn client_env<'c>(
+        &self,
+        cmd: &'c mut Command,
+        server: &Server,
+        stem: &str,
+    ) -> &'c mut Command {
         cmd.env("STRONGROOM_ADDR", format!("https://{}", server.addr))
             .env("STRONGROOM_CACERT", self.pki.join("server-ca.pem"))
             .env(
@@ -588,8 +604,6 @@ request_timeout_ms = 5000
                 self.pki.join(format!("{stem}-key.pem")),
             )
             .env("STRONGROOM_SERVER_NAME", "localhost")
-            .env_remove("STRONGROOM_FORMAT");
-        cmd
     }
 }
 
@@ -1199,48 +1213,4 @@ impl Drop for Etcd {
         }
         self.kill();
     }
-}
-
-/// A WatchSecrets request for `prefixes`, after `after` (0: from now).
-pub fn watch(prefixes: &[&str], after: u64) -> strongroom::proto::WatchSecretsRequest {
-    strongroom::proto::WatchSecretsRequest {
-        names: Vec::new(),
-        prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
-        after_revision: after,
-    }
-}
-
-/// An event as `(name, version, kind)`, kind as `created`, `updated`, `deleted` or
-/// `expiring-soon`.
-pub fn event_text(e: &strongroom::proto::WatchEvent) -> (String, u64, &'static str) {
-    use strongroom::proto::watch_event::Kind;
-    let kind = match Kind::try_from(e.kind) {
-        Ok(Kind::Created) => "created",
-        Ok(Kind::Updated) => "updated",
-        Ok(Kind::Deleted) => "deleted",
-        Ok(Kind::ExpiringSoon) => "expiring-soon",
-        _ => "unknown",
-    };
-    (e.name.clone(), e.version, kind)
-}
-
-/// The next `n` events of a watch stream (each within 20 s), checking that revisions
-/// increase.
-pub async fn next_events(
-    stream: &mut tonic::Streaming<strongroom::proto::WatchEvent>,
-    n: usize,
-) -> Vec<strongroom::proto::WatchEvent> {
-    let mut out: Vec<strongroom::proto::WatchEvent> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let e = tokio::time::timeout(Duration::from_secs(20), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no event within 20 s after {out:?}"))
-            .unwrap_or_else(|s| panic!("the watch ended after {out:?}: {s:?}"))
-            .unwrap_or_else(|| panic!("the watch ended without a status after {out:?}"));
-        if let Some(prev) = out.last() {
-            assert!(e.revision > prev.revision, "{prev:?} then {e:?}");
-        }
-        out.push(e);
-    }
-    out
 }
