@@ -219,7 +219,7 @@ pub fn doctor(
         ),
         (
             MechanismType::AES_KEY_WRAP,
-            "AES-KW (strict mode, planned)",
+            "AES-KW (strict mode, protection = \"hsm-only\")",
             false,
         ),
         (
@@ -246,7 +246,9 @@ pub fn doctor(
             checks.push(Check {
                 name,
                 ok: true,
-                detail: format!("{what} not supported (not needed yet)"),
+                detail: format!(
+                    "{what} not supported: envelope records work, hsm-only records cannot be written or read"
+                ),
                 fix: None,
             });
         }

@@ -155,7 +155,7 @@ pub(crate) fn expired_error(a: &ApprovalV1, now: i64) -> Error {
     Error::FailedPrecondition(format!(
         "approval {} expired at {} ({}s ago; pending approvals wait admin.approval_ttl_secs): request the operation again",
         a.id,
-        utc(a.expires_at_unix),
+        crate::when::rfc3339(a.expires_at_unix),
         now.saturating_sub(a.expires_at_unix)
     ))
 }
@@ -348,28 +348,6 @@ pub(crate) async fn purge_task(state: Arc<State>) {
     }
 }
 
-/// A Unix time as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
-pub fn utc(t: i64) -> String {
-    let days = t.div_euclid(86_400);
-    let secs = t.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,13 +391,5 @@ mod tests {
                 .concat()
             ))
         );
-    }
-
-    #[test]
-    fn utc_formats_known_times() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(utc(-1), "1969-12-31T23:59:59Z");
     }
 }
