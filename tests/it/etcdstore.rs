@@ -279,28 +279,11 @@ impl WithTimeout for std::path::PathBuf {
     }
 }
 
-async fn health(server: &Server) -> String {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = server
-        .channel(&server.addr, Some("payments"))
-        .await
-        .unwrap();
-    let r = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "strongroom.v1.SecretService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    format!("{:?}", ServingStatus::try_from(r.status).unwrap())
-}
-
 /// Waits (up to 30 s) until health reports `want`.
 async fn await_health(server: &Server, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let now = health(server).await;
+        let now = server.health().await;
         if now == want {
             return;
         }

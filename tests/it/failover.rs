@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use strongroom::client::{Client, ClientError, ClientTls, OUTCOME_UNKNOWN, PutOptions};
+use strongroom::client::{Client, ClientError, OUTCOME_UNKNOWN, PutOptions};
 use strongroom::proto::DescribeSecretRequest;
 use strongroom::secret::SecretValue;
 
@@ -31,15 +31,6 @@ fn closed_port() -> String {
     let addr = l.local_addr().unwrap();
     drop(l);
     format!("https://{addr}")
-}
-
-fn tls(env: &TestEnv, stem: &str) -> ClientTls {
-    ClientTls {
-        server_ca: env.pki.join("server-ca.pem"),
-        cert: env.pki.join(format!("{stem}.pem")),
-        key: env.pki.join(format!("{stem}-key.pem")),
-        server_name: Some("localhost".into()),
-    }
 }
 
 fn value(bytes: &[u8]) -> SecretValue {
@@ -68,7 +59,7 @@ async fn reads_move_past_a_dead_endpoint_in_the_client_and_the_cli() {
     let live = format!("https://{}", server.addr);
     let client = Client::connect(
         &[dead.clone(), live.clone()],
-        &tls(&env, "payments"),
+        &env.client_tls("payments"),
         Duration::from_secs(20),
     )
     .unwrap();
@@ -137,7 +128,7 @@ async fn a_write_moves_on_only_when_it_was_not_sent() {
     // Connection refused: the request never left, so even a plain put moves on, once.
     let client = Client::connect(
         &[closed_port(), live.clone()],
-        &tls(&env, "payments"),
+        &env.client_tls("payments"),
         Duration::from_secs(20),
     )
     .unwrap();
@@ -163,7 +154,7 @@ async fn a_write_moves_on_only_when_it_was_not_sent() {
     let relay = Relay::start(Some(server.addr.parse().unwrap())).await;
     let client = Client::connect(
         &[relay.url(), live.clone()],
-        &tls(&env, "payments"),
+        &env.client_tls("payments"),
         Duration::from_secs(20),
     )
     .unwrap();
@@ -205,7 +196,7 @@ async fn a_write_moves_on_only_when_it_was_not_sent() {
     // attempt's write (ABORTED), which is an unknown outcome too, not a conflict.
     let client = Client::connect(
         &[relay.url(), live.clone()],
-        &tls(&env, "payments"),
+        &env.client_tls("payments"),
         Duration::from_secs(20),
     )
     .unwrap();
@@ -239,7 +230,7 @@ async fn calls_move_on_when_a_server_is_killed_mid_run() {
     let client = Arc::new(
         Client::connect(
             &[format!("https://{}", first.addr), relay.url()],
-            &tls(&env, "payments"),
+            &env.client_tls("payments"),
             Duration::from_secs(60),
         )
         .unwrap()
@@ -329,7 +320,7 @@ async fn every_endpoint_dead_is_one_clear_error() {
     let (a, b) = (closed_port(), closed_port());
     let client = Client::connect(
         &[a.clone(), b.clone()],
-        &tls(&env, "payments"),
+        &env.client_tls("payments"),
         Duration::from_secs(10),
     )
     .unwrap();

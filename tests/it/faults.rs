@@ -12,7 +12,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::common::put;
-use crate::common::{POLICY, Server, TestEnv};
+use crate::common::{POLICY, TestEnv};
 use strongroom::proto::secret_service_client::SecretServiceClient;
 use strongroom::proto::{GetSecretRequest, StatusRequest};
 
@@ -128,7 +128,7 @@ async fn token_removed_and_restored_under_load_never_gives_wrong_data() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         if cycle == 0 {
             // While the token is away, health says so.
-            let status = health(&server).await;
+            let status = server.health().await;
             assert_eq!(status, "NotServing");
         }
         control.token_present(true).unwrap();
@@ -159,13 +159,13 @@ async fn token_removed_and_restored_under_load_never_gives_wrong_data() {
         assert_eq!(got.into_inner().value, value);
     }
     // Health follows within the watcher's period (0.5 s).
-    let mut status = health(&server).await;
+    let mut status = server.health().await;
     for _ in 0..30 {
         if status == "Serving" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        status = health(&server).await;
+        status = server.health().await;
     }
     let log = server.log_text();
     let tail: Vec<&str> = log.lines().rev().take(40).collect();
@@ -173,23 +173,6 @@ async fn token_removed_and_restored_under_load_never_gives_wrong_data() {
     // The service logged what happened to the token.
     assert!(log.contains("the token is lost"), "{log}");
     assert!(log.contains("the token is back"));
-}
-
-async fn health(server: &Server) -> String {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = server
-        .channel(&server.addr, Some("payments"))
-        .await
-        .unwrap();
-    let r = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "strongroom.v1.SecretService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    format!("{:?}", ServingStatus::try_from(r.status).unwrap())
 }
 
 #[tokio::test]

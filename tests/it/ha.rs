@@ -389,12 +389,7 @@ impl Ha {
                 server: None,
             });
         }
-        let tls = ClientTls {
-            server_ca: env.pki.join("server-ca.pem"),
-            cert: env.pki.join("payments.pem"),
-            key: env.pki.join("payments-key.pem"),
-            server_name: Some("localhost".into()),
-        };
+        let tls = env.client_tls("payments");
         let load = Arc::new(Load {
             stop: AtomicBool::new(false),
             down: (0..n).map(|_| AtomicBool::new(false)).collect(),

@@ -9,22 +9,13 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use strongroom::client::{Client, ClientTls, WatchSpec};
+use strongroom::client::{Client, WatchSpec};
 use strongroom::proto::DeleteSecretRequest;
 
 use crate::common::{
     POLICY, Server, TestEnv, event_text, next_event_texts, next_events, open_watch, put,
     skip_on_etcd, store_is_etcd, watch,
 };
-
-fn tls(env: &TestEnv, stem: &str) -> ClientTls {
-    ClientTls {
-        server_ca: env.pki.join("server-ca.pem"),
-        cert: env.pki.join(format!("{stem}.pem")),
-        key: env.pki.join(format!("{stem}-key.pem")),
-        server_name: Some("localhost".into()),
-    }
-}
 
 async fn write(server: &Server, name: &str, value: &[u8]) -> u64 {
     let mut c = server.client("payments").await;
@@ -341,7 +332,7 @@ async fn on_etcd_watches_reach_every_replica_and_survive_losing_one() {
     // The failover client watches through a (first endpoint), which is then killed.
     let client = Client::connect(
         &[format!("https://{}", a.addr), format!("https://{}", b.addr)],
-        &tls(&env, "payments"),
+        &env.client_tls("payments"),
         Duration::from_secs(20),
     )
     .unwrap();

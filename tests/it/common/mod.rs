@@ -585,6 +585,16 @@ request_timeout_ms = 5000
         cmd
     }
 
+    /// The failover client's TLS settings as the client certificate `stem` of the test PKI.
+    pub fn client_tls(&self, stem: &str) -> strongroom::client::ClientTls {
+        strongroom::client::ClientTls {
+            server_ca: self.pki.join("server-ca.pem"),
+            cert: self.pki.join(format!("{stem}.pem")),
+            key: self.pki.join(format!("{stem}-key.pem")),
+            server_name: Some("localhost".into()),
+        }
+    }
+
     /// The client environment of the `strongroom` tool and the examples, on `cmd`: `server`'s
     /// address, the test PKI's server CA, and the client certificate `stem`.
     pub fn client_env<'c>(
@@ -620,6 +630,22 @@ impl Server {
     /// A gRPC client authenticated as `stem` (a certificate of the test PKI).
     pub async fn client(&self, stem: &str) -> SecretServiceClient<Channel> {
         self.try_client(Some(stem)).await.expect("connect")
+    }
+
+    /// SecretService's health as the standard health service reports it (`Serving`,
+    /// `NotServing`), asked as payments.
+    pub async fn health(&self) -> String {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let channel = self.channel(&self.addr, Some("payments")).await.unwrap();
+        let r = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "strongroom.v1.SecretService".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        format!("{:?}", ServingStatus::try_from(r.status).unwrap())
     }
 
     /// A client with the given certificate stem, or none; the error if the handshake fails.
