@@ -228,6 +228,125 @@ pub(crate) fn scale_populate(a: ScalePopulateArgs) -> Res<()> {
     std::process::exit(0)
 }
 
+/// `STRONGROOM_BENCH_SCALE_BINARIES` (`LABEL=PATH,...`): the strongroomd binaries the sled
+/// part measures one after the other on the same 1M store; by default one, `--strongroomd`'s.
+fn scale_binaries() -> Res<Vec<(String, Option<PathBuf>)>> {
+    let Ok(list) = std::env::var("STRONGROOM_BENCH_SCALE_BINARIES") else {
+        return Ok(vec![(String::new(), None)]);
+    };
+    let mut out = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((label, path)) = item.split_once('=') else {
+            return fail(format!(
+                "STRONGROOM_BENCH_SCALE_BINARIES: {item}: LABEL=PATH"
+            ));
+        };
+        out.push((label.to_owned(), Some(PathBuf::from(path))));
+    }
+    Ok(out)
+}
+
+/// Starts (or restarts) the big server on its filled store, reads 200 names back, and
+/// measures GetSecret on it against the 1K server in rotating rounds; pushes the p50 and the
+/// VmRSS rows under `tag`.
+#[allow(clippy::too_many_arguments)]
+async fn measure_big(
+    lab: &mut Lab,
+    plan: &Plan,
+    rows: &mut Vec<Row>,
+    tag: &str,
+    big_name: &str,
+    n1: usize,
+    vs: usize,
+    small: &Target,
+    small_names: &Arc<Vec<String>>,
+) -> Res<()> {
+    let opts = lab.opts.clone();
+    let started = Instant::now();
+    let big = lab.strongroomd(big_name, true, &opts.server_log, None)?;
+    let start_secs = started.elapsed().as_secs_f64();
+    let rss_start = vm_kib(big.pid, "VmRSS:").unwrap_or(0);
+    let big_names: Arc<Vec<String>> =
+        Arc::new((0..n1).map(|i| format!("bench/big/{i:07}")).collect());
+    // Records the child imported must read back through the API.
+    let check = Workload {
+        concurrency: 8,
+        expect_len: Some(vs),
+        ..reads(&big_names, &opts)
+    };
+    let clients = connect(&big.addr, &lab.pki, 2).await?;
+    let s = run_load(&clients, &check, Duration::from_secs(30), Some(200), None).await?;
+    if s.errors > 0 || s.ok == 0 {
+        return fail(format!(
+            "records imported into the {tag} store do not read back: {:?}",
+            s.first_error
+        ));
+    }
+    let mut wl_big = reads(&big_names, &opts);
+    wl_big.expect_len = Some(vs);
+    let arms = vec![
+        Arm::new(
+            format!("{tag} GetSecret, {n1}"),
+            &big,
+            &lab.pki,
+            opts.connections,
+            wl_big,
+        )
+        .await?,
+        Arm::new(
+            format!("{tag} GetSecret, {}", small_names.len()),
+            small,
+            &lab.pki,
+            opts.connections,
+            reads(small_names, &opts),
+        )
+        .await?,
+    ];
+    let samples = interleave(&arms, plan).await?;
+    let sums: Vec<Summary> = samples.iter().map(|s| summarize(s)).collect::<Res<_>>()?;
+    let (b, s) = (&sums[0], &sums[1]);
+    let rss_big = vm_kib(big.pid, "VmRSS:").unwrap_or(0);
+    let hwm_big = vm_kib(big.pid, "VmHWM:").unwrap_or(0);
+    let rss_small = vm_kib(small.pid, "VmRSS:").unwrap_or(0);
+    let p50 = b.p50 / s.p50;
+    let peak_mib = hwm_big as f64 / 1024.0;
+    rows.push(row(
+        format!(
+            "{tag}: GetSecret p50, {n1} vs {} secrets",
+            small_names.len()
+        ),
+        format!(
+            "p50 {p50:.2}× p99 {:.2}×; throughput {}",
+            b.p99 / s.p99,
+            Ratio::of(&b.rates, &s.rates).show()
+        ),
+        format!("{n1}: {}", b.describe()),
+        format!("{}: {}", small_names.len(), s.describe()),
+        format!(
+            "p50 ≤ {P50_TARGET}× {}",
+            if p50 <= P50_TARGET { "✔" } else { "✘" }
+        ),
+    ));
+    rows.push(row(
+        format!("{tag}: strongroomd VmRSS at {n1} secrets"),
+        format!("{} (peak VmHWM {})", fmt_mib(rss_big), fmt_mib(hwm_big)),
+        format!(
+            "after the reads; {} just after start (start {start_secs:.2} s)",
+            fmt_mib(rss_start)
+        ),
+        format!("{} secrets: {}", small_names.len(), fmt_mib(rss_small)),
+        format!(
+            "peak ≤ {RSS_TARGET_MIB} MiB {}",
+            if peak_mib <= RSS_TARGET_MIB {
+                "✔"
+            } else {
+                "✘"
+            }
+        ),
+    ));
+    Ok(())
+}
+
 /// An etcd cluster (one member or more) over mutual TLS, killed on drop.
 struct Etcd {
     /// The members' client URLs.
@@ -435,8 +554,8 @@ pub(crate) async fn part_scale(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) 
             "\n== scale on {backend}: GetSecret on {n1} secrets vs {}, VmRSS",
             opts.secrets
         );
-        let (small, small_names) = lab
-            .read_server(&small_name, true, &opts.server_log, None)
+        // The 1K store, written through PutSecret before the big store is filled.
+        lab.read_server(&small_name, true, &opts.server_log, None)
             .await?;
         let token = lab.token(&format!("sr-{big_name}"))?;
         let mut cmd = Command::new(std::env::current_exe()?);
@@ -452,98 +571,56 @@ pub(crate) async fn part_scale(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) 
         let started = Instant::now();
         tokio::task::block_in_place(|| run_child(cmd))?;
         let populate_secs = started.elapsed().as_secs_f64();
-        let started = Instant::now();
-        let big = lab.strongroomd(&big_name, true, &opts.server_log, None)?;
-        let start_secs = started.elapsed().as_secs_f64();
-        let rss_start = vm_kib(big.pid, "VmRSS:").unwrap_or(0);
-        let big_names: Arc<Vec<String>> =
-            Arc::new((0..n1).map(|i| format!("bench/big/{i:07}")).collect());
-        // Records the child imported must read back through the API.
-        let check = Workload {
-            concurrency: 8,
-            expect_len: Some(vs),
-            ..reads(&big_names, &opts)
-        };
-        let clients = connect(&big.addr, &lab.pki, 2).await?;
-        let s = run_load(&clients, &check, Duration::from_secs(30), Some(200), None).await?;
-        if s.errors > 0 || s.ok == 0 {
-            return fail(format!(
-                "records imported into the {backend} store do not read back: {:?}",
-                s.first_error
-            ));
-        }
-        let mut wl_big = reads(&big_names, &opts);
-        wl_big.expect_len = Some(vs);
-        let arms = vec![
-            Arm::new(
-                format!("{backend} GetSecret, {n1}"),
-                &big,
-                &lab.pki,
-                opts.connections,
-                wl_big,
-            )
-            .await?,
-            Arm::new(
-                format!("{backend} GetSecret, {}", small_names.len()),
+        // STRONGROOM_BENCH_SCALE_BINARIES=LABEL=PATH,...: measure each strongroomd binary
+        // (e.g. two allocators) on the same filled store and token, one after the other,
+        // each against its own binary's 1K server (restarted on the same 1K store).
+        let binaries = scale_binaries()?;
+        for (i, (label, bin)) in binaries.iter().enumerate() {
+            lab.procs.remove(&big_name);
+            if let Some(bin) = bin {
+                lab.procs.remove(&small_name);
+                lab.opts.strongroomd = Some(bin.clone());
+            }
+            let tag = if label.is_empty() {
+                backend.clone()
+            } else {
+                format!("{backend} [{label}]")
+            };
+            let (small, small_names) = lab
+                .read_server(&small_name, true, &opts.server_log, None)
+                .await?;
+            measure_big(
+                lab,
+                plan,
+                rows,
+                &tag,
+                &big_name,
+                n1,
+                vs,
                 &small,
-                &lab.pki,
-                opts.connections,
-                reads(&small_names, &opts),
+                &small_names,
             )
-            .await?,
-        ];
-        let samples = interleave(&arms, plan).await?;
-        let sums: Vec<Summary> = samples.iter().map(|s| summarize(s)).collect::<Res<_>>()?;
-        let (b, s) = (&sums[0], &sums[1]);
-        let rss_big = vm_kib(big.pid, "VmRSS:").unwrap_or(0);
-        let hwm_big = vm_kib(big.pid, "VmHWM:").unwrap_or(0);
-        let rss_small = vm_kib(small.pid, "VmRSS:").unwrap_or(0);
-        let p50 = b.p50 / s.p50;
-        let peak_mib = hwm_big as f64 / 1024.0;
-        rows.push(row(
-            format!(
-                "{backend}: GetSecret p50, {n1} vs {} secrets",
-                small_names.len()
-            ),
-            format!(
-                "p50 {p50:.2}× p99 {:.2}×; throughput {}",
-                b.p99 / s.p99,
-                Ratio::of(&b.rates, &s.rates).show()
-            ),
-            format!("{n1}: {}", b.describe()),
-            format!("{}: {}", small_names.len(), s.describe()),
-            format!(
-                "p50 ≤ {P50_TARGET}× {}",
-                if p50 <= P50_TARGET { "✔" } else { "✘" }
-            ),
-        ));
-        rows.push(row(
-            format!("{backend}: strongroomd VmRSS at {n1} secrets"),
-            format!("{} (peak VmHWM {})", fmt_mib(rss_big), fmt_mib(hwm_big)),
-            format!(
-                "after the reads; {} just after start (start {start_secs:.2} s)",
-                fmt_mib(rss_start)
-            ),
-            format!("{} secrets: {}", small_names.len(), fmt_mib(rss_small)),
-            format!(
-                "peak ≤ {RSS_TARGET_MIB} MiB {}",
-                if peak_mib <= RSS_TARGET_MIB {
-                    "✔"
-                } else {
-                    "✘"
-                }
-            ),
-        ));
-        rows.push(row(
-            format!("{backend}: filling {n1} secrets"),
-            format!(
-                "{populate_secs:.0} s ({})",
-                fmt_rate(n1 as f64 / populate_secs)
-            ),
-            "sealed per record (token-wrapped data key), Store::import_raw + rebase_state",
-            "",
-            "",
-        ));
+            .await?;
+            if i == 0 {
+                rows.push(row(
+                    format!("{backend}: filling {n1} secrets"),
+                    format!(
+                        "{populate_secs:.0} s ({})",
+                        fmt_rate(n1 as f64 / populate_secs)
+                    ),
+                    "sealed per record (token-wrapped data key), Store::import_raw + rebase_state",
+                    "",
+                    "",
+                ));
+            }
+        }
+        if binaries.iter().any(|(_, b)| b.is_some()) {
+            lab.procs.remove(&small_name);
+            lab.opts.strongroomd = opts.strongroomd.clone();
+        }
+        let (small, small_names) = lab
+            .read_server(&small_name, true, &opts.server_log, None)
+            .await?;
         // The big server is done: free its memory (and sled's files) for what follows.
         lab.procs.remove(&big_name);
         sides.push((backend, Side { small, small_names }));
