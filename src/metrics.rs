@@ -250,6 +250,15 @@ pub fn render() -> String {
 /// The RPC label of a request path: the path for the services this process serves, else
 /// `other`, so that a peer cannot add series by inventing paths.
 fn rpc_label(path: &str) -> String {
+    if served(path) {
+        path.trim_start_matches('/').to_owned()
+    } else {
+        "other".to_owned()
+    }
+}
+
+/// Whether `path` names a method of a service this process serves (see [`rpc_label`]).
+fn served(path: &str) -> bool {
     const SERVED: [&str; 5] = [
         "/strongroom.v1.SecretService/",
         "/strongroom.v1.AdminService/",
@@ -258,12 +267,9 @@ fn rpc_label(path: &str) -> String {
         "/grpc.reflection.v1alpha.ServerReflection/",
     ];
     let method = SERVED.iter().find_map(|s| path.strip_prefix(s));
-    match method {
-        Some(m) if (1..=64).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_alphanumeric()) => {
-            path.trim_start_matches('/').to_owned()
-        }
-        _ => "other".to_owned(),
-    }
+    method.is_some_and(|m| {
+        (1..=64).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
 }
 
 /// The `code` labels: gRPC status codes 0..=16 by number, then `NONE` (the answer ended
@@ -342,15 +348,19 @@ impl RpcSeries {
     }
 }
 
-/// The series of every (plane, request path) answered so far with a status other than
-/// UNIMPLEMENTED (so only methods this process serves: an invented path is answered
-/// UNIMPLEMENTED, and its requests count under `other`).
+/// The series of every (plane, request path) answered so far, by path: a path that is not
+/// a label (see [`rpc_label`]) or was answered UNIMPLEMENTED counts under `other` (key ""),
+/// so a peer adds no entry here that it could not add to the families themselves.
 static RPC_SERIES: LazyLock<RwLock<HashMap<String, Vec<Arc<RpcSeries>>>>> =
     LazyLock::new(|| RwLock::new(HashMap::new()));
 
 /// The series of requests to `path` on `plane` (`unimplemented`: the `other` series).
 fn rpc_series(plane: &'static str, path: &str, unimplemented: bool) -> Arc<RpcSeries> {
-    let key = if unimplemented { "" } else { path };
+    let key = if unimplemented || !served(path) {
+        ""
+    } else {
+        path
+    };
     let find = |map: &HashMap<String, Vec<Arc<RpcSeries>>>| {
         map.get(key)
             .and_then(|v| v.iter().find(|s| s.plane == plane).cloned())
@@ -358,11 +368,7 @@ fn rpc_series(plane: &'static str, path: &str, unimplemented: bool) -> Arc<RpcSe
     if let Some(s) = RPC_SERIES.read().ok().as_deref().and_then(find) {
         return s;
     }
-    let rpc = if unimplemented {
-        "other".to_owned()
-    } else {
-        rpc_label(path)
-    };
+    let rpc = rpc_label(key);
     let Ok(mut map) = RPC_SERIES.write() else {
         // A panic while the map was held: count without the cache.
         return Arc::new(RpcSeries::new(plane, rpc));
@@ -655,6 +661,31 @@ mod tests {
         assert_eq!(CODE_NAMES[code_index(Some(b"17"))], "UNKNOWN");
         assert_eq!(CODE_NAMES[code_index(Some(b"x"))], "UNKNOWN");
         assert_eq!(CODE_NAMES[code_index(None)], "NONE");
+    }
+
+    #[test]
+    fn a_path_no_service_serves_counts_as_other_and_is_not_kept() {
+        let path = "/x.Invented/PathForThisTest";
+        let request = http::Request::builder()
+            .uri(path)
+            .body(())
+            .expect("a request");
+        let mut t = RequestTimer::start("client", &request);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        t.trailers(&trailers);
+        drop(t);
+        assert!(RPC_SERIES.read().expect("the map").get(path).is_none());
+        let text = render();
+        assert!(!text.contains("PathForThisTest"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("strongroom_requests_total{")
+                    && l.contains("plane=\"client\"")
+                    && l.contains("rpc=\"other\"")
+                    && l.contains("RESOURCE_EXHAUSTED")),
+            "{text}"
+        );
     }
 
     #[test]
