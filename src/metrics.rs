@@ -25,10 +25,9 @@
 //! | `store_size_bytes` | gauge | |
 //! | `store_secrets` | gauge | |
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, OnceLock, RwLock};
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::http;
@@ -250,15 +249,6 @@ pub fn render() -> String {
 /// The RPC label of a request path: the path for the services this process serves, else
 /// `other`, so that a peer cannot add series by inventing paths.
 fn rpc_label(path: &str) -> String {
-    if served(path) {
-        path.trim_start_matches('/').to_owned()
-    } else {
-        "other".to_owned()
-    }
-}
-
-/// Whether `path` names a method of a service this process serves (see [`rpc_label`]).
-fn served(path: &str) -> bool {
     const SERVED: [&str; 5] = [
         "/strongroom.v1.SecretService/",
         "/strongroom.v1.AdminService/",
@@ -267,138 +257,59 @@ fn served(path: &str) -> bool {
         "/grpc.reflection.v1alpha.ServerReflection/",
     ];
     let method = SERVED.iter().find_map(|s| path.strip_prefix(s));
-    method.is_some_and(|m| {
-        (1..=64).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_alphanumeric())
-    })
-}
-
-/// The `code` labels: gRPC status codes 0..=16 by number, then `NONE` (the answer ended
-/// without a status: the client went away).
-const CODE_NAMES: [&str; 18] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-    "NONE",
-];
-/// The index of `UNIMPLEMENTED` in [`CODE_NAMES`].
-const UNIMPLEMENTED: usize = 12;
-
-/// The index in [`CODE_NAMES`] of a `grpc-status` value (an unknown number is `UNKNOWN`).
-fn code_index(code: Option<&[u8]>) -> usize {
-    let Some(code) = code else {
-        return CODE_NAMES.len() - 1;
-    };
-    std::str::from_utf8(code)
-        .ok()
-        .and_then(|c| c.parse::<usize>().ok())
-        .filter(|n| *n <= 16)
-        .unwrap_or(2)
-}
-
-/// One RPC's series on one plane, resolved from their families once per process: a request
-/// then costs no label allocation and no family lookup (they were a measurable part of a
-/// request's CPU).
-struct RpcSeries {
-    plane: &'static str,
-    rpc: String,
-    seconds: Histogram,
-    /// `requests_total` by code, each resolved the first time it is counted.
-    requests: [OnceLock<Counter>; CODE_NAMES.len()],
-}
-
-impl RpcSeries {
-    fn new(plane: &'static str, rpc: String) -> Self {
-        let seconds = METRICS.request_seconds.get_or_create_owned(&RpcLabels {
-            plane,
-            rpc: rpc.clone(),
-        });
-        Self {
-            plane,
-            rpc,
-            seconds,
-            requests: std::array::from_fn(|_| OnceLock::new()),
+    match method {
+        Some(m) if (1..=64).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+            path.trim_start_matches('/').to_owned()
         }
-    }
-
-    fn count(&self, code: usize, seconds: f64) {
-        self.requests[code]
-            .get_or_init(|| {
-                METRICS.requests.get_or_create_owned(&RequestLabels {
-                    plane: self.plane,
-                    rpc: self.rpc.clone(),
-                    code: CODE_NAMES[code],
-                })
-            })
-            .inc();
-        self.seconds.observe(seconds);
+        _ => "other".to_owned(),
     }
 }
 
-/// The series of every (plane, request path) answered so far, by path: a path that is not
-/// a label (see [`rpc_label`]) or was answered UNIMPLEMENTED counts under `other` (key ""),
-/// so a peer adds no entry here that it could not add to the families themselves.
-static RPC_SERIES: LazyLock<RwLock<HashMap<String, Vec<Arc<RpcSeries>>>>> =
-    LazyLock::new(|| RwLock::new(HashMap::new()));
-
-/// The series of requests to `path` on `plane` (`unimplemented`: the `other` series).
-fn rpc_series(plane: &'static str, path: &str, unimplemented: bool) -> Arc<RpcSeries> {
-    let key = if unimplemented || !served(path) {
-        ""
-    } else {
-        path
-    };
-    let find = |map: &HashMap<String, Vec<Arc<RpcSeries>>>| {
-        map.get(key)
-            .and_then(|v| v.iter().find(|s| s.plane == plane).cloned())
-    };
-    if let Some(s) = RPC_SERIES.read().ok().as_deref().and_then(find) {
-        return s;
+/// The name of a gRPC status code as a label.
+fn code_name(code: Option<&[u8]>) -> &'static str {
+    let n = code
+        .and_then(|c| std::str::from_utf8(c).ok())
+        .and_then(|c| c.parse::<i32>().ok());
+    match n {
+        Some(0) => "OK",
+        Some(1) => "CANCELLED",
+        Some(2) => "UNKNOWN",
+        Some(3) => "INVALID_ARGUMENT",
+        Some(4) => "DEADLINE_EXCEEDED",
+        Some(5) => "NOT_FOUND",
+        Some(6) => "ALREADY_EXISTS",
+        Some(7) => "PERMISSION_DENIED",
+        Some(8) => "RESOURCE_EXHAUSTED",
+        Some(9) => "FAILED_PRECONDITION",
+        Some(10) => "ABORTED",
+        Some(11) => "OUT_OF_RANGE",
+        Some(12) => "UNIMPLEMENTED",
+        Some(13) => "INTERNAL",
+        Some(14) => "UNAVAILABLE",
+        Some(15) => "DATA_LOSS",
+        Some(16) => "UNAUTHENTICATED",
+        Some(_) => "UNKNOWN",
+        // No status at all: the answer ended without one (the client went away).
+        None => "NONE",
     }
-    let rpc = rpc_label(key);
-    let Ok(mut map) = RPC_SERIES.write() else {
-        // A panic while the map was held: count without the cache.
-        return Arc::new(RpcSeries::new(plane, rpc));
-    };
-    if let Some(s) = find(&map) {
-        return s;
-    }
-    let series = Arc::new(RpcSeries::new(plane, rpc));
-    map.entry(key.to_owned()).or_default().push(series.clone());
-    series
 }
 
 /// One request from arrival to the end of its answer; counted once, when its status is
 /// known (trailers, or headers for a trailers-only answer) or when it is dropped.
 pub struct RequestTimer {
     plane: &'static str,
-    /// The request's path (shares the request's bytes: no copy).
-    path: Option<http::uri::PathAndQuery>,
+    path: String,
     started: Instant,
-    /// The status of a trailers-only answer, as an index in [`CODE_NAMES`].
-    header_code: Option<usize>,
+    header_code: Option<Vec<u8>>,
     done: bool,
 }
 
 impl RequestTimer {
-    /// Starts timing `request` on `plane`.
-    pub fn start<B>(plane: &'static str, request: &http::Request<B>) -> Self {
+    /// Starts timing a request to `path` on `plane`.
+    pub fn start(plane: &'static str, path: &str) -> Self {
         Self {
             plane,
-            path: request.uri().path_and_query().cloned(),
+            path: path.to_owned(),
             started: Instant::now(),
             header_code: None,
             done: false,
@@ -407,32 +318,47 @@ impl RequestTimer {
 
     /// The answer's headers: a trailers-only answer (an error) carries its status here.
     pub fn headers(&mut self, headers: &http::HeaderMap) {
-        self.header_code = headers
-            .get("grpc-status")
-            .map(|v| code_index(Some(v.as_bytes())));
+        self.header_code = headers.get("grpc-status").map(|v| v.as_bytes().to_vec());
     }
 
     /// The answer's trailers: counts the request with their status.
     pub fn trailers(&mut self, trailers: &http::HeaderMap) {
-        let code = code_index(trailers.get("grpc-status").map(|v| v.as_bytes()));
+        let code = trailers.get("grpc-status").map(|v| v.as_bytes().to_vec());
         self.finish(code);
     }
 
-    fn finish(&mut self, code: usize) {
+    fn finish(&mut self, code: Option<Vec<u8>>) {
         if self.done {
             return;
         }
         self.done = true;
-        let path = self.path.as_ref().map_or("", |p| p.path());
+        let code = code_name(code.as_deref());
         // An unknown method is answered UNIMPLEMENTED: its path is not a label.
-        let series = rpc_series(self.plane, path, code == UNIMPLEMENTED);
-        series.count(code, self.started.elapsed().as_secs_f64());
+        let rpc = if code == "UNIMPLEMENTED" {
+            "other".to_owned()
+        } else {
+            rpc_label(&self.path)
+        };
+        let m = &*METRICS;
+        m.requests
+            .get_or_create(&RequestLabels {
+                plane: self.plane,
+                rpc: rpc.clone(),
+                code,
+            })
+            .inc();
+        m.request_seconds
+            .get_or_create(&RpcLabels {
+                plane: self.plane,
+                rpc,
+            })
+            .observe(self.started.elapsed().as_secs_f64());
     }
 }
 
 impl Drop for RequestTimer {
     fn drop(&mut self) {
-        let code = self.header_code.take().unwrap_or_else(|| code_index(None));
+        let code = self.header_code.take();
         self.finish(code);
     }
 }
@@ -461,37 +387,16 @@ impl Drop for ConnectionGuard {
 /// An HSM job finished: `error` is its fault class when it failed.
 pub fn hsm_call(operation: &'static str, took: Duration, error: Option<String>) {
     let m = &*METRICS;
-    // The series of the operations every request uses, resolved once.
-    static UNWRAP: LazyLock<(Counter, Histogram)> = LazyLock::new(|| hsm_series("unwrap_data_key"));
-    static NEW_DEK: LazyLock<(Counter, Histogram)> = LazyLock::new(|| hsm_series("new_data_key"));
-    let resolved = match operation {
-        "unwrap_data_key" => Some(&*UNWRAP),
-        "new_data_key" => Some(&*NEW_DEK),
-        _ => None,
-    };
-    if let Some((calls, seconds)) = resolved {
-        calls.inc();
-        seconds.observe(took.as_secs_f64());
-    } else {
-        let labels = OperationLabels { operation };
-        m.hsm_calls.get_or_create(&labels).inc();
-        m.hsm_seconds
-            .get_or_create(&labels)
-            .observe(took.as_secs_f64());
-    }
+    let labels = OperationLabels { operation };
+    m.hsm_calls.get_or_create(&labels).inc();
+    m.hsm_seconds
+        .get_or_create(&labels)
+        .observe(took.as_secs_f64());
     if let Some(class) = error {
         m.hsm_errors
             .get_or_create(&ErrorLabels { operation, class })
             .inc();
     }
-}
-
-fn hsm_series(operation: &'static str) -> (Counter, Histogram) {
-    let labels = OperationLabels { operation };
-    (
-        METRICS.hsm_calls.get_or_create_owned(&labels),
-        METRICS.hsm_seconds.get_or_create_owned(&labels),
-    )
 }
 
 /// The HSM pool's state as read at a scrape.
@@ -632,11 +537,7 @@ mod tests {
 
     #[test]
     fn a_request_is_counted_once_with_its_status() {
-        let request = http::Request::builder()
-            .uri("/strongroom.v1.SecretService/PutSecret")
-            .body(())
-            .expect("a request");
-        let mut t = RequestTimer::start("client", &request);
+        let mut t = RequestTimer::start("client", "/strongroom.v1.SecretService/PutSecret");
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("5"));
         t.trailers(&trailers);
@@ -651,68 +552,5 @@ mod tests {
             })
             .expect("the request's series");
         assert!(line.ends_with(" 1"), "{line}");
-    }
-
-    #[test]
-    fn status_codes_name_their_labels() {
-        assert_eq!(CODE_NAMES[code_index(Some(b"0"))], "OK");
-        assert_eq!(CODE_NAMES[code_index(Some(b"12"))], "UNIMPLEMENTED");
-        assert_eq!(CODE_NAMES[code_index(Some(b"16"))], "UNAUTHENTICATED");
-        assert_eq!(CODE_NAMES[code_index(Some(b"17"))], "UNKNOWN");
-        assert_eq!(CODE_NAMES[code_index(Some(b"x"))], "UNKNOWN");
-        assert_eq!(CODE_NAMES[code_index(None)], "NONE");
-    }
-
-    #[test]
-    fn a_path_no_service_serves_counts_as_other_and_is_not_kept() {
-        let path = "/x.Invented/PathForThisTest";
-        let request = http::Request::builder()
-            .uri(path)
-            .body(())
-            .expect("a request");
-        let mut t = RequestTimer::start("client", &request);
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("8"));
-        t.trailers(&trailers);
-        drop(t);
-        assert!(RPC_SERIES.read().expect("the map").get(path).is_none());
-        let text = render();
-        assert!(!text.contains("PathForThisTest"), "{text}");
-        assert!(
-            text.lines()
-                .any(|l| l.starts_with("strongroom_requests_total{")
-                    && l.contains("plane=\"client\"")
-                    && l.contains("rpc=\"other\"")
-                    && l.contains("RESOURCE_EXHAUSTED")),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn an_unimplemented_path_counts_as_other_and_is_not_kept() {
-        let path = "/strongroom.v1.AdminService/InventedForThisTest";
-        let request = http::Request::builder()
-            .uri(path)
-            .body(())
-            .expect("a request");
-        let mut t = RequestTimer::start("admin", &request);
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("12"));
-        t.trailers(&trailers);
-        drop(t);
-        assert!(
-            RPC_SERIES.read().expect("the map").get(path).is_none(),
-            "an invented path got a series of its own"
-        );
-        let text = render();
-        assert!(!text.contains("InventedForThisTest"), "{text}");
-        assert!(
-            text.lines()
-                .any(|l| l.starts_with("strongroom_requests_total{")
-                    && l.contains("plane=\"admin\"")
-                    && l.contains("rpc=\"other\"")
-                    && l.contains("UNIMPLEMENTED")),
-            "{text}"
-        );
     }
 }

@@ -109,7 +109,7 @@ pub(super) async fn run(ctx: Context, tcp: TcpStream, addr: SocketAddr, mut admi
                 plane,
                 rpc = request.uri().path()
             );
-            let mut timer = crate::metrics::RequestTimer::start(plane, &request);
+            let mut timer = crate::metrics::RequestTimer::start(plane, request.uri().path());
             let in_flight = activity.begin();
             let routes = routes.clone();
             tracing::Instrument::instrument(
