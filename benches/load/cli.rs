@@ -140,6 +140,19 @@ pub(crate) struct Opts {
     /// The strongroomd binary to measure [default: the one cargo built].
     #[arg(long, env = "STRONGROOM_BENCH_STRONGROOMD")]
     pub(crate) strongroomd: Option<PathBuf>,
+    /// The audit and floor parts also measure a second audited strongroomd, started from
+    /// this binary (e.g. a copy of the build before a change), as one more arm alternated
+    /// with the others in every round; with --compare-env alone, the same binary.
+    #[arg(long, env = "STRONGROOM_BENCH_COMPARE_STRONGROOMD")]
+    pub(crate) compare_strongroomd: Option<PathBuf>,
+    /// Environment of the compared strongroomd (see --compare-strongroomd), as
+    /// `NAME=VALUE` pairs separated by commas (e.g. `TOKIO_WORKER_THREADS=1`).
+    #[arg(long, env = "STRONGROOM_BENCH_COMPARE_ENV", value_delimiter = ',')]
+    pub(crate) compare_env: Vec<String>,
+    /// Lines added to the compared strongroomd's `[audit]` section (e.g.
+    /// `commit_window_us = 0`; see --compare-strongroomd).
+    #[arg(long, env = "STRONGROOM_BENCH_COMPARE_AUDIT")]
+    pub(crate) compare_audit: Option<String>,
     /// The PKCS#11 module.
     #[arg(
         long,

@@ -93,6 +93,17 @@ pub(crate) struct Target {
     pub(crate) pid: u32,
 }
 
+/// How a strongroomd child is started, when not as the others are.
+#[derive(Clone, Default)]
+pub(crate) struct Launch {
+    /// Its binary (default: `--strongroomd`, else the one cargo built).
+    pub(crate) bin: Option<PathBuf>,
+    /// Extra environment.
+    pub(crate) env: Vec<(String, String)>,
+    /// Lines added to its `[audit]` section.
+    pub(crate) audit_lines: String,
+}
+
 pub(crate) struct Lab {
     // Children first: they stop before the directory goes.
     pub(crate) procs: BTreeMap<String, Proc>,
@@ -100,6 +111,9 @@ pub(crate) struct Lab {
     pub(crate) read_sets: BTreeMap<String, Arc<Vec<String>>>,
     /// `[store]` bodies of strongroomd children by name (default: sled at `store`).
     pub(crate) store_sections: BTreeMap<String, String>,
+    /// The binary and extra environment of strongroomd children by name (default: the
+    /// `--strongroomd` binary, no extra environment).
+    pub(crate) launches: BTreeMap<String, Launch>,
     pub(crate) root: PathBuf,
     pub(crate) pki: PathBuf,
     pub(crate) opts: Opts,
@@ -150,6 +164,7 @@ impl Lab {
             tokens: BTreeMap::new(),
             read_sets: BTreeMap::new(),
             store_sections: BTreeMap::new(),
+            launches: BTreeMap::new(),
             root,
             pki,
             opts: opts.clone(),
@@ -235,6 +250,8 @@ impl Lab {
                 pid: p.pid(),
             });
         }
+        let launch = self.launches.get(name).cloned().unwrap_or_default();
+        let audit_lines = format!("{audit_lines}\n{}", launch.audit_lines);
         let token = self.token(&format!("sr-{name}"))?;
         let dir = self.root.join(format!("srv-{name}"));
         std::fs::create_dir_all(&dir)?;
@@ -287,16 +304,19 @@ capabilities = ["read", "write", "list", "delete"]
             ),
         )?;
         let mut cmd = Command::new(
-            self.opts
-                .strongroomd
+            launch
+                .bin
                 .as_deref()
+                .or(self.opts.strongroomd.as_deref())
                 .unwrap_or(Path::new(env!("CARGO_BIN_EXE_strongroomd"))),
         );
         self.token_env(&mut cmd, &token);
         cmd.arg("--config")
             .arg(&config)
             .env("STRONGROOM_LOG", log_level)
-            .env("STRONGROOM_BENCHMARK", "1");
+            .env("STRONGROOM_BENCHMARK", "1")
+            // Last, so that it may override the above (e.g. STRONGROOM_LOG).
+            .envs(launch.env.iter().map(|(k, v)| (k, v)));
         let started = Instant::now();
         let proc = Proc::spawn(cmd, dir.join("strongroomd.log"))?;
         eprintln!(

@@ -70,6 +70,40 @@ pub(crate) async fn part_reads(
             .await?,
         );
     }
+    // A second audited strongroomd (another binary, or other environment), alternated with
+    // the others: before/after comparisons in one run.
+    let compared = (opts.compare_strongroomd.is_some()
+        || !opts.compare_env.is_empty()
+        || opts.compare_audit.is_some())
+    .then_some(arms.len());
+    if compared.is_some() {
+        let mut env = Vec::new();
+        for pair in &opts.compare_env {
+            let Some((k, v)) = pair.split_once('=') else {
+                return fail(format!("--compare-env wants NAME=VALUE, not {pair:?}"));
+            };
+            env.push((k.to_owned(), v.to_owned()));
+        }
+        lab.launches.insert(
+            "cmp".into(),
+            crate::lab::Launch {
+                bin: opts.compare_strongroomd.clone(),
+                env,
+                audit_lines: opts.compare_audit.clone().unwrap_or_default(),
+            },
+        );
+        let (cmp, names) = lab.read_server("cmp", true, &opts.server_log, None).await?;
+        arms.push(
+            Arm::new(
+                "strongroomd audit on, compared",
+                &cmp,
+                &lab.pki,
+                opts.connections,
+                reads(&names, &opts),
+            )
+            .await?,
+        );
+    }
     let floor_base = arms.len();
     if floor {
         let f = lab.floor(false)?;
@@ -115,6 +149,40 @@ pub(crate) async fn part_reads(
             "",
             "",
         ));
+    }
+    if let Some(c) = compared {
+        let cmp = &sums[c];
+        let what = format!(
+            "{}{}",
+            opts.compare_strongroomd
+                .as_ref()
+                .map_or("the same binary".into(), |b| b.display().to_string()),
+            if opts.compare_env.is_empty() {
+                String::new()
+            } else {
+                format!(" with {}", opts.compare_env.join(" "))
+            }
+        ) + &opts
+            .compare_audit
+            .as_ref()
+            .map_or(String::new(), |a| format!(", [audit] {a}"));
+        rows.push(row(
+            "audit on: this build / compared",
+            Ratio::of(&on.rates, &cmp.rates).show(),
+            format!("this build: {}", on.describe()),
+            format!("compared ({what}): {}", cmp.describe()),
+            "",
+        ));
+        if floor {
+            let durable = &sums[arms.len() - 1];
+            rows.push(row(
+                "compared vs durable floor",
+                Ratio::of(&cmp.rates, &durable.rates).show(),
+                format!("compared ({what})"),
+                "floor + durable line",
+                verdict(Ratio::of(&cmp.rates, &durable.rates).median, 0.95),
+            ));
+        }
     }
     if floor {
         let (inline, notok, worker, nagle, durable) = (
@@ -191,8 +259,17 @@ pub(crate) async fn part_reads(
                 "floor (inline C_Decrypt) + one ~250-byte line per request, group-committed with fdatasync by a writer thread: {}",
                 durable.describe()
             ),
-            "",
+            verdict(rd.median, 0.95),
         ));
+        if let (Some(d), Some(o)) = (durable.server_cpu_us, on.server_cpu_us) {
+            rows.push(row(
+                "durable floor, server CPU per request",
+                format!("{:.2}", d / o),
+                format!("strongroomd audit on: {o:.0} µs/req"),
+                format!("durable floor: {d:.0} µs/req"),
+                "(durable floor CPU / strongroomd CPU)",
+            ));
+        }
         let rdf = Ratio::of(&durable.rates, &floor_rates);
         rows.push(row(
             "floor: durable line / none",
