@@ -6,7 +6,7 @@
 //! (`jobs::run_once`) on whichever replica holds the lock, and its progress — the
 //! parameters, a cursor (the store's export position) and counters — is kept in the store's
 //! bookkeeping (`m/rewrap`), written under the lock's fence after a page once its records
-//! are durable (at most every [`SAVE_EVERY`]), so a crash or `kill -9` leaves it `running`
+//! are durable (at most every 250 ms), so a crash or `kill -9` leaves it `running`
 //! and the next start (or another replica) resumes at the cursor. Records are re-sealed a batch at a time by `seal::reseal_batch`: each
 //! authenticated against its slot as the service's open path does and sealed again as the
 //! same version with the same metadata under the current key, with a fresh data key and the
