@@ -112,7 +112,31 @@ pub(crate) async fn part_rewrap(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>)
 
     // Re-wrap as fast as the job goes (no client load): records per second, end to end.
     admin.rotate_master_key(RotateMasterKeyRequest {}).await?;
-    let rate = rewrap(&mut admin, u32::MAX).await?;
+    // `--perf DIR`: a profile of the server for the whole unlimited re-wrap.
+    let perf = match &plan.perf {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            let p = std::process::Command::new("perf")
+                .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-p"])
+                .arg(server.pid.to_string())
+                .arg("-o")
+                .arg(dir.join("rewrap.data"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Some(p)
+        }
+        None => None,
+    };
+    let rate = rewrap(&mut admin, u32::MAX).await;
+    if let Some(mut p) = perf {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status();
+        let _ = p.wait();
+    }
+    let rate = rate?;
     let ratio = rate / raw;
     eprintln!("  re-wrap: {}, {ratio:.2} of raw", fmt_rate(rate));
     rows.push(row(

@@ -515,30 +515,9 @@ impl AdminService for AdminApi {
             .into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let state = this.state.clone();
-        tokio::spawn(async move {
-            // Now, then every change, until the job is no longer running (or the officer
-            // goes away).
-            let mut last = first;
-            if tx.send(Ok(last.to_proto())).await.is_err() {
-                return;
-            }
-            while last.state == "running" {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                let now = match super::rewrap::load(&state).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
-                if now != last {
-                    if tx.send(Ok(now.to_proto())).await.is_err() {
-                        return;
-                    }
-                    last = now;
-                }
-            }
-        });
+        // Now, then every change, until the job is no longer running (or the officer goes
+        // away).
+        tokio::spawn(super::rewrap::watch(state, first, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

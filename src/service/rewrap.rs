@@ -5,9 +5,9 @@
 //! dual control (`Rewrap`); it runs as the once-only job `rewrap` under the job lease
 //! (`jobs::run_once`) on whichever replica holds the lock, and its progress — the
 //! parameters, a cursor (the store's export position) and counters — is kept in the store's
-//! bookkeeping (`m/rewrap`), written under the lock's fence after every page, so a crash or
-//! `kill -9` leaves it `running` and the next start (or another replica) resumes at the
-//! cursor. Records are re-sealed a batch at a time by `seal::reseal_batch`: each
+//! bookkeeping (`m/rewrap`), written under the lock's fence after a page once its records
+//! are durable (at most every 250 ms), so a crash or `kill -9` leaves it `running`
+//! and the next start (or another replica) resumes at the cursor. Records are re-sealed a batch at a time by `seal::reseal_batch`: each
 //! authenticated against its slot as the service's open path does and sealed again as the
 //! same version with the same metadata under the current key, with a fresh data key and the
 //! value's ciphertext made again under the new AAD (format v2 binds the master key version),
@@ -51,6 +51,11 @@ const BATCH: usize = MAX_REPLACE_BATCH;
 
 /// Wakes the supervisor when an officer starts a re-wrap.
 static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// Wakes this replica's progress streams ([`follow`]) whenever the progress is saved here.
+static SAVED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// How often a progress stream reads the stored progress when nothing woke it (a job on
+/// another replica saves there, not here).
+const POLL: Duration = Duration::from_millis(200);
 
 /// The job's progress as kept in the store.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -115,14 +120,34 @@ fn records_of(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<SealedRecord> {
         .collect()
 }
 
+/// The fields of a stored record ([`SealedRecord`]) that counting reads: decoding it skips
+/// the bytes fields (the value's ciphertext, the wrapped key, the nonce) without copying
+/// them, and refuses exactly what decoding the whole record refuses (the wire format, the
+/// UTF-8 of its two strings), so the same records are counted.
+#[derive(Clone, PartialEq, prost::Message)]
+struct KeyVersionOf {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(uint32, tag = "3")]
+    master_key_version: u32,
+    #[prost(string, tag = "9")]
+    created_by: String,
+}
+
 /// How many records reference each master key version: a scan of every record.
 pub(crate) fn count_references(s: &dyn Store) -> Result<BTreeMap<u32, u64>, StoreError> {
+    use prost::Message;
     let mut counts = BTreeMap::new();
     let mut cursor: Option<Vec<u8>> = None;
     loop {
         let page = s.export_page(cursor.as_deref(), 1024)?;
-        for r in records_of(page.pairs) {
-            *counts.entry(r.master_key_version).or_insert(0) += 1;
+        for (k, v) in &page.pairs {
+            if k.first() != Some(&b'r') {
+                continue;
+            }
+            if let Ok(r) = KeyVersionOf::decode(v.as_slice()) {
+                *counts.entry(r.master_key_version).or_insert(0) += 1;
+            }
         }
         match page.next {
             Some(n) => cursor = Some(n),
@@ -144,6 +169,61 @@ pub(crate) async fn load(state: &State) -> Result<Progress, Error> {
         Some(b) => serde_json::from_slice(&b)
             .map_err(|e| Error::DataLoss(format!("the re-wrap progress does not parse: {e}"))),
     }
+}
+
+/// Streams the progress to `tx`: `first`, then every change `load` reads, until the job is
+/// no longer running or the receiver goes away. A save on this replica wakes it at once (so
+/// the end is seen as soon as it is saved); a job on another replica is seen by reading the
+/// stored progress every `poll`.
+pub(crate) async fn follow<L, F>(
+    first: Progress,
+    mut load: L,
+    poll: Duration,
+    tx: tokio::sync::mpsc::Sender<Result<RewrapProgress, tonic::Status>>,
+) where
+    L: FnMut() -> F,
+    F: std::future::Future<Output = Result<Progress, Error>>,
+{
+    let mut last = first;
+    if tx.send(Ok(last.to_proto())).await.is_err() {
+        return;
+    }
+    while last.state == "running" {
+        // Registered before the read, so a save after the read still wakes the wait.
+        let saved = SAVED.notified();
+        let now = match load().await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Err(tonic::Status::from(e))).await;
+                return;
+            }
+        };
+        if now != last {
+            if tx.send(Ok(now.to_proto())).await.is_err() {
+                return;
+            }
+            last = now;
+            continue;
+        }
+        tokio::select! {
+            () = saved => {}
+            () = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// Wakes this replica's progress streams: the progress was just saved.
+fn announce() {
+    SAVED.notify_waiters();
+}
+
+/// Follows the stored progress for `WatchRewrap` (see [`follow`]).
+pub(crate) async fn watch(
+    state: Arc<State>,
+    first: Progress,
+    tx: tokio::sync::mpsc::Sender<Result<RewrapProgress, tonic::Status>>,
+) {
+    follow(first, || load(&state), POLL, tx).await;
 }
 
 /// What a dry run finds: the records that would move now.
@@ -218,7 +298,9 @@ pub(crate) async fn start(
 
 async fn save(state: &State, p: &Progress) -> Result<(), Error> {
     let bytes = serde_json::to_vec(p).map_err(|e| Error::Internal(e.to_string()))?;
-    blocking(state, move |s| s.aux_put(Aux::Meta, PROGRESS_KEY, &bytes)).await
+    blocking(state, move |s| s.aux_put(Aux::Meta, PROGRESS_KEY, &bytes)).await?;
+    announce();
+    Ok(())
 }
 
 async fn save_fenced(state: &State, held: &jobs::Held, p: &Progress) -> Result<(), Error> {
@@ -228,7 +310,9 @@ async fn save_fenced(state: &State, held: &jobs::Held, p: &Progress) -> Result<(
         s.aux_put_fenced(&lock, Aux::Meta, PROGRESS_KEY, &bytes)
     })
     .await?
-    .map_err(jobs::lost_lock)
+    .map_err(jobs::lost_lock)?;
+    announce();
+    Ok(())
 }
 
 /// Runs the re-wrap job whenever its progress says `running` (after a start, a restart, or
@@ -274,7 +358,14 @@ async fn fail(state: &State, why: &str) -> Result<(), Error> {
 }
 
 /// The job itself: from the saved cursor, re-seals every record to move, a batch at a
-/// time, and saves the cursor after each page; ends with a count of what remains.
+/// time, and saves the cursor as pages are done; ends with a count of what remains.
+///
+/// Three stages run at once, so the token never waits for the store: the scan (this task)
+/// reads a page, counts its wraps and hands its batches to the token, keeping up to
+/// [`TOKEN_AHEAD`] batches queued there; as each batch comes back, in scan order, its
+/// compare-and-replace goes to the writer ([`write`]), which replaces the batches one after
+/// the other and saves the cursor after a page whose batches are all durable (at most every
+/// [`SAVE_EVERY`], and not for a page that changed nothing).
 async fn run(state: Arc<State>, held: Arc<jobs::Held>) -> Result<(), Error> {
     let mut p = load(&state).await?;
     if p.state != "running" {
@@ -286,6 +377,7 @@ async fn run(state: Arc<State>, held: Arc<jobs::Held>) -> Result<(), Error> {
         cursor = %p.cursor,
         "re-wrap job resumes"
     );
+    let job_began = Instant::now();
     let to = p.to_version;
     if p.cursor.is_empty() && p.examined == 0 {
         // The estimate of the work, once, at the start (not in the approval's call: a scan
@@ -299,100 +391,23 @@ async fn run(state: Arc<State>, held: Arc<jobs::Held>) -> Result<(), Error> {
             .sum();
         save_fenced(&state, &held, &p).await?;
     }
-    let rate = f64::from(p.rate.max(1));
-    let began = Instant::now();
-    let mut paced = 0u64;
-    let mut cursor = (!p.cursor.is_empty())
+    let counted = job_began.elapsed();
+    let cursor = (!p.cursor.is_empty())
         .then(|| hex::decode(&p.cursor))
         .transpose()
         .map_err(|e| Error::DataLoss(format!("the re-wrap cursor does not parse: {e}")))?;
-    loop {
-        let c = cursor.clone();
-        let page = blocking(&state, move |s| s.export_page(c.as_deref(), PAGE)).await?;
-        let next = page.next.clone();
-        let records = records_of(page.pairs);
-        p.examined += records.len() as u64;
-        let todo: Vec<SealedRecord> = records
-            .into_iter()
-            .filter(|r| moves(r.master_key_version, p.from_version, to))
-            .collect();
-        // The page's wraps are counted before any of them is made (a crash can only
-        // over-count), in one store write rather than one per batch.
-        if !todo.is_empty() {
-            let n = todo.len() as u64;
-            let wraps = blocking(&state, move |s| s.count_wraps(to, n)).await?;
-            if wraps > state.max_wraps {
-                return Err(Error::FailedPrecondition(format!(
-                    "master key version {to} has reached its wrap limit ({}); rotate, then re-wrap again",
-                    state.max_wraps
-                )));
-            }
-        }
-        // The store write of one batch runs while the token re-seals the next; the page's
-        // last write is durable before its cursor is saved.
-        let mut writing: Option<tokio::task::JoinHandle<Result<Vec<bool>, Error>>> = None;
-        for chunk in todo.chunks(BATCH) {
-            // Pace: the records done so far may not run ahead of the rate.
-            paced += chunk.len() as u64;
-            let due = began + Duration::from_secs_f64(paced as f64 / rate);
-            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
-            let mut named = Vec::with_capacity(chunk.len());
-            let mut unnamed = Vec::new();
-            for r in chunk {
-                match SecretName::parse(&r.name, state.limits.max_name_bytes) {
-                    Ok(name) => named.push((name, r)),
-                    Err(e) => unnamed.push((r, e)),
-                }
-            }
-            for (r, e) in unnamed {
-                tracing::warn!(name = %r.name, version = r.version, error = %format!("stored name {}: {e}", r.name), "re-wrap leaves a record it cannot open");
-                p.failed += 1;
-            }
-            let out = super::seal::reseal_batch(&state, &named, to, state.hsm_timeout).await?;
-            let mut pairs = Vec::with_capacity(named.len());
-            for ((_, old), new) in named.into_iter().zip(out) {
-                match new {
-                    Ok(new) => pairs.push((old.clone(), new)),
-                    // Refused as tampered or unreadable: left as it is, counted.
-                    Err(
-                        e @ (Error::DataLoss(_)
-                        | Error::Hsm(crate::hsm::HsmError::UnwrapAuthentication)),
-                    ) => {
-                        tracing::warn!(name = %old.name, version = old.version, error = %e, "re-wrap leaves a record it cannot open");
-                        p.failed += 1;
-                    }
-                    // The token or store is unavailable: stop; the job resumes at the cursor.
-                    Err(e) => return Err(e),
-                }
-            }
-            if let Some(w) = writing.take() {
-                tally(
-                    &mut p,
-                    w.await.map_err(|e| Error::Internal(e.to_string()))??,
-                );
-            }
-            let lock = held.lock.clone();
-            let s = state.clone();
-            writing = Some(tokio::spawn(async move {
-                blocking(&s, move |s| s.replace_records(&lock, &pairs))
-                    .await?
-                    .map_err(jobs::lost_lock)
-            }));
-        }
-        if let Some(w) = writing.take() {
-            tally(
-                &mut p,
-                w.await.map_err(|e| Error::Internal(e.to_string()))??,
-            );
-        }
-        crate::audit::reconcile::halt_point("rewrap-after-page").await;
-        cursor = next;
-        p.cursor = cursor.as_ref().map(hex::encode).unwrap_or_default();
-        if cursor.is_none() {
-            break;
-        }
-        save_fenced(&state, &held, &p).await?;
-    }
+    let (tx, rx) = tokio::sync::mpsc::channel(WRITES_AHEAD);
+    let writer = tokio::spawn(write(state.clone(), held.clone(), p.clone(), rx));
+    let scanned = scan(&state, &p, cursor, &tx).await;
+    drop(tx);
+    // The writer ends once it has written what the scan handed it; its error (the lock
+    // lost, the store) comes first, since a scan stopped by it only says the writer went.
+    let written = writer
+        .await
+        .map_err(|e| Error::Internal(format!("the re-wrap's writer failed: {e}")))?;
+    let mut p = written?;
+    scanned?;
+    let passed = job_began.elapsed();
     let counts = blocking(&state, count_references).await?;
     p.remaining = counts.into_iter().filter(|(v, _)| *v != to).collect();
     p.state = "finished".into();
@@ -407,7 +422,13 @@ async fn run(state: Arc<State>, held: Arc<jobs::Held>) -> Result<(), Error> {
         p.failed,
         p.remaining.values().sum::<u64>()
     );
-    tracing::info!(%detail, "re-wrap finished");
+    tracing::info!(
+        %detail,
+        count_ms = counted.as_millis() as u64,
+        pass_ms = (passed - counted).as_millis() as u64,
+        recount_ms = (job_began.elapsed() - passed).as_millis() as u64,
+        "re-wrap finished"
+    );
     let event = crate::audit::AuditEvent {
         plane: "admin",
         identity: None,
@@ -423,6 +444,195 @@ async fn run(state: Arc<State>, held: Arc<jobs::Held>) -> Result<(), Error> {
         tracing::error!(error = %e, "cannot audit the end of the re-wrap");
     }
     Ok(())
+}
+
+/// Batches handed to the token ahead of the one the scan waits for: enough that the token
+/// always has the next batch queued while a batch's result goes to the writer.
+const TOKEN_AHEAD: usize = 2;
+/// Steps the writer may lag behind the token (then the scan waits for it).
+const WRITES_AHEAD: usize = 8;
+/// The cursor is saved at most this often (a crash re-does at most this much work, which
+/// is harmless: a record already under the new key is not moved again).
+const SAVE_EVERY: Duration = Duration::from_millis(250);
+
+/// What the scan hands the writer, in scan order.
+enum Step {
+    /// A re-sealed batch: its compare-and-replace pairs, and how many of its records are
+    /// left as they are (they do not open).
+    Batch {
+        pairs: Vec<(SealedRecord, SealedRecord)>,
+        failed: u64,
+    },
+    /// Every record before `next` (the export position; `None`: the end) has been handed
+    /// over; the page held `examined` records, `todo` of them to move.
+    Page {
+        next: Option<Vec<u8>>,
+        examined: u64,
+        todo: u64,
+    },
+}
+
+/// A batch at the token, or the end of a page, in scan order.
+enum Pending {
+    Batch(tokio::task::JoinHandle<Result<Step, Error>>),
+    Page(Step),
+}
+
+/// The scan: from `cursor`, reads each page, counts its wraps, paces and sends its batches
+/// to the token, and hands the results and the page ends to the writer (`tx`) in order.
+async fn scan(
+    state: &Arc<State>,
+    p: &Progress,
+    mut cursor: Option<Vec<u8>>,
+    tx: &tokio::sync::mpsc::Sender<Step>,
+) -> Result<(), Error> {
+    let (from, to) = (p.from_version, p.to_version);
+    let rate = f64::from(p.rate.max(1));
+    let began = Instant::now();
+    let mut paced = 0u64;
+    let mut pending = std::collections::VecDeque::new();
+    loop {
+        let c = cursor.clone();
+        let page = blocking(state, move |s| s.export_page(c.as_deref(), PAGE)).await?;
+        let next = page.next;
+        let records = records_of(page.pairs);
+        let examined = records.len() as u64;
+        let todo: Vec<SealedRecord> = records
+            .into_iter()
+            .filter(|r| moves(r.master_key_version, from, to))
+            .collect();
+        // The page's wraps are counted before any of them is made (a crash can only
+        // over-count), in one store write rather than one per batch.
+        let n = todo.len() as u64;
+        if n > 0 {
+            let wraps = blocking(state, move |s| s.count_wraps(to, n)).await?;
+            if wraps > state.max_wraps {
+                return Err(Error::FailedPrecondition(format!(
+                    "master key version {to} has reached its wrap limit ({}); rotate, then re-wrap again",
+                    state.max_wraps
+                )));
+            }
+        }
+        let mut todo = todo.into_iter().peekable();
+        while todo.peek().is_some() {
+            let chunk: Vec<SealedRecord> = todo.by_ref().take(BATCH).collect();
+            // Pace: the records done so far may not run ahead of the rate.
+            paced += chunk.len() as u64;
+            let due = began + Duration::from_secs_f64(paced as f64 / rate);
+            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+            let s = state.clone();
+            pending.push_back(Pending::Batch(tokio::spawn(reseal(s, chunk, to))));
+            while pending.len() > TOKEN_AHEAD {
+                hand_over(pending.pop_front(), tx).await?;
+            }
+        }
+        let end = next.is_none();
+        pending.push_back(Pending::Page(Step::Page {
+            next: next.clone(),
+            examined,
+            todo: n,
+        }));
+        if end {
+            break;
+        }
+        cursor = next;
+    }
+    while let Some(p) = pending.pop_front() {
+        hand_over(Some(p), tx).await?;
+    }
+    Ok(())
+}
+
+/// Waits for the oldest pending step and gives it to the writer.
+async fn hand_over(
+    pending: Option<Pending>,
+    tx: &tokio::sync::mpsc::Sender<Step>,
+) -> Result<(), Error> {
+    let step = match pending {
+        None => return Ok(()),
+        Some(Pending::Page(step)) => step,
+        Some(Pending::Batch(job)) => job
+            .await
+            .map_err(|e| Error::Internal(format!("a re-seal task failed: {e}")))??,
+    };
+    tx.send(step)
+        .await
+        .map_err(|_| Error::Internal("the re-wrap's writer stopped".into()))
+}
+
+/// Re-seals one batch under `to` (one token trip per job of records, see
+/// [`super::seal::reseal_batch`]); a record that does not open is left as it is, counted.
+async fn reseal(state: Arc<State>, chunk: Vec<SealedRecord>, to: u32) -> Result<Step, Error> {
+    let mut failed = 0u64;
+    let mut named = Vec::with_capacity(chunk.len());
+    for r in &chunk {
+        match SecretName::parse(&r.name, state.limits.max_name_bytes) {
+            Ok(name) => named.push((name, r)),
+            Err(e) => {
+                tracing::warn!(name = %r.name, version = r.version, error = %format!("stored name {}: {e}", r.name), "re-wrap leaves a record it cannot open");
+                failed += 1;
+            }
+        }
+    }
+    let out = super::seal::reseal_batch(&state, &named, to, state.hsm_timeout).await?;
+    let mut pairs = Vec::with_capacity(named.len());
+    for ((_, old), new) in named.into_iter().zip(out) {
+        match new {
+            Ok(new) => pairs.push((old.clone(), new)),
+            // Refused as tampered or unreadable: left as it is, counted.
+            Err(
+                e @ (Error::DataLoss(_) | Error::Hsm(crate::hsm::HsmError::UnwrapAuthentication)),
+            ) => {
+                tracing::warn!(name = %old.name, version = old.version, error = %e, "re-wrap leaves a record it cannot open");
+                failed += 1;
+            }
+            // The token or store is unavailable: stop; the job resumes at the cursor.
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Step::Batch { pairs, failed })
+}
+
+/// The writer: replaces each batch (compare-and-replace under the job's lock, durable on
+/// return) in scan order, and saves the cursor after a page once every batch before it is
+/// written. Returns the progress as it stands when the scan is done.
+async fn write(
+    state: Arc<State>,
+    held: Arc<jobs::Held>,
+    mut p: Progress,
+    mut steps: tokio::sync::mpsc::Receiver<Step>,
+) -> Result<Progress, Error> {
+    let mut saved = Instant::now();
+    while let Some(step) = steps.recv().await {
+        match step {
+            Step::Batch { pairs, failed } => {
+                p.failed += failed;
+                if !pairs.is_empty() {
+                    let lock = held.lock.clone();
+                    let replaced = blocking(&state, move |s| s.replace_records(&lock, &pairs))
+                        .await?
+                        .map_err(jobs::lost_lock)?;
+                    tally(&mut p, replaced);
+                }
+            }
+            Step::Page {
+                next,
+                examined,
+                todo,
+            } => {
+                p.examined += examined;
+                crate::audit::reconcile::halt_point("rewrap-after-page").await;
+                p.cursor = next.as_ref().map(hex::encode).unwrap_or_default();
+                // The last page's cursor is saved with the end; a page that moved nothing
+                // is not worth a write of its own.
+                if next.is_some() && todo > 0 && saved.elapsed() >= SAVE_EVERY {
+                    save_fenced(&state, &held, &p).await?;
+                    saved = Instant::now();
+                }
+            }
+        }
+    }
+    Ok(p)
 }
 
 /// Counts the answer of one [`Store::replace_records`]: replaced, or changed since read.
@@ -518,5 +728,83 @@ mod tests {
     fn what_moves() {
         assert!(moves(1, 0, 3) && moves(2, 0, 3) && !moves(3, 0, 3));
         assert!(moves(1, 1, 3) && !moves(2, 1, 3));
+    }
+
+    /// A progress stream sees the end as soon as it is saved on this replica: its poll is an
+    /// hour here, so only the wake-up of the save can deliver it.
+    #[tokio::test]
+    async fn a_progress_stream_is_woken_by_a_save_not_only_by_its_poll() {
+        let stored = Arc::new(std::sync::Mutex::new(Progress {
+            state: "running".into(),
+            total: 10,
+            ..Progress::default()
+        }));
+        let first = stored.lock().unwrap().clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let s = stored.clone();
+        let load = move || {
+            let p = s.lock().unwrap().clone();
+            async move { Ok(p) }
+        };
+        let follower = tokio::spawn(follow(first, load, Duration::from_secs(3600), tx));
+        let got = rx.recv().await.unwrap().unwrap();
+        assert_eq!((got.state.as_str(), got.rewrapped), ("running", 0));
+        // The job saves a page, then the end; each save announces itself.
+        stored.lock().unwrap().rewrapped = 4;
+        announce();
+        let got = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("the stream was not woken by the save")
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.state.as_str(), got.rewrapped), ("running", 4));
+        {
+            let mut p = stored.lock().unwrap();
+            p.rewrapped = 10;
+            p.state = "finished".into();
+        }
+        announce();
+        let got = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("the stream was not woken by the save")
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.state.as_str(), got.rewrapped), ("finished", 10));
+        // And the stream ends there.
+        assert!(rx.recv().await.is_none());
+        follower.await.unwrap();
+    }
+
+    /// Counting decodes only a record's key version, but refuses what decoding the whole
+    /// record refuses, so it counts the same records.
+    #[test]
+    fn counting_reads_the_key_version_of_exactly_the_records_that_decode() {
+        use prost::Message;
+        let r = SealedRecord {
+            name: "a/b".into(),
+            version: 3,
+            master_key_version: 7,
+            ciphertext: vec![1; 100],
+            created_by: "x".into(),
+            ..SealedRecord::default()
+        };
+        let bytes = r.encode_to_vec();
+        assert_eq!(
+            KeyVersionOf::decode(bytes.as_slice())
+                .unwrap()
+                .master_key_version,
+            7
+        );
+        // created_by (field 9) not UTF-8: neither decodes.
+        let mut bad = bytes.clone();
+        let at = bad.len() - 1;
+        assert_eq!(bad[at], b'x');
+        bad[at] = 0xff;
+        assert!(SealedRecord::decode(bad.as_slice()).is_err());
+        assert!(KeyVersionOf::decode(bad.as_slice()).is_err());
+        // Truncated: neither decodes.
+        let cut = &bytes[..bytes.len() - 1];
+        assert!(SealedRecord::decode(cut).is_err());
+        assert!(KeyVersionOf::decode(cut).is_err());
     }
 }
