@@ -30,12 +30,10 @@ use std::time::{Duration, Instant};
 use ::powercut::{Keep, Powercut};
 use tonic::transport::Channel;
 
-use crate::common::{ADMIN, Etcd, POLICY, Server, TestEnv};
+use crate::common::{ADMIN, Etcd, POLICY, Server, TestEnv, put};
 use crate::crash::{Rng, Watchdog, audited_puts, seed_from};
 use strongroom::proto::secret_service_client::SecretServiceClient;
-use strongroom::proto::{
-    ApproveRequest, GetSecretRequest, PutSecretRequest, RotateMasterKeyRequest,
-};
+use strongroom::proto::{ApproveRequest, GetSecretRequest, RotateMasterKeyRequest};
 
 const WRITERS: usize = 4;
 const NAMES_PER_WRITER: usize = 3;
@@ -226,17 +224,6 @@ fn sync_etcd_bootstrap(data: &Path) {
         std::fs::File::open(&dir)
             .and_then(|d| d.sync_all())
             .unwrap_or_else(|e| panic!("fsync {}: {e}", dir.display()));
-    }
-}
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-        protection: 0,
-        ..Default::default()
     }
 }
 

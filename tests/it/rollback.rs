@@ -10,34 +10,15 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use crate::common::{Server, TestEnv, accept_store_state, files_under};
+use crate::common::{Server, TestEnv, accept_store_state, files_under, get, put};
 use strongroom::proto::admin_service_client::AdminServiceClient;
 use strongroom::proto::{
     AcceptStoreStateRequest, ApproveRequest, DeletePolicyRequest, DeleteSecretRequest,
-    GetSecretRequest, ListPoliciesRequest, OperationResponse, PutPolicyRequest, PutSecretRequest,
-    StatusRequest,
+    ListPoliciesRequest, OperationResponse, PutPolicyRequest, StatusRequest,
 };
 
 /// What the start check says when records changed outside the service.
 const MISMATCH: &str = "does not match its commitment";
-
-fn put(name: &str, value: &[u8]) -> PutSecretRequest {
-    PutSecretRequest {
-        name: name.into(),
-        value: value.to_vec(),
-        expected_version: None,
-        expires_at_unix: None,
-        protection: 0,
-        ..Default::default()
-    }
-}
-
-fn get(name: &str) -> GetSecretRequest {
-    GetSecretRequest {
-        name: name.into(),
-        version: 0,
-    }
-}
 
 /// A copy of the stopped service's store: sled's directory, or every key under the etcd
 /// prefix (as a restored etcd backup would hold them).
