@@ -342,11 +342,7 @@ async fn every_endpoint_dead_is_one_clear_error() {
     );
 
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_strongroom"));
-    cmd.env("STRONGROOM_ADDR", format!("{a},{b}"))
-        .env("STRONGROOM_CACERT", env.pki.join("server-ca.pem"))
-        .env("STRONGROOM_CLIENT_CERT", env.pki.join("payments.pem"))
-        .env("STRONGROOM_CLIENT_KEY", env.pki.join("payments-key.pem"))
-        .env("STRONGROOM_SERVER_NAME", "localhost")
+    env.client_env_at(&mut cmd, &format!("{a},{b}"), "payments")
         .env_remove("STRONGROOM_TIMEOUT")
         .env_remove("STRONGROOM_FORMAT")
         .args(["get", "payments/x"]);

@@ -198,11 +198,7 @@ fn closed_port_and_silent_listener() {
 /// The `strongroom` tool as payments, at an address of the test's choosing.
 fn cli_at(env: &TestEnv, addr: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_strongroom"));
-    cmd.env("STRONGROOM_ADDR", addr)
-        .env("STRONGROOM_CACERT", env.pki.join("server-ca.pem"))
-        .env("STRONGROOM_CLIENT_CERT", env.pki.join("payments.pem"))
-        .env("STRONGROOM_CLIENT_KEY", env.pki.join("payments-key.pem"))
-        .env("STRONGROOM_SERVER_NAME", "localhost")
+    env.client_env_at(&mut cmd, addr, "payments")
         .env_remove("STRONGROOM_TIMEOUT")
         .env_remove("STRONGROOM_FORMAT");
     cmd

@@ -513,7 +513,18 @@ request_timeout_ms = 5000
         server: &Server,
         stem: &str,
     ) -> &'c mut Command {
-        cmd.env("STRONGROOM_ADDR", format!("https://{}", server.addr))
+        self.client_env_at(cmd, &format!("https://{}", server.addr), stem)
+    }
+
+    /// [`TestEnv::client_env`] with `STRONGROOM_ADDR` set to `addr` as given (one address or
+    /// several, comma-separated; reachable or not).
+    pub fn client_env_at<'c>(
+        &self,
+        cmd: &'c mut Command,
+        addr: &str,
+        stem: &str,
+    ) -> &'c mut Command {
+        cmd.env("STRONGROOM_ADDR", addr)
             .env("STRONGROOM_CACERT", self.pki.join("server-ca.pem"))
             .env(
                 "STRONGROOM_CLIENT_CERT",
