@@ -9,9 +9,8 @@ use tonic::Code;
 use crate::common::officers::{admin_section, audit_details, eventually};
 use crate::common::{BOB, Output, POLICY, Server, TestEnv, get, put};
 use strongroom::proto::{
-    Approval, ApproveRequest, DeletePolicyRequest, DeleteSecretRequest, DestroySecretRequest,
-    GetApprovalRequest, ListApprovalsRequest, PutPolicyRequest, RejectRequest,
-    RotateMasterKeyRequest,
+    Approval, DeletePolicyRequest, DeleteSecretRequest, DestroySecretRequest, GetApprovalRequest,
+    ListApprovalsRequest, PutPolicyRequest, RejectRequest, RotateMasterKeyRequest,
 };
 use strongroom::service::approvals::params_sha256;
 
@@ -72,13 +71,7 @@ async fn an_approval_by_an_officer_removed_from_the_configuration_does_not_count
         .unwrap()
         .into_inner();
     let id = asked.approval.unwrap().id;
-    let r = server
-        .admin("bob")
-        .await
-        .approve(ApproveRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = server.approve("bob", id.clone()).await.unwrap();
     assert!(!r.executed);
     assert_eq!(r.approval.as_ref().map(|a| a.counted), Some(2));
     server.stop();
@@ -93,13 +86,7 @@ async fn an_approval_by_an_officer_removed_from_the_configuration_does_not_count
     assert!(a.blocked.is_empty(), "{}", a.blocked);
 
     // Carol's approval makes three approvers, two of them officers: it does not run.
-    let r = server
-        .admin("carol")
-        .await
-        .approve(ApproveRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = server.approve("carol", id.clone()).await.unwrap();
     assert!(
         !r.executed,
         "ran with an approval of a removed officer: {r:?}"
@@ -131,13 +118,7 @@ async fn an_approval_by_an_officer_removed_from_the_configuration_does_not_count
     );
 
     // A third listed officer completes the quorum.
-    let r = server
-        .admin("mallory")
-        .await
-        .approve(ApproveRequest { id })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = server.approve("mallory", id).await.unwrap();
     assert!(r.executed, "{r:?}");
     let e = owner.get_secret(get("payments/doomed")).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -169,12 +150,7 @@ async fn a_request_whose_requester_was_removed_cannot_run() {
     let a = show(&server, "bob", &id).await;
     assert!(a.blocked.contains("requester"), "{a:?}");
     assert_eq!(a.counted, 0);
-    let e = server
-        .admin("bob")
-        .await
-        .approve(ApproveRequest { id: id.clone() })
-        .await
-        .unwrap_err();
+    let e = server.approve("bob", id.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
         e.message().contains("requester") && e.message().contains("admin.officers"),
@@ -195,14 +171,9 @@ async fn a_request_whose_requester_was_removed_cannot_run() {
         .unwrap()
         .into_inner();
     let done = server
-        .admin("carol")
+        .approve("carol", r.approval.unwrap().id)
         .await
-        .approve(ApproveRequest {
-            id: r.approval.unwrap().id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(done.executed, "{done:?}");
     let e = owner.get_secret(get("payments/keep")).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -229,14 +200,9 @@ async fn an_expired_approval_is_refused_and_the_purge_removes_it() {
         .id;
     assert!(
         server
-            .admin("bob")
-            .await
-            .approve(ApproveRequest {
-                id: executed.clone()
-            })
+            .approve("bob", executed.clone())
             .await
             .unwrap()
-            .into_inner()
             .executed
     );
     let mut owner = server.client("payments").await;
@@ -266,14 +232,7 @@ async fn an_expired_approval_is_refused_and_the_purge_removes_it() {
         async || (show(&server, "carol", &pending).await.state == "expired").then_some(()),
     )
     .await;
-    let e = server
-        .admin("bob")
-        .await
-        .approve(ApproveRequest {
-            id: pending.clone(),
-        })
-        .await
-        .unwrap_err();
+    let e = server.approve("bob", pending.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
         e.message().contains("expired at") && e.message().contains("request the operation again"),
@@ -421,13 +380,7 @@ async fn audit_entries_and_approval_show_carry_the_operation_and_its_parameter_d
     let j: serde_json::Value = serde_json::from_str(json.stdout.trim()).unwrap();
     assert_eq!(j["params_sha256"], digest.as_str());
 
-    let done = server
-        .admin("bob")
-        .await
-        .approve(ApproveRequest { id: a.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = server.approve("bob", a.id.clone()).await.unwrap();
     assert!(done.executed);
 
     // A rejected request of another operation carries its own digest.

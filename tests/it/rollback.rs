@@ -204,13 +204,7 @@ type Admin = AdminServiceClient<tonic::transport::Channel>;
 async fn dual(server: &Server, op: impl AsyncFnOnce(&mut Admin) -> OperationResponse) {
     let mut alice = server.admin("alice").await;
     let id = op(&mut alice).await.approval.unwrap().id;
-    let done = server
-        .admin("bob")
-        .await
-        .approve(ApproveRequest { id })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = server.approve("bob", id).await.unwrap();
     assert!(done.executed, "{done:?}");
 }
 

@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strongroom_devpki::DevCa;
-
 /// Whether the suite runs on the etcd backend (`STRONGROOM_TEST_STORE=etcd`).
 pub fn store_is_etcd() -> bool {
     std::env::var("STRONGROOM_TEST_STORE").is_ok_and(|v| v == "etcd")
@@ -51,26 +49,7 @@ impl Etcd {
     /// Like [`Etcd::start`], with its data directory at `data` (which may be elsewhere, e.g.
     /// on the power-cut simulator); the log stays `dir/etcd.log`.
     pub fn start_in(dir: &Path, pki: &Path, data: &Path) -> Etcd {
-        use std::os::unix::fs::PermissionsExt;
-        let ca = DevCa::new("test etcd CA").unwrap();
-        let server = ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
-        let client = ca.issue_client("strongroomd.etcd.test").unwrap();
-        for (name, body) in [
-            ("etcd-ca.pem", ca.cert_pem()),
-            ("etcd-server.pem", server.cert_pem),
-            ("etcd-server-key.pem", server.key_pem),
-            ("etcd-client.pem", client.cert_pem),
-            ("etcd-client-key.pem", client.key_pem),
-        ] {
-            let path = pki.join(name);
-            std::fs::write(&path, body).unwrap();
-            let mode = if name.ends_with("-key.pem") {
-                0o600
-            } else {
-                0o644
-            };
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-        }
+        super::write_etcd_pki(pki);
         let data = data.to_path_buf();
         let log = dir.join("etcd.log");
         let mut last = String::new();

@@ -23,6 +23,21 @@ impl Server {
         self.try_client(Some(stem)).await.expect("connect")
     }
 
+    /// Officer `stem` approves request `id` on the admin plane: the operation's answer, or
+    /// the refusal.
+    pub async fn approve(
+        &self,
+        stem: &str,
+        id: impl Into<String>,
+    ) -> Result<strongroom::proto::OperationResponse, tonic::Status> {
+        let request = strongroom::proto::ApproveRequest { id: id.into() };
+        self.admin(stem)
+            .await
+            .approve(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// SecretService's health as the standard health service reports it (`Serving`,
     /// `NotServing`), asked as payments.
     pub async fn health(&self) -> String {
@@ -169,7 +184,7 @@ impl Drop for Server {
 /// Officers alice and bob accept the store's state under dual control, after checking that
 /// its rollback check flagged it for a problem that mentions `problem`.
 pub async fn accept_store_state(server: &Server, problem: &str) {
-    use strongroom::proto::{AcceptStoreStateRequest, ApproveRequest, StatusRequest};
+    use strongroom::proto::{AcceptStoreStateRequest, StatusRequest};
     let mut alice = server.admin("alice").await;
     let status = alice.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(
@@ -186,12 +201,6 @@ pub async fn accept_store_state(server: &Server, problem: &str) {
         .approval
         .unwrap()
         .id;
-    let done = server
-        .admin("bob")
-        .await
-        .approve(ApproveRequest { id })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = server.approve("bob", id).await.unwrap();
     assert!(done.executed, "{done:?}");
 }
