@@ -51,12 +51,7 @@ pub(crate) fn populate(a: PopulateArgs) -> Res<()> {
         }
         .encode_to_vec();
         while let Some((name, record)) = rx.blocking_recv() {
-            let mut hk = vec![b'h'];
-            hk.extend_from_slice(name.as_bytes());
-            let mut rk = vec![b'r'];
-            rk.extend_from_slice(name.as_bytes());
-            rk.push(0);
-            rk.extend_from_slice(&1u64.to_be_bytes());
+            let (hk, rk) = version_one_keys(&name);
             batch.insert(hk, head.clone());
             batch.insert(rk, record);
             in_batch += 1;
@@ -75,54 +70,7 @@ pub(crate) fn populate(a: PopulateArgs) -> Res<()> {
         db.apply_batch(batch)?;
         Ok(db)
     });
-    let tasks = 64;
-    let value = Arc::new(random_bytes(a.value_size));
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    rt.block_on(async {
-        let mut handles = Vec::new();
-        for t in 0..tasks {
-            let (hsm, tx, value, prefix) =
-                (hsm.clone(), tx.clone(), value.clone(), a.prefix.clone());
-            let count = a.count;
-            handles.push(tokio::spawn(async move {
-                let mut i = t;
-                while i < count {
-                    let name = format!("{prefix}/{i:07}");
-                    let parsed = SecretName::parse(&name, 1024)?;
-                    let aad = envelope::record_aad_v1(&parsed, 1, mk);
-                    let (dek, wrapped) = hsm
-                        .new_data_key(mk, aad.clone(), Duration::from_secs(30))
-                        .await?;
-                    let sealed = envelope::seal(&dek, &aad, &value)?;
-                    let record = SealedRecord {
-                        name: name.clone(),
-                        version: 1,
-                        master_key_version: mk,
-                        mechanism: RecordMechanism::AesGcmEnvelopeV1.id(),
-                        wrapped_dek: wrapped,
-                        nonce: sealed.nonce.to_vec(),
-                        ciphertext: sealed.ciphertext,
-                        created_at_unix: now,
-                        created_by: CLIENT_ID.to_owned(),
-                        expires_at_unix: None,
-                        ..Default::default()
-                    };
-                    tx.send((name, record.encode_to_vec()))
-                        .await
-                        .map_err(|_| "the writer stopped")?;
-                    i += tasks;
-                }
-                Res::Ok(())
-            }));
-        }
-        drop(tx);
-        for h in handles {
-            h.await??;
-        }
-        Res::Ok(())
-    })?;
+    seal_records(&rt, &hsm, mk, &a.prefix, a.count, a.value_size, tx)?;
     let db = writer.join().map_err(|_| "the writer panicked")??;
     // The wrap counter the service keeps per master key (`w` + version).
     let mut wk = vec![b'w'];
@@ -265,5 +213,80 @@ pub(crate) async fn part_big(lab: &mut Lab, plan: &Plan, rows: &mut Vec<Row>) ->
         "",
         "",
     ));
+    Ok(())
+}
+
+/// The sled keys of `name`'s head and of its version 1, in the layout `SledStore` documents
+/// (etcd's under its prefix): `h` + name, and `r` + name + 0 + the version, big-endian.
+pub(crate) fn version_one_keys(name: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut hk = vec![b'h'];
+    hk.extend_from_slice(name.as_bytes());
+    let mut rk = vec![b'r'];
+    rk.extend_from_slice(name.as_bytes());
+    rk.push(0);
+    rk.extend_from_slice(&1u64.to_be_bytes());
+    (hk, rk)
+}
+
+/// Seals `count` records `prefix/0000000`… (version 1, one random value of `value_size`
+/// bytes, each under its own data key that the token wrapped under master key `mk`) on 64
+/// tasks, and sends each name with its encoded record to `tx`: the records PutSecret would
+/// have stored. Both populate roles write what this sends.
+pub(crate) fn seal_records(
+    rt: &tokio::runtime::Runtime,
+    hsm: &Arc<Hsm>,
+    mk: u32,
+    prefix: &str,
+    count: usize,
+    value_size: usize,
+    tx: tokio::sync::mpsc::Sender<(String, Vec<u8>)>,
+) -> Res<()> {
+    let tasks = 64;
+    let value = Arc::new(random_bytes(value_size));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let (hsm, tx, value, prefix) =
+                (hsm.clone(), tx.clone(), value.clone(), prefix.to_owned());
+            handles.push(tokio::spawn(async move {
+                let mut i = t;
+                while i < count {
+                    let name = format!("{prefix}/{i:07}");
+                    let parsed = SecretName::parse(&name, 1024)?;
+                    let aad = envelope::record_aad_v1(&parsed, 1, mk);
+                    let (dek, wrapped) = hsm
+                        .new_data_key(mk, aad.clone(), Duration::from_secs(30))
+                        .await?;
+                    let sealed = envelope::seal(&dek, &aad, &value)?;
+                    let record = SealedRecord {
+                        name: name.clone(),
+                        version: 1,
+                        master_key_version: mk,
+                        mechanism: RecordMechanism::AesGcmEnvelopeV1.id(),
+                        wrapped_dek: wrapped,
+                        nonce: sealed.nonce.to_vec(),
+                        ciphertext: sealed.ciphertext,
+                        created_at_unix: now,
+                        created_by: CLIENT_ID.to_owned(),
+                        expires_at_unix: None,
+                        ..Default::default()
+                    };
+                    tx.send((name, record.encode_to_vec()))
+                        .await
+                        .map_err(|_| "the writer stopped")?;
+                    i += tasks;
+                }
+                Res::Ok(())
+            }));
+        }
+        drop(tx);
+        for h in handles {
+            h.await??;
+        }
+        Res::Ok(())
+    })?;
     Ok(())
 }

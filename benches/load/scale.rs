@@ -15,26 +15,25 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use prost::Message;
 
-use strongroom::envelope;
 use strongroom::hsm::keys::{MacKey, derive_key};
 use strongroom::hsm::{Hsm, HsmOptions, TokenSelector};
 use strongroom::proto::HeadV1;
-use strongroom::secret::{Mechanism as RecordMechanism, SealedRecord, SecretName};
 use strongroom::store::{EtcdOptions, EtcdStore, STATE_KEY_DOMAIN, SledStore, StateKey, Store};
 use strongroom_devpki::DevCa;
 
+use crate::big::{seal_records, version_one_keys};
 use crate::generator::{Arm, Plan, Ratio, Summary, Workload, interleave, run_load, summarize};
 use crate::lab::{Lab, Target, connect, run_child};
 use crate::p11::user_pin;
 use crate::parts::reads;
 use crate::report::{Row, row};
-use crate::util::{exit_with_parent, fmt_mib, fmt_rate, random_bytes, runtime, vm_kib};
-use crate::{CLIENT_ID, Res, fail};
+use crate::util::{exit_with_parent, fmt_mib, fmt_rate, runtime, vm_kib};
+use crate::{Res, fail};
 
 /// Records per `import_raw` call (two keys each: head and record).
 const BATCH: usize = 2000;
@@ -139,12 +138,7 @@ pub(crate) fn scale_populate(a: ScalePopulateArgs) -> Res<()> {
         };
         while let Some((name, record)) = rx.blocking_recv() {
             // The common key layout (sled's own; etcd's under its prefix).
-            let mut hk = vec![b'h'];
-            hk.extend_from_slice(name.as_bytes());
-            let mut rk = vec![b'r'];
-            rk.extend_from_slice(name.as_bytes());
-            rk.push(0);
-            rk.extend_from_slice(&1u64.to_be_bytes());
+            let (hk, rk) = version_one_keys(&name);
             batch.push((hk, Some(head.clone())));
             batch.push((rk, Some(record)));
             if batch.len() >= 2 * BATCH {
@@ -156,54 +150,7 @@ pub(crate) fn scale_populate(a: ScalePopulateArgs) -> Res<()> {
         }
         Ok(())
     });
-    let tasks = 64;
-    let value = Arc::new(random_bytes(a.value_size));
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    rt.block_on(async {
-        let mut handles = Vec::new();
-        for t in 0..tasks {
-            let (hsm, tx, value, prefix) =
-                (hsm.clone(), tx.clone(), value.clone(), a.prefix.clone());
-            let count = a.count;
-            handles.push(tokio::spawn(async move {
-                let mut i = t;
-                while i < count {
-                    let name = format!("{prefix}/{i:07}");
-                    let parsed = SecretName::parse(&name, 1024)?;
-                    let aad = envelope::record_aad_v1(&parsed, 1, mk);
-                    let (dek, wrapped) = hsm
-                        .new_data_key(mk, aad.clone(), Duration::from_secs(30))
-                        .await?;
-                    let sealed = envelope::seal(&dek, &aad, &value)?;
-                    let record = SealedRecord {
-                        name: name.clone(),
-                        version: 1,
-                        master_key_version: mk,
-                        mechanism: RecordMechanism::AesGcmEnvelopeV1.id(),
-                        wrapped_dek: wrapped,
-                        nonce: sealed.nonce.to_vec(),
-                        ciphertext: sealed.ciphertext,
-                        created_at_unix: now,
-                        created_by: CLIENT_ID.to_owned(),
-                        expires_at_unix: None,
-                        ..Default::default()
-                    };
-                    tx.send((name, record.encode_to_vec()))
-                        .await
-                        .map_err(|_| "the writer stopped")?;
-                    i += tasks;
-                }
-                Res::Ok(())
-            }));
-        }
-        drop(tx);
-        for h in handles {
-            h.await??;
-        }
-        Res::Ok(())
-    })?;
+    seal_records(&rt, &hsm, mk, &a.prefix, a.count, a.value_size, tx)?;
     writer.join().map_err(|_| "the writer panicked")??;
     // The wrap counter the service keeps per master key (`w` + version).
     let mut wk = vec![b'w'];
