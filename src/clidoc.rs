@@ -1,10 +1,25 @@
-//! Shell completions and man pages for the three binaries (clap_complete, clap_mangen),
-//! from the same clap definitions that parse their arguments.
+//! The command-line tools' shared clap handling: parsing with the tools' exit codes, and
+//! shell completions and man pages for the three binaries (clap_complete, clap_mangen) from
+//! the same clap definitions that parse their arguments.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use clap_complete::Shell;
+
+/// Parses the process's arguments as `P`; on a usage error prints clap's message and returns
+/// the exit code the client tools use (0 for `--help`/`--version`, 1 for bad usage).
+pub fn parse_args<P: clap::Parser>() -> Result<P, std::process::ExitCode> {
+    P::try_parse().map_err(|e| {
+        let _ = e.print();
+        match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                std::process::ExitCode::SUCCESS
+            }
+            _ => std::process::ExitCode::from(1),
+        }
+    })
+}
 
 /// Writes the completion script of `cmd` for `shell` to `out`. (Made in memory first:
 /// clap_complete panics on a failed write, e.g. to a closed pipe.)

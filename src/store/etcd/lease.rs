@@ -7,7 +7,7 @@ use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use crate::store::{Fenced, Lock, LockHeld, StoreError};
 
 use super::EtcdStore;
-use super::txn::{Attempt, Change, EPOCH_RETRIES, Seen, Updated, Writer, busy, guard};
+use super::txn::{Attempt, EPOCH_RETRIES, Seen, Updated, Writer, busy, guard, replacement};
 
 /// Locks under etcd leases, and writes fenced by them (see [`lease`](crate::store::lease)).
 impl EtcdStore {
@@ -123,15 +123,7 @@ impl EtcdStore {
             let (compare, old) = guard(key, seen.as_ref());
             let fence = Compare::create_revision(lock_key.clone(), CompareOp::Equal, lock.fence);
             let new = f(old.as_deref());
-            let op = match &new {
-                Some(v) => TxnOp::put(key.to_vec(), v.clone(), None),
-                None => TxnOp::delete(key.to_vec(), None),
-            };
-            let change = Change {
-                key: key.to_vec(),
-                old: old.clone(),
-                new: new.clone(),
-            };
+            let (op, change) = replacement(key, &old, &new);
             match self.attempt(
                 deadline,
                 w,

@@ -328,15 +328,7 @@ impl EtcdStore {
             let base = self.current_frame(deadline, w)?;
             let (compare, old) = guard(key, seen.as_ref());
             let new = f(old.as_deref());
-            let op = match &new {
-                Some(v) => TxnOp::put(key.to_vec(), v.clone(), None),
-                None => TxnOp::delete(key.to_vec(), None),
-            };
-            let change = Change {
-                key: key.to_vec(),
-                old: old.clone(),
-                new: new.clone(),
-            };
+            let (op, change) = replacement(key, &old, &new);
             match self.attempt(
                 deadline,
                 w,
@@ -355,6 +347,25 @@ impl EtcdStore {
         }
         Err(busy())
     }
+}
+
+/// The operation that makes `key` hold `new` (`None`: removes it), and the change it makes
+/// to the commitment, from `old`.
+pub(super) fn replacement(
+    key: &[u8],
+    old: &Option<Vec<u8>>,
+    new: &Option<Vec<u8>>,
+) -> (TxnOp, Change) {
+    let op = match new {
+        Some(v) => TxnOp::put(key.to_vec(), v.clone(), None),
+        None => TxnOp::delete(key.to_vec(), None),
+    };
+    let change = Change {
+        key: key.to_vec(),
+        old: old.clone(),
+        new: new.clone(),
+    };
+    (op, change)
 }
 
 /// The compare that `key` is still as `seen` (absent for `None`), and its value then.
