@@ -362,6 +362,10 @@ pub fn replica_label(base: &str, replica_id: &str) -> String {
 /// `base` among them): the private strongroom data objects (CKO_DATA, CKA_APPLICATION
 /// `strongroom`) whose label is `base` or starts with `base@`, as (label, newest value).
 pub fn list_data(session: &Session, base: &str) -> Result<Vec<(String, Vec<u8>)>, HsmError> {
+    reread_listing(|| list_data_once(session, base))
+}
+
+fn list_data_once(session: &Session, base: &str) -> Result<Vec<(String, Vec<u8>)>, HsmError> {
     let handles = session.find_objects(&[
         Attribute::Class(ObjectClass::DATA),
         Attribute::Token(true),
@@ -393,6 +397,33 @@ pub fn list_data(session: &Session, base: &str) -> Result<Vec<(String, Vec<u8>)>
         }
     }
     Ok(newest.into_iter().map(|(l, (_, v))| (l, v)).collect())
+}
+
+/// How many times a listing of data objects is read before a failed read of one of them is
+/// an error.
+const LISTING_ATTEMPTS: u32 = 5;
+
+/// Runs `list` (a C_FindObjects, then C_GetAttributeValue on each object found) again when
+/// reading one of the objects failed as it does when the object was destroyed in between:
+/// replicas share the token, and another one replaces its checkpoint (a new object, then the
+/// old one destroyed) whenever it records one. SoftHSM2 answers the read of the destroyed
+/// object with CKR_OBJECT_HANDLE_INVALID, Kryoptic with CKR_GENERAL_ERROR; the next listing
+/// no longer finds it. After [`LISTING_ATTEMPTS`] the error stands (fail closed: an object
+/// that cannot be read is never skipped, so a checkpoint is never overlooked).
+fn reread_listing<T>(mut list: impl FnMut() -> Result<T, HsmError>) -> Result<T, HsmError> {
+    let mut attempt = 1;
+    loop {
+        match list() {
+            Err(HsmError::Pkcs11 {
+                rv: RvError::ObjectHandleInvalid | RvError::GeneralError,
+                function: cryptoki::context::Function::GetAttributeValue,
+            }) if attempt < LISTING_ATTEMPTS => {
+                std::thread::sleep(std::time::Duration::from_millis(5 << attempt));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Destroys every copy of the private data object `label`; whether there was one.
@@ -458,6 +489,13 @@ pub fn write_data(session: &Session, label: &str, value: &[u8]) -> Result<(), Hs
 
 /// The data objects carrying `label`: (sequence, handle, value without the sequence).
 fn find_data(
+    session: &Session,
+    label: &str,
+) -> Result<Vec<(u64, ObjectHandle, Vec<u8>)>, HsmError> {
+    reread_listing(|| find_data_once(session, label))
+}
+
+fn find_data_once(
     session: &Session,
     label: &str,
 ) -> Result<Vec<(u64, ObjectHandle, Vec<u8>)>, HsmError> {
@@ -535,4 +573,55 @@ pub async fn derive_key(
     }
     key.copy_from_slice(&tag);
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use cryptoki::context::Function;
+
+    use super::*;
+
+    fn failed(rv: RvError, function: Function) -> HsmError {
+        HsmError::Pkcs11 { rv, function }
+    }
+
+    #[test]
+    fn a_listing_whose_object_vanished_is_read_again_and_other_errors_stand() {
+        // An object destroyed between C_FindObjects and C_GetAttributeValue (either token's
+        // answer): read again until the listing no longer finds it.
+        for rv in [RvError::ObjectHandleInvalid, RvError::GeneralError] {
+            let mut calls = 0;
+            let got = reread_listing(|| {
+                calls += 1;
+                if calls < 3 {
+                    Err(failed(rv, Function::GetAttributeValue))
+                } else {
+                    Ok(calls)
+                }
+            });
+            assert_eq!(got.ok(), Some(3), "{rv:?}");
+        }
+        // Never readable: the error stands after the last attempt.
+        let mut calls = 0;
+        let got: Result<(), _> = reread_listing(|| {
+            calls += 1;
+            Err(failed(RvError::GeneralError, Function::GetAttributeValue))
+        });
+        assert!(got.is_err());
+        assert_eq!(calls, LISTING_ATTEMPTS);
+        // Any other failure is not a vanished object: returned at once.
+        for err in [
+            failed(RvError::UserNotLoggedIn, Function::GetAttributeValue),
+            failed(RvError::GeneralError, Function::FindObjects),
+        ] {
+            let mut calls = 0;
+            let mut err = Some(err);
+            let got: Result<(), _> = reread_listing(|| {
+                calls += 1;
+                Err(err.take().unwrap_or(HsmError::Closed))
+            });
+            assert!(got.is_err());
+            assert_eq!(calls, 1);
+        }
+    }
 }
