@@ -499,3 +499,71 @@ async fn rewrap_and_retirement_need_two_officers_and_refuse_bad_requests() {
     let p = until_done(&mut alice).await;
     assert_eq!((p.total, p.rewrapped), (0, 0), "{p:?}");
 }
+
+/// Records edited through sled (so not on etcd): one whose value's ciphertext, one whose
+/// wrapped data key no longer authenticates. The re-wrap leaves both as they are, counts
+/// them failed and moves every other record; the value's check (made beside the worker,
+/// which only moves the data key) and the key's (made in the token) both hold.
+#[tokio::test]
+async fn records_that_do_not_open_are_left_counted_and_the_rest_move() {
+    use prost::Message;
+    use strongroom::proto::SealedRecordV1;
+    if crate::common::skip_on_etcd("it edits records through sled") {
+        return;
+    }
+    let n = 40;
+    let env = TestEnv::new();
+    let server = start(&env);
+    fill(&server.client("payments").await, n).await;
+    server.stop();
+    let key = |i: usize| {
+        let mut k = vec![b'r'];
+        k.extend_from_slice(format!("payments/r/{i:05}").as_bytes());
+        k.push(0);
+        k.extend_from_slice(&1u64.to_be_bytes());
+        k
+    };
+    {
+        let db = sled::open(&env.store).unwrap();
+        type Edit = fn(&mut SealedRecordV1);
+        let edits: [(usize, Edit); 2] = [
+            (3, |r| r.ciphertext[0] ^= 0x01),
+            (17, |r| r.wrapped_dek[20] ^= 0x01),
+        ];
+        for (i, edit) in edits {
+            let mut r = SealedRecordV1::decode(db.get(key(i)).unwrap().unwrap().as_ref()).unwrap();
+            edit(&mut r);
+            db.insert(key(i), r.encode_to_vec()).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let server = start(&env);
+    let mut alice = server.admin("alice").await;
+    let mut bob = server.admin("bob").await;
+    rotate(&mut alice, &mut bob).await;
+    rewrap(&mut alice, &mut bob, 0, 0).await;
+    let done = until_done(&mut alice).await;
+    assert_eq!((done.rewrapped, done.failed), (n as u64 - 2, 2), "{done:?}");
+    assert_eq!(
+        done.remaining
+            .iter()
+            .map(|r| (r.version, r.records))
+            .collect::<Vec<_>>(),
+        [(1, 2)],
+        "{done:?}"
+    );
+    let keys = refs(&mut alice).await;
+    assert_eq!((keys[&1].1, keys[&2].1), (2, n as u64 - 2), "{keys:?}");
+    let mut c = server.client("payments").await;
+    for i in 0..n {
+        let got = c.get_secret(get(&format!("payments/r/{i:05}"))).await;
+        match i {
+            3 | 17 => assert_eq!(got.unwrap_err().code(), Code::DataLoss, "record {i}"),
+            _ => assert_eq!(
+                got.unwrap().into_inner().value,
+                value_of(i, 0),
+                "record {i}"
+            ),
+        }
+    }
+}
