@@ -484,6 +484,25 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<migrate::ExportPage, StoreError>;
 
+    /// Calls `f` with the stored value of every secret record (the keys that start with
+    /// `r` in the common layout), in key order: for counting references without a copy of
+    /// each record. The default reads [`export_page`](Self::export_page)s.
+    fn for_each_record(&self, f: &mut dyn FnMut(&[u8])) -> Result<(), StoreError> {
+        let mut cursor: Option<Vec<u8>> = None;
+        loop {
+            let page = self.export_page(cursor.as_deref(), 1024)?;
+            for (k, v) in &page.pairs {
+                if k.first() == Some(&b'r') {
+                    f(v);
+                }
+            }
+            match page.next {
+                Some(n) => cursor = Some(n),
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// Writes (`Some`) or removes (`None`) keys given in the common layout exactly as they
     /// are, the store's frame (identity, epoch, commitment) included and not updated: only
     /// for [`migrate`], which copies a whole store and verifies it.

@@ -134,26 +134,17 @@ struct KeyVersionOf {
     created_by: String,
 }
 
-/// How many records reference each master key version: a scan of every record.
+/// How many records reference each master key version: a scan of every record (read in
+/// place where the store allows it, [`Store::for_each_record`]).
 pub(crate) fn count_references(s: &dyn Store) -> Result<BTreeMap<u32, u64>, StoreError> {
     use prost::Message;
     let mut counts = BTreeMap::new();
-    let mut cursor: Option<Vec<u8>> = None;
-    loop {
-        let page = s.export_page(cursor.as_deref(), 1024)?;
-        for (k, v) in &page.pairs {
-            if k.first() != Some(&b'r') {
-                continue;
-            }
-            if let Ok(r) = KeyVersionOf::decode(v.as_slice()) {
-                *counts.entry(r.master_key_version).or_insert(0) += 1;
-            }
+    s.for_each_record(&mut |v| {
+        if let Ok(r) = KeyVersionOf::decode(v) {
+            *counts.entry(r.master_key_version).or_insert(0) += 1;
         }
-        match page.next {
-            Some(n) => cursor = Some(n),
-            None => return Ok(counts),
-        }
-    }
+    })?;
+    Ok(counts)
 }
 
 /// Whether a record under `mk` is to move to `to` (only `from` when it is not 0).
