@@ -37,7 +37,7 @@ fn put(name: &str) -> PutSecretRequest {
 /// Writes the bookkeeping of `names` (name, deleted) straight into a store that no service
 /// has opened yet, in one batch: ~100k names in about a second, where PutSecret through the
 /// service manages ~3k/s. Only heads are written (`h` + name → `HeadV1`, the layout of
-/// src/store/sled_store.rs), which is all a listing reads; these names cannot be read.
+/// src/store/sled_store/mod.rs), which is all a listing reads; these names cannot be read.
 /// The token holds no epoch checkpoint for a store it has never seen, so the service accepts
 /// it as it is (src/service/rollback.rs).
 fn fill(env: &TestEnv, names: impl IntoIterator<Item = (String, bool)>) {
