@@ -31,6 +31,10 @@
 //! after its position naming a later predecessor knows entries were trimmed in between:
 //! it is too far behind. Watchers read only entries up to the durable revision (published
 //! after each write's fsync), so no event describes a write a crash could still undo.
+//!
+//! Files: this one holds the store's state and the [`Store`] implementation; `keys.rs` the key
+//! layout, `commit.rs` the frame, the atomic batch and the verifying scan, `changes.rs` the
+//! change log and its feed, `open.rs` opening sled's files; `tests.rs` the unit tests.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -40,12 +44,11 @@ use std::time::Duration;
 use prost::Message;
 use sled::{Batch, IVec};
 
-use super::commitment::{EPOCH, STATE, STORE_ID, frame_value, is_frame_key, parse_frame};
+use super::commitment::{EPOCH, STATE, STORE_ID, frame_value};
 use super::durable::StoreSync;
 use super::{
-    Aux, ChangeEvent, ChangeFeed, Commitment, FeedError, Fenced, FrameStatus, Head, LocalLocks,
-    Lock, LockHeld, NameRange, Page, StateCheck, StateKey, Store, StoreError, StoreState,
-    VersionConflict,
+    Aux, ChangeFeed, Commitment, FeedError, Fenced, FrameStatus, Head, LocalLocks, Lock, LockHeld,
+    NameRange, Page, StateCheck, StateKey, Store, StoreError, StoreState, VersionConflict,
 };
 use crate::proto::HeadV1;
 use crate::secret::{SealedRecord, SecretName};
@@ -196,66 +199,6 @@ impl SledStore {
         });
     }
 
-    /// The change-log entries a batch at `epoch` with `changes` adds and removes: one entry
-    /// per head it changes, and the entries now older than the history kept.
-    fn log_changes(
-        &self,
-        w: &mut Writer,
-        epoch: u64,
-        changes: &[Change],
-    ) -> Result<Vec<Change>, StoreError> {
-        let mut out = Vec::new();
-        let logged = |c: &&Change| {
-            c.key.first() == Some(&HEAD) || (c.key.first() == Some(&NOTICE) && c.old.is_none())
-        };
-        for ch in changes.iter().filter(logged) {
-            let Some(new) = &ch.new else { continue };
-            if out.iter().any(|c: &Change| c.new.is_some()) {
-                // One head (or notice) per batch is what every writer does; a second one in
-                // the same batch would share the revision, so it is refused rather than lost.
-                return Err(corrupt(&ch.key, "two logged changes in one batch"));
-            }
-            let (text, kind, version) = if ch.key[0] == NOTICE {
-                // A notice's creation: `e` + name + `\0` + version (see `notice_key`).
-                let key = std::str::from_utf8(&ch.key[1..]).map_err(|e| corrupt(&ch.key, e))?;
-                let (name, version) =
-                    super::parse_notice_key(key, crate::secret::MAX_NAME_BYTES_CEILING)
-                        .ok_or_else(|| corrupt(&ch.key, "not an expiry notice's key"))?;
-                let text = &key[..name.as_str().len()];
-                (text, super::ChangeKind::ExpiringSoon, version)
-            } else {
-                let text = std::str::from_utf8(&ch.key[1..]).map_err(|e| corrupt(&ch.key, e))?;
-                let name = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING)
-                    .map_err(|e| corrupt(&ch.key, e))?;
-                let old = ch.old.as_ref().map(|v| decode_head(&name, v)).transpose()?;
-                let new = decode_head(&name, &IVec::from(new.as_slice()))?;
-                (text, super::ChangeKind::of(old, new), new.latest)
-            };
-            let mut value = Vec::with_capacity(17 + text.len());
-            value.extend_from_slice(&w.last_change.to_be_bytes());
-            value.push(kind.byte());
-            value.extend_from_slice(&version.to_be_bytes());
-            value.extend_from_slice(text.as_bytes());
-            out.push(self.change(change_key(epoch), Some(value))?);
-            w.last_change = epoch;
-        }
-        if !out.is_empty() {
-            let keep_after = epoch.saturating_sub(self.history);
-            for kv in self.db.scan_prefix([CHANGES]).take(TRIM_STEP) {
-                let (k, old) = kv?;
-                if change_revision(&k)? > keep_after {
-                    break;
-                }
-                out.push(Change {
-                    key: k.to_vec(),
-                    old: Some(old),
-                    new: None,
-                });
-            }
-        }
-        Ok(out)
-    }
-
     /// Makes every applied batch durable: sled's flush (`sync_file_range`, which promises
     /// nothing after a power cut), then a real fsync shared with concurrent writers.
     fn flush(&self) -> Result<(), StoreError> {
@@ -266,156 +209,6 @@ impl SledStore {
     /// Syncs run since the store was opened (each may cover several writes).
     pub fn syncs(&self) -> u64 {
         self.sync.syncs.load(Ordering::Relaxed)
-    }
-
-    /// The frame as stored, with whether its tag verifies.
-    fn read_frame(&self) -> Result<Frame, StoreError> {
-        let store_id = self
-            .db
-            .get(aux_key(Aux::Meta, STORE_ID))?
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default();
-        let epoch = self.read_epoch()?;
-        let stored = self.db.get(aux_key(Aux::Meta, STATE))?;
-        let (commitment, status) = parse_frame(&self.key, &store_id, epoch, stored.as_deref());
-        Ok(Frame {
-            store_id,
-            epoch,
-            commitment,
-            status,
-        })
-    }
-
-    /// The change of `key` to `new` (`None`: removed), with its current value (the caller
-    /// holds the write lock).
-    fn change(&self, key: Vec<u8>, new: Option<Vec<u8>>) -> Result<Change, StoreError> {
-        let old = self.db.get(&key)?;
-        Ok(Change { key, old, new })
-    }
-
-    /// The commitment element of one stored pair (sled's keys are the common layout).
-    fn element(&self, key: &[u8], value: &[u8]) -> Commitment {
-        self.key.element(key, value)
-    }
-
-    /// Applies `changes` in one atomic batch with the epoch bump and the updated commitment
-    /// (the caller holds the write lock, `w`). Not yet durable.
-    fn apply(&self, w: &mut Writer, mut changes: Vec<Change>) -> Result<u64, StoreError> {
-        let frame = self.read_frame()?;
-        let epoch = frame.epoch + 1;
-        let last_change = w.last_change;
-        let logged = self.log_changes(w, epoch, &changes);
-        match logged {
-            Ok(log) => changes.extend(log),
-            Err(e) => {
-                w.last_change = last_change;
-                return Err(e);
-            }
-        }
-        let mut batch = Batch::default();
-        let mut c = frame.commitment;
-        let mut passed = Commitment::EMPTY;
-        for ch in changes {
-            if is_frame_key(&ch.key) {
-                return Err(corrupt(
-                    &ch.key,
-                    "the store's frame is not written this way",
-                ));
-            }
-            let mut delta = Commitment::EMPTY;
-            if ch.key.first() == Some(&CHANGES) {
-                // Outside the commitment (see the module documentation).
-                match ch.new {
-                    Some(v) => batch.insert(ch.key, v),
-                    None => batch.remove(ch.key),
-                }
-                continue;
-            }
-            if let Some(old) = &ch.old {
-                delta = delta.sub(&self.element(&ch.key, old));
-            }
-            if let Some(new) = &ch.new {
-                delta = delta.add(&self.element(&ch.key, new));
-            }
-            c = c.add(&delta);
-            if w.scan.as_ref().is_some_and(|s| ch.key < s.below) {
-                passed = passed.add(&delta);
-            }
-            match ch.new {
-                Some(v) => batch.insert(ch.key, v),
-                None => batch.remove(ch.key),
-            }
-        }
-        let tag = match frame.status {
-            FrameStatus::Valid => self.key.frame_tag(&frame.store_id, epoch, &c),
-            // Keep an unverifiable frame unverifiable: only officers re-base it.
-            FrameStatus::Missing | FrameStatus::Forged => [0; 32],
-        };
-        batch.insert(aux_key(Aux::Meta, EPOCH), epoch.to_be_bytes().to_vec());
-        batch.insert(aux_key(Aux::Meta, STATE), frame_value(&c, &tag));
-        if let Err(e) = self.db.apply_batch(batch) {
-            w.last_change = last_change;
-            return Err(e.into());
-        }
-        if let Some(scan) = w.scan.as_mut() {
-            scan.acc = scan.acc.add(&passed);
-        }
-        Ok(epoch)
-    }
-
-    /// Recomputes the commitment over every committed record, a step at a time, and calls
-    /// `finish` with the write lock held at the point where the scan is complete.
-    fn scan<R>(
-        &self,
-        finish: impl FnOnce(&mut Writer, &Scan) -> Result<R, StoreError>,
-    ) -> Result<R, StoreError> {
-        let _one = self.scan_lock.lock().map_err(|_| StoreError::Poisoned)?;
-        let result = (|| loop {
-            let mut w = self.write_lock.lock().map_err(|_| StoreError::Poisoned)?;
-            let scan = w.scan.get_or_insert_with(|| Scan {
-                below: Vec::new(),
-                acc: Commitment::EMPTY,
-                records: 0,
-            });
-            let mut seen = 0;
-            let mut last = None;
-            for kv in self.db.range(scan.below.clone()..) {
-                let (k, v) = kv?;
-                if !is_frame_key(&k) && k.first() != Some(&CHANGES) {
-                    scan.acc = scan.acc.add(&self.element(&k, &v));
-                    scan.records += 1;
-                }
-                last = Some(k);
-                seen += 1;
-                if seen >= SCAN_STEP {
-                    break;
-                }
-            }
-            if let Some(k) = last {
-                // The next possible key after `k`.
-                let mut below = k.to_vec();
-                below.push(0);
-                scan.below = below;
-            }
-            if seen < SCAN_STEP {
-                let done = Scan {
-                    below: std::mem::take(&mut scan.below),
-                    acc: scan.acc,
-                    records: scan.records,
-                };
-                w.scan = None;
-                return Ok((w, done));
-            }
-        })();
-        match result {
-            Ok((mut w, done)) => finish(&mut w, &done),
-            Err(e) => {
-                if let Ok(mut w) = self.write_lock.lock() {
-                    w.scan = None;
-                }
-                Err(e)
-            }
-        }
     }
 
     fn read_epoch(&self) -> Result<u64, StoreError> {
@@ -893,222 +686,17 @@ impl Store for SledStore {
     }
 }
 
-/// Opens sled, turning its failures (and the panics its recovery can raise on some damaged
-/// files, e.g. "tried to serialize Uninitialized") into an error that names the store, so the
-/// service exits with a message instead of a backtrace and a crash loop.
-fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
-    let fail = |reason: String| StoreError::Open {
-        path: path.display().to_string(),
-        reason,
-    };
-    // While sled recovers, a panic is a finding about the files: log it as such (the default
-    // hook would print a backtrace that reads like a bug in the service) and turn it into an
-    // error below. Opening happens once, at start.
-    let previous_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|info| {
-        let what = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        tracing::error!(%what, "sled failed while recovering the store's files");
-    }));
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-    }));
-    std::panic::set_hook(previous_hook);
-    match opened {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(sled::Error::Io(e)))
-            if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.to_string().contains("could not acquire lock") =>
-        {
-            Err(fail(format!(
-                "another process holds the store (the lock on {} is taken): most likely another strongroomd with the same store.path, or strongroom-admin migrate/reconcile; stop it, or give this one its own store.path",
-                path.join("db").display()
-            )))
-        }
-        Ok(Err(e @ sled::Error::Corruption { .. })) => Err(fail(format!(
-            "{e}: the store's files are damaged; restore them from a backup (the rollback check will ask officers to accept it)"
-        ))),
-        Ok(Err(e)) => Err(fail(e.to_string())),
-        Err(_) => Err(fail(
-            "sled failed while recovering the files: they are damaged; restore them from a backup"
-                .into(),
-        )),
-    }
-}
+mod changes;
+mod commit;
+mod keys;
+mod open;
 
-/// Sends the change-log entries after `last`, each once it is durable, until the feed's
-/// reader goes away or the store closes. Waits while the feed is full: the log is the
-/// buffer, so a slow reader costs no memory here (it may fall behind the history kept).
-async fn feed_changes(
-    db: sled::Db,
-    mut durable: tokio::sync::watch::Receiver<u64>,
-    mut last: u64,
-    tx: tokio::sync::mpsc::Sender<Result<ChangeEvent, FeedError>>,
-) {
-    loop {
-        let target = *durable.borrow_and_update();
-        if target > last {
-            match read_changes(&db, last, target, FEED_STEP) {
-                Ok(events) if !events.is_empty() => {
-                    for e in events {
-                        last = e.revision;
-                        if tx.send(Ok(e)).await.is_err() {
-                            return;
-                        }
-                    }
-                    continue;
-                }
-                // Nothing logged up to the durable revision: `last` stays, so an entry
-                // trimmed meanwhile is still noticed through its successor.
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
-        }
-        tokio::select! {
-            changed = durable.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
-            () = tx.closed() => return,
-        }
-    }
-}
-
-/// At most `max` change-log entries after `last` up to `target`, in order; `Compacted`
-/// when the first one names a predecessor after `last` (entries in between were trimmed).
-fn read_changes(
-    db: &sled::Db,
-    last: u64,
-    target: u64,
-    max: usize,
-) -> Result<Vec<ChangeEvent>, FeedError> {
-    let mut out = Vec::new();
-    let (Some(from), Some(to)) = (last.checked_add(1), target.checked_add(1)) else {
-        return Ok(out);
-    };
-    let mut expected_prev = None;
-    for kv in db.range(change_key(from)..change_key(to)).take(max) {
-        let (k, v) = kv.map_err(StoreError::from)?;
-        let revision = change_revision(&k)?;
-        let bad = |why: &str| FeedError::Store(corrupt(&k, why));
-        if v.len() < 17 {
-            return Err(bad("a change-log entry is too short"));
-        }
-        let (prev, rest) = v.split_at(8);
-        let prev = u64::from_be_bytes(prev.try_into().map_err(|_| bad("bad entry"))?);
-        match expected_prev {
-            None if prev > last => {
-                return Err(FeedError::Compacted {
-                    after: last,
-                    oldest: revision,
-                });
-            }
-            Some(p) if prev != p => {
-                return Err(bad("the change log skips an entry"));
-            }
-            _ => {}
-        }
-        expected_prev = Some(revision);
-        let kind = super::ChangeKind::from_byte(rest[0]).ok_or_else(|| bad("unknown kind"))?;
-        let version = u64::from_be_bytes(rest[1..9].try_into().map_err(|_| bad("bad entry"))?);
-        let text = std::str::from_utf8(&rest[9..]).map_err(|e| FeedError::Store(corrupt(&k, e)))?;
-        let name = SecretName::parse(text, crate::secret::MAX_NAME_BYTES_CEILING)
-            .map_err(|e| FeedError::Store(corrupt(&k, e)))?;
-        out.push(ChangeEvent {
-            revision,
-            name,
-            version,
-            kind,
-        });
-    }
-    Ok(out)
-}
-
-fn change_key(revision: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9);
-    k.push(CHANGES);
-    k.extend_from_slice(&revision.to_be_bytes());
-    k
-}
-
-fn change_revision(key: &[u8]) -> Result<u64, StoreError> {
-    key.get(1..9)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| corrupt(key, "a change-log key is not a revision"))
-}
-
-fn aux_tag(ns: Aux) -> u8 {
-    match ns {
-        Aux::Policy => POLICY,
-        Aux::Approval => APPROVAL,
-        Aux::Meta => META,
-        Aux::Notice => NOTICE,
-    }
-}
-
-fn aux_key(ns: Aux, key: &str) -> Vec<u8> {
-    let mut k = vec![aux_tag(ns)];
-    k.extend_from_slice(key.as_bytes());
-    k
-}
-
-fn head_key(name: &SecretName) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + name.as_str().len());
-    k.push(HEAD);
-    k.extend_from_slice(name.as_str().as_bytes());
-    k
-}
-
-fn record_prefix(name: &SecretName) -> Vec<u8> {
-    let mut k = Vec::with_capacity(10 + name.as_str().len());
-    k.push(RECORD);
-    k.extend_from_slice(name.as_str().as_bytes());
-    k.push(0);
-    k
-}
-
-fn record_key(name: &SecretName, version: u64) -> Vec<u8> {
-    let mut k = record_prefix(name);
-    k.extend_from_slice(&version.to_be_bytes());
-    k
-}
-
-fn decode_head(name: &SecretName, v: &IVec) -> Result<Head, StoreError> {
-    let h = HeadV1::decode(v.as_ref()).map_err(|e| corrupt(&head_key(name), e))?;
-    Ok(Head::from(h))
-}
-
-/// The version a record key names (its last 8 bytes).
-fn record_version(key: &[u8]) -> Result<u64, StoreError> {
-    key.len()
-        .checked_sub(8)
-        .and_then(|at| <[u8; 8]>::try_from(&key[at..]).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| corrupt(key, "not a record key"))
-}
-
-fn decode_record(key: &[u8], v: &IVec) -> Result<SealedRecord, StoreError> {
-    SealedRecord::decode(v.as_ref()).map_err(|e| corrupt(key, e))
-}
-
-fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    }
-}
+use changes::{change_revision, feed_changes, read_changes};
+use keys::{
+    aux_key, aux_tag, corrupt, decode_head, decode_record, head_key, record_key, record_prefix,
+    record_version,
+};
+use open::open_db;
 
 #[cfg(test)]
 mod tests;
