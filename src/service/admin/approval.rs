@@ -1,0 +1,300 @@
+//! Approvals: listing, showing, approving and rejecting them, and requesting a guarded
+//! operation (it waits for a quorum of distinct officers); the approvals as the API shows them.
+
+use std::collections::HashMap;
+
+use tonic::{Request, Response, Status};
+
+use super::{AdminApi, AdminApiInner, Officer};
+use crate::error::Error;
+use crate::proto::{
+    Approval, ApprovalParam, ApprovalV1, ApproveRequest, ApproverStanding, GetApprovalRequest,
+    ListApprovalsRequest, ListApprovalsResponse, OperationResponse, RejectRequest,
+};
+use crate::service::approvals::{self, Count};
+use crate::service::secrets::unix_now;
+use crate::service::{self, policies};
+
+pub(super) async fn list_approvals(
+    api: &AdminApi,
+    request: Request<ListApprovalsRequest>,
+) -> Result<Response<ListApprovalsResponse>, Status> {
+    let this = api.0.clone();
+    let deadline = service::call_deadline(request.metadata());
+    service::complete(deadline, async move {
+        let officer = this.begin(&request, "ListApprovals").await?;
+        let all = request.get_ref().all;
+        let result = policies::list_approvals(&this.state).await.map(|list| {
+            let now = unix_now();
+            let mut approvals: Vec<Approval> = list
+                .into_iter()
+                .map(|a| to_proto(&this.state, a, now))
+                .filter(|a| all || a.state == "pending")
+                .collect();
+            approvals.sort_by_key(|a| a.created_at_unix);
+            ListApprovalsResponse { approvals }
+        });
+        this.finish(&officer, "ListApprovals", None, result, None)
+            .await
+    })
+    .await
+}
+
+pub(super) async fn get_approval(
+    api: &AdminApi,
+    request: Request<GetApprovalRequest>,
+) -> Result<Response<Approval>, Status> {
+    let this = api.0.clone();
+    let deadline = service::call_deadline(request.metadata());
+    service::complete(deadline, async move {
+        let officer = this.begin(&request, "GetApproval").await?;
+        let id = request.into_inner().id;
+        let result = async {
+            check_id(&id)?;
+            Ok(to_proto(
+                &this.state,
+                policies::load_approval(&this.state, &id).await?,
+                unix_now(),
+            ))
+        }
+        .await;
+        this.finish(&officer, "GetApproval", Some(&id), result, None)
+            .await
+    })
+    .await
+}
+
+pub(super) async fn approve(
+    api: &AdminApi,
+    request: Request<ApproveRequest>,
+) -> Result<Response<OperationResponse>, Status> {
+    let this = api.0.clone();
+    let deadline = service::call_deadline(request.metadata());
+    service::complete(deadline, async move {
+        let officer = this.begin(&request, "Approve").await?;
+        let id = request.into_inner().id;
+        let result = this.approve_inner(&officer, &id).await;
+        let detail = approval_detail(&result);
+        this.finish(&officer, "Approve", Some(&id), result, detail)
+            .await
+    })
+    .await
+}
+
+pub(super) async fn reject(
+    api: &AdminApi,
+    request: Request<RejectRequest>,
+) -> Result<Response<Approval>, Status> {
+    let this = api.0.clone();
+    let deadline = service::call_deadline(request.metadata());
+    service::complete(deadline, async move {
+        let officer = this.begin(&request, "Reject").await?;
+        let id = request.into_inner().id;
+        let result = async {
+            check_id(&id)?;
+            let _turn = this.state.admin_lock.lock().await;
+            let mut a = policies::load_approval(&this.state, &id).await?;
+            let now = unix_now();
+            if approvals::expired(&a, now) {
+                return Err(approvals::expired_error(&a, now));
+            }
+            if a.state != "pending" {
+                return Err(Error::FailedPrecondition(format!(
+                    "approval {id} is {}, not pending",
+                    a.state
+                )));
+            }
+            a.state = "rejected".into();
+            a.rejected_by = officer.identity.as_str().to_owned();
+            a.finished_at_unix = now;
+            a.params_sha256 = approvals::digest_of(&a);
+            let a = policies::store_approval(&this.state, a).await?;
+            Ok(to_proto(&this.state, a, now))
+        }
+        .await;
+        let detail = result.as_ref().ok().map(detail_of);
+        this.finish(&officer, "Reject", Some(&id), result, detail)
+            .await
+    })
+    .await
+}
+
+impl AdminApiInner {
+    /// Records a request for a guarded operation; runs it at once only if one officer is a
+    /// quorum (development setting). A pending request for the same operation and parameters
+    /// is refused in favour of the one that exists.
+    pub(super) async fn request_guarded(
+        &self,
+        officer: &Officer,
+        operation: &str,
+        params: Vec<(&str, String)>,
+    ) -> Result<OperationResponse, Error> {
+        let _turn = self.state.admin_lock.lock().await;
+        let now = unix_now();
+        let digest =
+            approvals::params_sha256(operation, params.iter().map(|(k, v)| (*k, v.as_str())));
+        if let Some(existing) = approvals::pending_duplicate(&self.state, &digest, now).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "approval {} (requested by {}) already asks for this {operation} with the same parameters (params_sha256 {digest}); approve it with `strongroom-admin approve {}`, or reject it first",
+                existing.id, existing.requester, existing.id
+            )));
+        }
+        let mut approval = ApprovalV1 {
+            id: new_id()?,
+            operation: operation.to_owned(),
+            params: params
+                .into_iter()
+                .map(|(k, v)| ApprovalParam {
+                    key: k.to_owned(),
+                    value: v,
+                })
+                .collect(),
+            requester: officer.identity.as_str().to_owned(),
+            approvers: vec![officer.identity.as_str().to_owned()],
+            quorum: self.quorum(),
+            created_at_unix: now,
+            expires_at_unix: now.saturating_add(self.approval_ttl()),
+            state: "pending".into(),
+            result: String::new(),
+            rejected_by: String::new(),
+            params_sha256: digest,
+            finished_at_unix: 0,
+            mac: Vec::new(),
+        };
+        if approvals::count(&self.state, &approval).reached() {
+            self.execute(officer, &mut approval).await?;
+        }
+        let approval = policies::store_approval(&self.state, approval).await?;
+        Ok(operation_response(&self.state, approval, now))
+    }
+
+    async fn approve_inner(&self, officer: &Officer, id: &str) -> Result<OperationResponse, Error> {
+        check_id(id)?;
+        let _turn = self.state.admin_lock.lock().await;
+        let mut a = policies::load_approval(&self.state, id).await?;
+        let now = unix_now();
+        if approvals::expired(&a, now) {
+            let refusal = approvals::expired_error(&a, now);
+            a.state = "expired".into();
+            a.finished_at_unix = a.expires_at_unix;
+            a.params_sha256 = approvals::digest_of(&a);
+            policies::store_approval(&self.state, a).await?;
+            return Err(refusal);
+        }
+        if a.state != "pending" {
+            return Err(Error::FailedPrecondition(format!(
+                "approval {id} is {}, not pending",
+                a.state
+            )));
+        }
+        if let Some(why) = approvals::count(&self.state, &a).blocked {
+            return Err(Error::FailedPrecondition(format!("approval {id}: {why}")));
+        }
+        if a.approvers.iter().any(|o| o == officer.identity.as_str()) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} has already approved {id}; a different officer must approve",
+                officer.identity
+            )));
+        }
+        a.approvers.push(officer.identity.as_str().to_owned());
+        a.params_sha256 = approvals::digest_of(&a);
+        if approvals::count(&self.state, &a).reached() {
+            self.execute(officer, &mut a).await?;
+        }
+        let a = policies::store_approval(&self.state, a).await?;
+        Ok(operation_response(&self.state, a, now))
+    }
+}
+
+fn check_id(id: &str) -> Result<(), Error> {
+    if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(
+            "an approval id is 16 hexadecimal characters".into(),
+        ))
+    }
+}
+
+fn new_id() -> Result<String, Error> {
+    use ring::rand::SecureRandom;
+    let mut id = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut id)
+        .map_err(|_| Error::Internal("the system random generator failed".into()))?;
+    Ok(hex::encode(id))
+}
+
+fn to_proto(state: &service::State, a: ApprovalV1, now: i64) -> Approval {
+    let Count {
+        standing,
+        counted,
+        quorum,
+        blocked,
+    } = approvals::count(state, &a);
+    let params_sha256 = approvals::digest_of(&a);
+    let pending = a.state == "pending";
+    let state_name = if approvals::expired(&a, now) {
+        "expired".to_owned()
+    } else {
+        a.state
+    };
+    Approval {
+        id: a.id,
+        operation: a.operation,
+        parameters: a
+            .params
+            .into_iter()
+            .map(|p| (p.key, p.value))
+            .collect::<HashMap<_, _>>(),
+        requester: a.requester,
+        approvers: a.approvers,
+        quorum,
+        created_at_unix: a.created_at_unix,
+        expires_at_unix: a.expires_at_unix,
+        state: state_name,
+        result: a.result,
+        rejected_by: a.rejected_by,
+        params_sha256,
+        standing: standing
+            .into_iter()
+            .map(|s| ApproverStanding {
+                officer: s.officer,
+                counts: s.counts,
+                reason: s.reason,
+            })
+            .collect(),
+        counted,
+        blocked: if pending {
+            blocked.unwrap_or_default()
+        } else {
+            String::new()
+        },
+        finished_at_unix: a.finished_at_unix,
+    }
+}
+
+fn operation_response(state: &service::State, a: ApprovalV1, now: i64) -> OperationResponse {
+    let approval = to_proto(state, a, now);
+    OperationResponse {
+        executed: approval.state == "executed",
+        result: approval.result.clone(),
+        approval: Some(approval),
+    }
+}
+
+/// The audit detail of a call about an approval: which approval, its state, and the
+/// operation with its parameter digest, so an entry can be matched to `approval show`.
+pub(super) fn detail_of(a: &Approval) -> String {
+    format!(
+        "approval={} state={} op={} params_sha256={}",
+        a.id, a.state, a.operation, a.params_sha256
+    )
+}
+
+pub(super) fn approval_detail(result: &Result<OperationResponse, Error>) -> Option<String> {
+    result
+        .as_ref()
+        .ok()
+        .and_then(|r| r.approval.as_ref().map(detail_of))
+}
