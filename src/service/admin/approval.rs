@@ -3,9 +3,7 @@
 
 use std::collections::HashMap;
 
-use tonic::{Request, Response, Status};
-
-use super::{AdminApi, AdminApiInner, Officer};
+use super::{AdminApiInner, Officer};
 use crate::error::Error;
 use crate::proto::{
     Approval, ApprovalParam, ApprovalV1, ApproveRequest, ApproverStanding, GetApprovalRequest,
@@ -16,107 +14,85 @@ use crate::service::secrets::unix_now;
 use crate::service::{self, policies};
 
 pub(super) async fn list_approvals(
-    api: &AdminApi,
-    request: Request<ListApprovalsRequest>,
-) -> Result<Response<ListApprovalsResponse>, Status> {
-    let this = api.0.clone();
-    let deadline = service::call_deadline(request.metadata());
-    service::complete(deadline, async move {
-        let officer = this.begin(&request, "ListApprovals").await?;
-        let all = request.get_ref().all;
-        let result = policies::list_approvals(&this.state).await.map(|list| {
-            let now = unix_now();
-            let mut approvals: Vec<Approval> = list
-                .into_iter()
-                .map(|a| to_proto(&this.state, a, now))
-                .filter(|a| all || a.state == "pending")
-                .collect();
-            approvals.sort_by_key(|a| a.created_at_unix);
-            ListApprovalsResponse { approvals }
-        });
-        this.finish(&officer, "ListApprovals", None, result, None)
-            .await
-    })
-    .await
+    this: &AdminApiInner,
+    req: &ListApprovalsRequest,
+) -> Result<ListApprovalsResponse, Error> {
+    let list = policies::list_approvals(&this.state).await?;
+    let now = unix_now();
+    let mut approvals: Vec<Approval> = list
+        .into_iter()
+        .map(|a| to_proto(&this.state, a, now))
+        .filter(|a| req.all || a.state == "pending")
+        .collect();
+    approvals.sort_by_key(|a| a.created_at_unix);
+    Ok(ListApprovalsResponse { approvals })
 }
 
 pub(super) async fn get_approval(
-    api: &AdminApi,
-    request: Request<GetApprovalRequest>,
-) -> Result<Response<Approval>, Status> {
-    let this = api.0.clone();
-    let deadline = service::call_deadline(request.metadata());
-    service::complete(deadline, async move {
-        let officer = this.begin(&request, "GetApproval").await?;
-        let id = request.into_inner().id;
-        let result = async {
-            check_id(&id)?;
-            Ok(to_proto(
-                &this.state,
-                policies::load_approval(&this.state, &id).await?,
-                unix_now(),
-            ))
-        }
-        .await;
-        this.finish(&officer, "GetApproval", Some(&id), result, None)
-            .await
-    })
-    .await
+    this: &AdminApiInner,
+    req: &GetApprovalRequest,
+) -> Result<Approval, Error> {
+    check_id(&req.id)?;
+    Ok(to_proto(
+        &this.state,
+        policies::load_approval(&this.state, &req.id).await?,
+        unix_now(),
+    ))
 }
 
 pub(super) async fn approve(
-    api: &AdminApi,
-    request: Request<ApproveRequest>,
-) -> Result<Response<OperationResponse>, Status> {
-    let this = api.0.clone();
-    let deadline = service::call_deadline(request.metadata());
-    service::complete(deadline, async move {
-        let officer = this.begin(&request, "Approve").await?;
-        let id = request.into_inner().id;
-        let result = this.approve_inner(&officer, &id).await;
-        let detail = approval_detail(&result);
-        this.finish(&officer, "Approve", Some(&id), result, detail)
-            .await
-    })
-    .await
+    this: &AdminApiInner,
+    officer: &Officer,
+    req: &ApproveRequest,
+) -> Result<OperationResponse, Error> {
+    let id = &req.id;
+    let (_turn, mut a) = decide_on(this, id).await?;
+    let now = unix_now();
+    if approvals::expired(&a, now) {
+        let refusal = approvals::expired_error(&a, now);
+        a.state = "expired".into();
+        a.finished_at_unix = a.expires_at_unix;
+        a.params_sha256 = approvals::digest_of(&a);
+        policies::store_approval(&this.state, a).await?;
+        return Err(refusal);
+    }
+    check_pending(&a, id)?;
+    if let Some(why) = approvals::count(&this.state, &a).blocked {
+        return Err(Error::FailedPrecondition(format!("approval {id}: {why}")));
+    }
+    if a.approvers.iter().any(|o| o == officer.identity.as_str()) {
+        return Err(Error::FailedPrecondition(format!(
+            "{} has already approved {id}; a different officer must approve",
+            officer.identity
+        )));
+    }
+    a.approvers.push(officer.identity.as_str().to_owned());
+    a.params_sha256 = approvals::digest_of(&a);
+    if approvals::count(&this.state, &a).reached() {
+        this.execute(officer, &mut a).await?;
+    }
+    let a = policies::store_approval(&this.state, a).await?;
+    Ok(operation_response(&this.state, a, now))
 }
 
 pub(super) async fn reject(
-    api: &AdminApi,
-    request: Request<RejectRequest>,
-) -> Result<Response<Approval>, Status> {
-    let this = api.0.clone();
-    let deadline = service::call_deadline(request.metadata());
-    service::complete(deadline, async move {
-        let officer = this.begin(&request, "Reject").await?;
-        let id = request.into_inner().id;
-        let result = async {
-            check_id(&id)?;
-            let _turn = this.state.admin_lock.lock().await;
-            let mut a = policies::load_approval(&this.state, &id).await?;
-            let now = unix_now();
-            if approvals::expired(&a, now) {
-                return Err(approvals::expired_error(&a, now));
-            }
-            if a.state != "pending" {
-                return Err(Error::FailedPrecondition(format!(
-                    "approval {id} is {}, not pending",
-                    a.state
-                )));
-            }
-            a.state = "rejected".into();
-            a.rejected_by = officer.identity.as_str().to_owned();
-            a.finished_at_unix = now;
-            a.params_sha256 = approvals::digest_of(&a);
-            let a = policies::store_approval(&this.state, a).await?;
-            Ok(to_proto(&this.state, a, now))
-        }
-        .await;
-        let detail = result.as_ref().ok().map(detail_of);
-        this.finish(&officer, "Reject", Some(&id), result, detail)
-            .await
-    })
-    .await
+    this: &AdminApiInner,
+    officer: &Officer,
+    req: &RejectRequest,
+) -> Result<Approval, Error> {
+    let id = &req.id;
+    let (_turn, mut a) = decide_on(this, id).await?;
+    let now = unix_now();
+    if approvals::expired(&a, now) {
+        return Err(approvals::expired_error(&a, now));
+    }
+    check_pending(&a, id)?;
+    a.state = "rejected".into();
+    a.rejected_by = officer.identity.as_str().to_owned();
+    a.finished_at_unix = now;
+    a.params_sha256 = approvals::digest_of(&a);
+    let a = policies::store_approval(&this.state, a).await?;
+    Ok(to_proto(&this.state, a, now))
 }
 
 impl AdminApiInner {
@@ -167,43 +143,29 @@ impl AdminApiInner {
         let approval = policies::store_approval(&self.state, approval).await?;
         Ok(operation_response(&self.state, approval, now))
     }
+}
 
-    async fn approve_inner(&self, officer: &Officer, id: &str) -> Result<OperationResponse, Error> {
-        check_id(id)?;
-        let _turn = self.state.admin_lock.lock().await;
-        let mut a = policies::load_approval(&self.state, id).await?;
-        let now = unix_now();
-        if approvals::expired(&a, now) {
-            let refusal = approvals::expired_error(&a, now);
-            a.state = "expired".into();
-            a.finished_at_unix = a.expires_at_unix;
-            a.params_sha256 = approvals::digest_of(&a);
-            policies::store_approval(&self.state, a).await?;
-            return Err(refusal);
-        }
-        if a.state != "pending" {
-            return Err(Error::FailedPrecondition(format!(
-                "approval {id} is {}, not pending",
-                a.state
-            )));
-        }
-        if let Some(why) = approvals::count(&self.state, &a).blocked {
-            return Err(Error::FailedPrecondition(format!("approval {id}: {why}")));
-        }
-        if a.approvers.iter().any(|o| o == officer.identity.as_str()) {
-            return Err(Error::FailedPrecondition(format!(
-                "{} has already approved {id}; a different officer must approve",
-                officer.identity
-            )));
-        }
-        a.approvers.push(officer.identity.as_str().to_owned());
-        a.params_sha256 = approvals::digest_of(&a);
-        if approvals::count(&self.state, &a).reached() {
-            self.execute(officer, &mut a).await?;
-        }
-        let a = policies::store_approval(&self.state, a).await?;
-        Ok(operation_response(&self.state, a, now))
+/// Approval `id` for an officer's decision, loaded under the admin lock: the guard keeps
+/// the lock until the decision is stored.
+async fn decide_on<'a>(
+    this: &'a AdminApiInner,
+    id: &str,
+) -> Result<(tokio::sync::MutexGuard<'a, ()>, ApprovalV1), Error> {
+    check_id(id)?;
+    let turn = this.state.admin_lock.lock().await;
+    let a = policies::load_approval(&this.state, id).await?;
+    Ok((turn, a))
+}
+
+/// Refuses a decision on approval `id` once it is no longer pending.
+fn check_pending(a: &ApprovalV1, id: &str) -> Result<(), Error> {
+    if a.state != "pending" {
+        return Err(Error::FailedPrecondition(format!(
+            "approval {id} is {}, not pending",
+            a.state
+        )));
     }
+    Ok(())
 }
 
 fn check_id(id: &str) -> Result<(), Error> {

@@ -1,9 +1,10 @@
 //! AdminService: the officers' plane. Only identities from the admin CA that are listed in
 //! `admin.officers` get in; guarded operations wait for a quorum of distinct officers.
 //!
-//! This file holds the service, its officers' check and audit, and the calls' dispatch;
-//! each call is handled in the file of its kind: approvals and requesting a guarded
-//! operation (`approval.rs`), running an approved one (`execute.rs`), stored policies
+//! This file holds the service, its officers' check and audit, the skeleton the calls share
+//! (`AdminApi::serve`: the officer's check, the work, the audited answer) and the calls'
+//! dispatch; each call's own work is in the file of its kind: approvals and requesting a
+//! guarded operation (`approval.rs`), running an approved one (`execute.rs`), stored policies
 //! (`policy.rs`), master keys and re-wrap (`keys.rs`), and the store, its state and the
 //! audit log's rotation (`store.rs`).
 
@@ -13,11 +14,14 @@ mod keys;
 mod policy;
 mod store;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tonic::{Code, Request, Response, Status};
 
+use self::approval::approval_detail;
 use super::State;
 use super::policies;
 use crate::audit::{AuditEvent, RecordedName};
@@ -31,8 +35,8 @@ use crate::proto::{
     RotateMasterKeyRequest, StatusRequest, StatusResponse,
 };
 use crate::proto::{
-    ListMasterKeysRequest, ListMasterKeysResponse, RewrapProgress, RewrapRequest, RewrapResponse,
-    SetMasterKeyStateRequest, WatchRewrapRequest,
+    ListMasterKeysRequest, ListMasterKeysResponse, ReportExpiringRequest, ReportExpiringResponse,
+    RewrapProgress, RewrapRequest, RewrapResponse, SetMasterKeyStateRequest, WatchRewrapRequest,
 };
 use crate::tls::Identity;
 
@@ -72,115 +76,263 @@ struct Officer {
     request_id: u64,
 }
 
+/// A handler's own work: what it does between the officer's check and the audited answer.
+type Work<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
+
+impl AdminApi {
+    /// The skeleton every unary call shares: in its own task (so a caller going away never
+    /// cuts a request between its effect and its audit entry, see [`super::complete`]),
+    /// check the officer (refusals are audited) before the request is read, do the call's
+    /// `work`, then audit the outcome as `operation` under the name `audited` picks from the
+    /// request and the `detail` drawn from the request and the result, and only then answer.
+    async fn serve<Req, Resp>(
+        &self,
+        request: Request<Req>,
+        operation: &'static str,
+        audited: fn(&Req) -> Option<String>,
+        detail: fn(&Req, &Result<Resp, Error>) -> Option<String>,
+        work: for<'a> fn(&'a AdminApiInner, &'a Officer, &'a Req) -> Work<'a, Resp>,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Send + Sync + 'static,
+        Resp: Send + 'static,
+    {
+        let this = self.0.clone();
+        let deadline = super::call_deadline(request.metadata());
+        super::complete(deadline, async move {
+            let officer = this.begin(&request, operation).await?;
+            let req = request.into_inner();
+            let result = work(&this, &officer, &req).await;
+            let detail = detail(&req, &result);
+            let name = audited(&req);
+            this.finish(&officer, operation, name.as_deref(), result, detail)
+                .await
+        })
+        .await
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn status(
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        store::status(self, request).await
+        self.serve(
+            request,
+            "Status",
+            |_| None,
+            |_, _| None,
+            |this, _, _| Box::pin(store::status(this)),
+        )
+        .await
     }
 
     async fn put_policy(
         &self,
         request: Request<PutPolicyRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        policy::put_policy(self, request).await
+        self.serve(
+            request,
+            PUT_POLICY,
+            |r| Some(r.name.clone()),
+            |_, r| approval_detail(r),
+            |this, officer, req| Box::pin(policy::put_policy(this, officer, req)),
+        )
+        .await
     }
 
     async fn get_policy(
         &self,
         request: Request<GetPolicyRequest>,
     ) -> Result<Response<PolicyInfo>, Status> {
-        policy::get_policy(self, request).await
+        self.serve(
+            request,
+            "GetPolicy",
+            |r| Some(r.name.clone()),
+            |_, _| None,
+            |this, _, req| Box::pin(policy::get_policy(this, req)),
+        )
+        .await
     }
 
     async fn list_policies(
         &self,
         request: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
-        policy::list_policies(self, request).await
+        self.serve(
+            request,
+            "ListPolicies",
+            |_| None,
+            |_, _| None,
+            |this, _, _| Box::pin(policy::list_policies(this)),
+        )
+        .await
     }
 
     async fn delete_policy(
         &self,
         request: Request<DeletePolicyRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        policy::delete_policy(self, request).await
+        self.serve(
+            request,
+            DELETE_POLICY,
+            |r| Some(r.name.clone()),
+            |_, r| approval_detail(r),
+            |this, officer, req| Box::pin(policy::delete_policy(this, officer, req)),
+        )
+        .await
     }
 
     async fn check_policy(
         &self,
         request: Request<CheckPolicyRequest>,
     ) -> Result<Response<CheckPolicyResponse>, Status> {
-        policy::check_policy(self, request).await
+        self.serve(
+            request,
+            "CheckPolicy",
+            |r| Some(r.name.clone()),
+            |_, _| None,
+            |this, _, req| Box::pin(std::future::ready(policy::check_policy(this, req))),
+        )
+        .await
     }
 
     async fn destroy_secret(
         &self,
         request: Request<DestroySecretRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        store::destroy_secret(self, request).await
+        self.serve(
+            request,
+            DESTROY_SECRET,
+            |r| Some(r.name.clone()),
+            |_, r| approval_detail(r),
+            |this, officer, req| Box::pin(store::destroy_secret(this, officer, req)),
+        )
+        .await
     }
 
     async fn rotate_master_key(
         &self,
         request: Request<RotateMasterKeyRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        keys::rotate_master_key(self, request).await
+        self.serve(
+            request,
+            ROTATE_MASTER_KEY,
+            |_| None,
+            |_, r| approval_detail(r),
+            |this, officer, _| Box::pin(keys::rotate_master_key(this, officer)),
+        )
+        .await
     }
 
     async fn rotate_audit_log(
         &self,
         request: Request<RotateAuditLogRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        store::rotate_audit_log(self, request).await
+        self.serve(
+            request,
+            ROTATE_AUDIT_LOG,
+            |_| None,
+            |_, r| approval_detail(r),
+            |this, officer, req| Box::pin(store::rotate_audit_log(this, officer, req)),
+        )
+        .await
     }
 
     async fn accept_store_state(
         &self,
         request: Request<AcceptStoreStateRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        store::accept_store_state(self, request).await
+        self.serve(
+            request,
+            ACCEPT_STORE_STATE,
+            |_| None,
+            |_, r| approval_detail(r),
+            |this, officer, _| Box::pin(store::accept_store_state(this, officer)),
+        )
+        .await
     }
 
     async fn list_approvals(
         &self,
         request: Request<ListApprovalsRequest>,
     ) -> Result<Response<ListApprovalsResponse>, Status> {
-        approval::list_approvals(self, request).await
+        self.serve(
+            request,
+            "ListApprovals",
+            |_| None,
+            |_, _| None,
+            |this, _, req| Box::pin(approval::list_approvals(this, req)),
+        )
+        .await
     }
 
     async fn get_approval(
         &self,
         request: Request<GetApprovalRequest>,
     ) -> Result<Response<Approval>, Status> {
-        approval::get_approval(self, request).await
+        self.serve(
+            request,
+            "GetApproval",
+            |r| Some(r.id.clone()),
+            |_, _| None,
+            |this, _, req| Box::pin(approval::get_approval(this, req)),
+        )
+        .await
     }
 
     async fn approve(
         &self,
         request: Request<ApproveRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        approval::approve(self, request).await
+        self.serve(
+            request,
+            "Approve",
+            |r| Some(r.id.clone()),
+            |_, r| approval_detail(r),
+            |this, officer, req| Box::pin(approval::approve(this, officer, req)),
+        )
+        .await
     }
 
     async fn reject(&self, request: Request<RejectRequest>) -> Result<Response<Approval>, Status> {
-        approval::reject(self, request).await
+        self.serve(
+            request,
+            "Reject",
+            |r| Some(r.id.clone()),
+            |_, r| r.as_ref().ok().map(approval::detail_of),
+            |this, officer, req| Box::pin(approval::reject(this, officer, req)),
+        )
+        .await
     }
 
     async fn report_expiring(
         &self,
-        request: Request<crate::proto::ReportExpiringRequest>,
-    ) -> Result<Response<crate::proto::ReportExpiringResponse>, Status> {
-        store::report_expiring(self, request).await
+        request: Request<ReportExpiringRequest>,
+    ) -> Result<Response<ReportExpiringResponse>, Status> {
+        self.serve(
+            request,
+            "ReportExpiring",
+            |_| None,
+            |_, _| None,
+            |this, _, req| Box::pin(store::report_expiring(this, req)),
+        )
+        .await
     }
 
     async fn rewrap(
         &self,
         request: Request<RewrapRequest>,
     ) -> Result<Response<RewrapResponse>, Status> {
-        keys::rewrap(self, request).await
+        self.serve(
+            request,
+            REWRAP,
+            |_| None,
+            keys::rewrap_detail,
+            |this, officer, req| Box::pin(keys::rewrap(this, officer, req)),
+        )
+        .await
     }
 
     type WatchRewrapStream = std::pin::Pin<
@@ -191,6 +343,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<WatchRewrapRequest>,
     ) -> Result<Response<Self::WatchRewrapStream>, Status> {
+        // Not on `serve`: a stream, audited once as it opens (keys.rs says why).
         keys::watch_rewrap(self, request).await
     }
 
@@ -198,14 +351,28 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ListMasterKeysRequest>,
     ) -> Result<Response<ListMasterKeysResponse>, Status> {
-        keys::list_master_keys(self, request).await
+        self.serve(
+            request,
+            "ListMasterKeys",
+            |_| None,
+            |_, _| None,
+            |this, _, _| Box::pin(keys::list_master_keys(this)),
+        )
+        .await
     }
 
     async fn set_master_key_state(
         &self,
         request: Request<SetMasterKeyStateRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
-        keys::set_master_key_state(self, request).await
+        self.serve(
+            request,
+            SET_MASTER_KEY_STATE,
+            |r| Some(format!("master key version {}", r.version)),
+            |_, r| approval_detail(r),
+            |this, officer, req| Box::pin(keys::set_master_key_state(this, officer, req)),
+        )
+        .await
     }
 }
 

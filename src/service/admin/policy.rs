@@ -1,18 +1,15 @@
 //! Stored policies: putting and deleting them (guarded), showing and listing them, and
 //! checking what the policy in force decides.
 
-use tonic::{Request, Response, Status};
-
-use super::approval::approval_detail;
-use super::{AdminApi, DELETE_POLICY, PUT_POLICY};
+use super::{AdminApiInner, DELETE_POLICY, Officer, PUT_POLICY};
 use crate::error::Error;
 use crate::policy::{Capability, Decision};
 use crate::proto::{
     CheckPolicyRequest, CheckPolicyResponse, DeletePolicyRequest, GetPolicyRequest,
-    ListPoliciesRequest, ListPoliciesResponse, OperationResponse, PolicyInfo, PutPolicyRequest,
+    ListPoliciesResponse, OperationResponse, PolicyInfo, PutPolicyRequest,
 };
 use crate::secret::SecretName;
-use crate::service::{self, blocking, policies};
+use crate::service::{blocking, policies};
 use crate::store::Aux;
 use crate::tls::Identity;
 
@@ -20,159 +17,96 @@ use crate::tls::Identity;
 const MAX_POLICY_DOCUMENT: usize = crate::codec::MAX_POLICY_DOCUMENT_BYTES;
 
 pub(super) async fn put_policy(
-    api: &AdminApi,
-    request: Request<PutPolicyRequest>,
-) -> Result<Response<OperationResponse>, Status> {
-    let this = api.0.clone();
-    let deadline = service::call_deadline(request.metadata());
-    service::complete(deadline, async move {
-        let officer = this.begin(&request, PUT_POLICY).await?;
-        let req = request.into_inner();
-        let result = async {
-            let name = policies::parse_name(&req.name)?;
-            if req.document.len() > MAX_POLICY_DOCUMENT {
-                return Err(Error::InvalidArgument(format!(
-                    "the policy document is larger than {MAX_POLICY_DOCUMENT} bytes"
-                )));
-            }
-            if req.document.trim().is_empty() {
-                return Err(Error::InvalidArgument(
-                    "the policy document is empty; to take a policy away, use `policy delete`"
-                        .into(),
-                ));
-            }
-            let doc = crate::policy::PolicyDocument::parse(
-                &req.document,
-                this.state.limits.max_name_bytes,
-            )
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            if doc.rule.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "the policy document has no rules; to take a policy away, use `policy delete`"
-                        .into(),
-                ));
-            }
-            this.request_guarded(
-                &officer,
-                PUT_POLICY,
-                vec![("name", name), ("document", req.document.clone())],
-            )
-            .await
-        }
-        .await;
-        let detail = approval_detail(&result);
-        this.finish(&officer, PUT_POLICY, Some(&req.name), result, detail)
-            .await
-    })
+    this: &AdminApiInner,
+    officer: &Officer,
+    req: &PutPolicyRequest,
+) -> Result<OperationResponse, Error> {
+    let name = policies::parse_name(&req.name)?;
+    if req.document.len() > MAX_POLICY_DOCUMENT {
+        return Err(Error::InvalidArgument(format!(
+            "the policy document is larger than {MAX_POLICY_DOCUMENT} bytes"
+        )));
+    }
+    if req.document.trim().is_empty() {
+        return Err(Error::InvalidArgument(
+            "the policy document is empty; to take a policy away, use `policy delete`".into(),
+        ));
+    }
+    let doc = crate::policy::PolicyDocument::parse(&req.document, this.state.limits.max_name_bytes)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    if doc.rule.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the policy document has no rules; to take a policy away, use `policy delete`".into(),
+        ));
+    }
+    this.request_guarded(
+        officer,
+        PUT_POLICY,
+        vec![("name", name), ("document", req.document.clone())],
+    )
     .await
 }
 
 pub(super) async fn get_policy(
-    api: &AdminApi,
-    request: Request<GetPolicyRequest>,
-) -> Result<Response<PolicyInfo>, Status> {
-    let this = api.0.clone();
-    let deadline = service::call_deadline(request.metadata());
-    service::complete(deadline, async move {
-        let officer = this.begin(&request, "GetPolicy").await?;
-        let req = request.into_inner();
-        let result = async {
-            let name = policies::parse_name(&req.name)?;
-            policies::list(&this.state)
-                .await?
-                .into_iter()
-                .find(|(r, _)| r.name == name)
-                .map(|(r, ok)| policy_info(r, ok))
-                .ok_or_else(|| no_policy(&req.name))
-        }
-        .await;
-        this.finish(&officer, "GetPolicy", Some(&req.name), result, None)
-            .await
-    })
-    .await
+    this: &AdminApiInner,
+    req: &GetPolicyRequest,
+) -> Result<PolicyInfo, Error> {
+    let name = policies::parse_name(&req.name)?;
+    policies::list(&this.state)
+        .await?
+        .into_iter()
+        .find(|(r, _)| r.name == name)
+        .map(|(r, ok)| policy_info(r, ok))
+        .ok_or_else(|| no_policy(&req.name))
 }
 
-pub(super) async fn list_policies(
-    api: &AdminApi,
-    request: Request<ListPoliciesRequest>,
-) -> Result<Response<ListPoliciesResponse>, Status> {
-    let this = api.0.clone();
-    let deadline = service::call_deadline(request.metadata());
-    service::complete(deadline, async move {
-        let officer = this.begin(&request, "ListPolicies").await?;
-        let result = policies::list(&this.state)
-            .await
-            .map(|all| ListPoliciesResponse {
-                policies: all.into_iter().map(|(r, ok)| policy_info(r, ok)).collect(),
-            });
-        this.finish(&officer, "ListPolicies", None, result, None)
-            .await
+pub(super) async fn list_policies(this: &AdminApiInner) -> Result<ListPoliciesResponse, Error> {
+    let all = policies::list(&this.state).await?;
+    Ok(ListPoliciesResponse {
+        policies: all.into_iter().map(|(r, ok)| policy_info(r, ok)).collect(),
     })
-    .await
 }
 
 pub(super) async fn delete_policy(
-    api: &AdminApi,
-    request: Request<DeletePolicyRequest>,
-) -> Result<Response<OperationResponse>, Status> {
-    let this = api.0.clone();
-    let deadline = service::call_deadline(request.metadata());
-    service::complete(deadline, async move {
-        let officer = this.begin(&request, DELETE_POLICY).await?;
-        let req = request.into_inner();
-        let result = async {
-            let name = policies::parse_name(&req.name)?;
-            // Refused before any approval: there is nothing to delete.
-            let key = name.clone();
-            blocking(&this.state, move |s| s.aux_get(Aux::Policy, &key))
-                .await?
-                .ok_or_else(|| no_policy(&req.name))?;
-            this.request_guarded(&officer, DELETE_POLICY, vec![("name", name)])
-                .await
-        }
-        .await;
-        let detail = approval_detail(&result);
-        this.finish(&officer, DELETE_POLICY, Some(&req.name), result, detail)
-            .await
-    })
-    .await
+    this: &AdminApiInner,
+    officer: &Officer,
+    req: &DeletePolicyRequest,
+) -> Result<OperationResponse, Error> {
+    let name = policies::parse_name(&req.name)?;
+    // Refused before any approval: there is nothing to delete.
+    let key = name.clone();
+    blocking(&this.state, move |s| s.aux_get(Aux::Policy, &key))
+        .await?
+        .ok_or_else(|| no_policy(&req.name))?;
+    this.request_guarded(officer, DELETE_POLICY, vec![("name", name)])
+        .await
 }
 
-pub(super) async fn check_policy(
-    api: &AdminApi,
-    request: Request<CheckPolicyRequest>,
-) -> Result<Response<CheckPolicyResponse>, Status> {
-    let this = api.0.clone();
-    let deadline = service::call_deadline(request.metadata());
-    service::complete(deadline, async move {
-        let officer = this.begin(&request, "CheckPolicy").await?;
-        let req = request.into_inner();
-        let result = (|| {
-            let capability = parse_capability(&req.capability)?;
-            let name = SecretName::parse(&req.name, this.state.limits.max_name_bytes)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            if req.identity.is_empty() {
-                return Err(Error::InvalidArgument("identity is empty".into()));
-            }
-            let policy = this.state.policy();
-            let identity = Identity::new(req.identity.clone());
-            Ok(match policy.decide(&identity, capability, &name) {
-                Decision::Allow(i) => CheckPolicyResponse {
-                    allowed: true,
-                    decided_by: policy.rule_label(i),
-                },
-                Decision::Deny => CheckPolicyResponse {
-                    allowed: false,
-                    decided_by: format!(
-                        "no rule grants {capability} on {name} to {identity} (deny by default)"
-                    ),
-                },
-            })
-        })();
-        this.finish(&officer, "CheckPolicy", Some(&req.name), result, None)
-            .await
+/// What the policy in force decides for an identity, a capability and a secret name.
+pub(super) fn check_policy(
+    this: &AdminApiInner,
+    req: &CheckPolicyRequest,
+) -> Result<CheckPolicyResponse, Error> {
+    let capability = parse_capability(&req.capability)?;
+    let name = SecretName::parse(&req.name, this.state.limits.max_name_bytes)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    if req.identity.is_empty() {
+        return Err(Error::InvalidArgument("identity is empty".into()));
+    }
+    let policy = this.state.policy();
+    let identity = Identity::new(req.identity.clone());
+    Ok(match policy.decide(&identity, capability, &name) {
+        Decision::Allow(i) => CheckPolicyResponse {
+            allowed: true,
+            decided_by: policy.rule_label(i),
+        },
+        Decision::Deny => CheckPolicyResponse {
+            allowed: false,
+            decided_by: format!(
+                "no rule grants {capability} on {name} to {identity} (deny by default)"
+            ),
+        },
     })
-    .await
 }
 
 fn parse_capability(s: &str) -> Result<Capability, Error> {
