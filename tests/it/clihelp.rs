@@ -125,16 +125,24 @@ fn times_are_rfc3339_and_filters_take_rfc3339_or_durations() {
     let env = TestEnv::new();
     let server = env.start();
     let cli = |args: &[&str]| Output::of(env.cli(&server, "payments").args(args));
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let sent = unix_now();
     run_with_stdin(
         env.cli(&server, "payments")
             .args(["put", "payments/t", "--ttl", "3600"]),
         b"v",
     )
     .assert_ok();
+    let answered = unix_now();
     let described = cli(&["describe", "payments/t"]);
     described.assert_ok();
     let row = described.stdout.lines().nth(2).unwrap();
-    // CREATED and EXPIRES are RFC 3339, an hour apart.
+    // CREATED and EXPIRES are RFC 3339.
     let times: Vec<&str> = row
         .split_whitespace()
         .filter(|w| w.len() == 20 && w.ends_with('Z') && w.as_bytes()[10] == b'T')
@@ -145,9 +153,20 @@ fn times_are_rfc3339_and_filters_take_rfc3339_or_durations() {
     let v = &j["versions"][0];
     assert_eq!(v["created_at"], times[0]);
     assert_eq!(v["expires_at"], times[1]);
-    assert_eq!(
-        v["expires_at_unix"].as_i64().unwrap() - v["created_at_unix"].as_i64().unwrap(),
-        3600
+    // The server stamps the creation; `--ttl` counts from the tool's clock when it sent the
+    // put, so the two can fall on either side of a second's boundary: both lie within the
+    // call, the expiry exactly an hour after a moment of it.
+    let (created, expires) = (
+        v["created_at_unix"].as_i64().unwrap(),
+        v["expires_at_unix"].as_i64().unwrap(),
+    );
+    assert!(
+        (sent..=answered).contains(&created),
+        "{created} not in {sent}..={answered}"
+    );
+    assert!(
+        (sent + 3600..=answered + 3600).contains(&expires),
+        "{expires} not an hour after {sent}..={answered}"
     );
     // An empty listing says so on stderr, exit 0.
     let empty = cli(&["list", "payments/none/"]);
