@@ -125,20 +125,14 @@ fn times_are_rfc3339_and_filters_take_rfc3339_or_durations() {
     let env = TestEnv::new();
     let server = env.start();
     let cli = |args: &[&str]| Output::of(env.cli(&server, "payments").args(args));
-    let unix_now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
-    };
-    let sent = unix_now();
+    let sent = crate::common::unix_now();
     run_with_stdin(
         env.cli(&server, "payments")
             .args(["put", "payments/t", "--ttl", "3600"]),
         b"v",
     )
     .assert_ok();
-    let answered = unix_now();
+    let answered = crate::common::unix_now();
     let described = cli(&["describe", "payments/t"]);
     described.assert_ok();
     let row = described.stdout.lines().nth(2).unwrap();

@@ -15,7 +15,9 @@ use tonic::Code;
 
 use tonic::transport::Channel;
 
-use crate::common::{ADMIN, POLICY, Server, TestEnv, accept_store_state, get, get_at, put};
+use crate::common::{
+    ADMIN, POLICY, Server, TestEnv, accept_store_state, get, get_at, put, unix_now,
+};
 use strongroom::proto::secret_service_client::SecretServiceClient;
 use strongroom::proto::{
     DeleteSecretRequest, DescribeSecretRequest, ListSecretsRequest, PutSecretRequest,
@@ -24,13 +26,6 @@ use strongroom::proto::{
 
 /// What the start check says when records changed outside the service.
 const MISMATCH: &str = "does not match its commitment";
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 /// The key of `(name, version)`'s record in the backend the suite runs on.
 fn record_key(env: &TestEnv, name: &str, version: u64) -> Vec<u8> {
@@ -132,7 +127,7 @@ async fn tampered_metadata_in_the_store_answers_data_loss() {
     let env = TestEnv::new();
     let server = start(&env);
     let mut c = server.client("payments").await;
-    let t = now();
+    let t = unix_now();
     let name = |i: usize| format!("payments/tamper/{i:02}");
     for i in 0..=edits.len() {
         c.put_secret(PutSecretRequest {
@@ -365,7 +360,7 @@ async fn validity_windows_are_enforced_and_explained_only_to_readers() {
     let env = TestEnv::new();
     let server = start(&env);
     let mut c = server.client("payments").await;
-    let t = now();
+    let t = unix_now();
     // A window whose end is before its start is refused.
     let e = c
         .put_secret(PutSecretRequest {
@@ -410,7 +405,7 @@ async fn validity_windows_are_enforced_and_explained_only_to_readers() {
     );
 
     // Expiring: served until its time, then refused saying when.
-    let t = now();
+    let t = unix_now();
     c.put_secret(PutSecretRequest {
         expires_at_unix: Some(t + 2),
         ..put("payments/db/window", b"short")
@@ -541,7 +536,7 @@ async fn what_expires_soon_is_listed_and_reported() {
     cli_put("payments/soon", &["--expires-at", "3d"]);
     cli_put("payments/later", &["--expires-at", "30d"]);
     cli_put("payments/never", &[]);
-    let at = strongroom::when::rfc3339(now() + 5 * 86_400);
+    let at = strongroom::when::rfc3339(unix_now() + 5 * 86_400);
     cli_put(
         "payments/db/soon",
         &["--expires-at", &at, "--not-before", "1h"],
@@ -579,7 +574,7 @@ async fn what_expires_soon_is_listed_and_reported() {
         .into_inner();
     assert_eq!(page.names, vec!["payments/db/soon", "payments/soon"]);
     assert_eq!(page.expiring.len(), 2);
-    assert!(page.expiring.iter().all(|e| e.expires_at_unix > now()));
+    assert!(page.expiring.iter().all(|e| e.expires_at_unix > unix_now()));
     let ops = server
         .client("ops")
         .await

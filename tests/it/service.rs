@@ -272,10 +272,7 @@ async fn expired_versions_are_not_served() {
     let env = TestEnv::new();
     let server = env.start();
     let mut c = server.client("payments").await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = crate::common::unix_now();
     c.put_secret(put("payments/ttl", b"old")).await.unwrap();
     // Two seconds ahead: one second could already be "now" when the service checks it.
     c.put_secret(PutSecretRequest {

@@ -14,7 +14,7 @@ use strongroom::proto::DeleteSecretRequest;
 
 use crate::common::{
     POLICY, Server, TestEnv, event_text, next_event_texts, next_events, open_watch, put,
-    skip_on_etcd, store_is_etcd, watch,
+    skip_on_etcd, store_is_etcd, unix_now, watch,
 };
 
 async fn write(server: &Server, name: &str, value: &[u8]) -> u64 {
@@ -409,13 +409,6 @@ async fn the_sled_change_log_drives_no_security_decision() {
 /// `[jobs]` for the expiry-notice tests: a sweep every second, a window of an hour.
 const NOTICES: &str =
     "\n[jobs]\nexpiry_notice_interval_secs = 1\nexpiry_notice_window_secs = 3600\n";
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 async fn write_expiring(server: &Server, name: &str, expires_at: Option<i64>) -> u64 {
     let mut c = server.client("payments").await;

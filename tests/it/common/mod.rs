@@ -46,6 +46,14 @@ pub use server::*;
 pub use token::*;
 pub use watching::*;
 
+/// The time now in Unix seconds, as the service stamps records.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 /// Identities of the test PKI, by certificate file stem.
 pub const PAYMENTS: &str = "spiffe://strongroom.test/payments";
 pub const READER: &str = "spiffe://strongroom.test/reader";
